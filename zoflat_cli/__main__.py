@@ -1,0 +1,3 @@
+from zoflat_cli.cli import main
+
+main()

@@ -1,0 +1,141 @@
+"""The `zoflat` command line: subcommands merge recipe + flags and hand off to the trainers."""
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from typing_extensions import Annotated
+
+import zoflat_cli
+from zoflat_cli.errors import ZoflatError
+
+app = typer.Typer(
+    help="zoflat: experiments on zeroth-order optimization and flat minima.",
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Input and environment problems end in one line on stderr, never a traceback."""
+    try:
+        yield
+    except ZoflatError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(EXIT_USER_ERROR)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"zoflat {zoflat_cli.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Show the version and exit.")] = None,
+):
+    pass
+
+
+# Options shared by the experiment subcommands (declared once, reused in each signature).
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Recipe YAML; flags override it.")]
+StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Iterations per run.")]
+LrOpt = Annotated[Optional[List[str]], typer.Option(
+    "--lr", help="Step size: 0.01, a sweep 0.01,0.001, or per optimizer gd=0.01 (repeatable).")]
+LambdaOpt = Annotated[Optional[List[str]], typer.Option(
+    "--lambda", help="Smoothing radius λ for ZO: 0.1, a sweep 0.1,0.05,0.01, or zo=0.1 (repeatable).")]
+OptimizerOpt = Annotated[Optional[List[str]], typer.Option(
+    "--optimizer", "-o", help="Optimizers (repeatable or comma-separated): gd, zo, dd.")]
+SeedsOpt = Annotated[Optional[str], typer.Option(
+    "--seeds", help="A count n (seeds 0..n-1) or a list 13,21,42 (one seed: 13,).")]
+SamplesOpt = Annotated[Optional[List[str]], typer.Option(
+    "--samples", help="Directions averaged per ZO/DD step (n independent estimates).")]
+LogEveryOpt = Annotated[Optional[int], typer.Option("--log-every", help="Log metrics every N steps.")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda.")]
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="float64 or float32.")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Parent folder of run folders.")]
+NameOpt = Annotated[Optional[str], typer.Option("--name", help="Suffix of the run folder's name.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the run folder.")]
+
+
+def _flags(**given) -> dict:
+    """Flags as config values; options not given (None or empty) are left to the recipe."""
+    from zoflat_cli.config import PER_OPTIMIZER, parse_flag
+
+    flags = {}
+    for key, value in given.items():
+        if value is None or value == []:
+            continue
+        flags[key] = parse_flag(key, value) if key in PER_OPTIMIZER else value
+    return flags
+
+
+def _finish(path: Path, status: str, quiet: bool):
+    typer.echo(str(path) if quiet else f"{status}: {path}")
+    if status == "diverged" and not quiet:
+        typer.echo("note: some runs diverged (NaN/Inf); see summary.json", err=True)
+    if status == "interrupted":
+        typer.echo("interrupted: the run folder keeps everything logged so far", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
+@app.command()
+def toy(
+    config: ConfigOpt = None,
+    dim: Annotated[Optional[int], typer.Option("--dim", help="d: y, z in R^d.")] = None,
+    steps: StepsOpt = None,
+    lr: LrOpt = None,
+    lam: LambdaOpt = None,
+    optimizer: OptimizerOpt = None,
+    seeds: SeedsOpt = None,
+    samples: SamplesOpt = None,
+    log_every: LogEveryOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    out: OutOpt = None,
+    name: NameOpt = None,
+    quiet: QuietOpt = False,
+):
+    """Example 2.1: f(y, z) = (yᵀz - 1)²/2. ZO drifts to the flat minimum (Hessian trace 2)."""
+    from zoflat_cli.config import resolve
+    from zoflat_cli.experiment import run_experiment
+    from zoflat_cli.problems.toy import DEFAULTS, ToyProblem
+
+    with user_errors():
+        flags = _flags(dim=dim, steps=steps, lr=lr, optimizer=optimizer, seeds=seeds,
+                       samples=samples, log_every=log_every, device=device, dtype=dtype,
+                       out=str(out) if out else None, name=name, **{"lambda": lam})
+        cfg = resolve(DEFAULTS, config, flags)
+        path, status = run_experiment(cfg, ToyProblem(cfg["dim"]), quiet)
+    _finish(path, status, quiet)
+
+
+@app.command()
+def plot(
+    paths: Annotated[List[Path], typer.Argument(help="Run folders, or folders holding run folders.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write figures here instead.")] = None,
+):
+    """Paper-style figures (PNG and PDF) of one or more run folders."""
+    from zoflat_cli.plot import plot_paths
+
+    with user_errors():
+        for written in plot_paths(paths, out):
+            typer.echo(str(written))
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""Configs: defaults < recipe (YAML) < command-line flags, validated, expanded into runs.
+
+Settings that may differ per optimizer (PER_OPTIMIZER) take a value, a list of values (a sweep),
+or a mapping optimizer -> value(s): `lr: {gd: 0.01, zo: 0.001}` in YAML, `--lr gd=0.01` on the
+command line. The resolved config is saved with the run and is itself a valid recipe.
+"""
+
+import difflib
+import itertools
+import re
+from pathlib import Path
+
+import torch
+import yaml
+
+from zoflat_cli.errors import ZoflatError
+from zoflat_cli.estimators import ESTIMATORS, get_estimator
+from zoflat_cli.trainer import RunSpec
+
+PER_OPTIMIZER = ("lr", "lambda", "samples")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+# ---------------------------------------------------------------- reading recipes and flags
+
+def load_recipe(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ZoflatError(f"recipe not found: {path}")
+    try:
+        recipe = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ZoflatError(f"cannot parse recipe {path}{where}: {getattr(err, 'problem', err)}")
+    if recipe is None:
+        return {}
+    if not isinstance(recipe, dict):
+        raise ZoflatError(f"recipe {path} must be a mapping of settings, got {type(recipe).__name__}")
+    return recipe
+
+
+def _number(text: str, key: str):
+    try:
+        value = float(text)
+    except ValueError:
+        raise ZoflatError(f"--{key.replace('_', '-')}: {text!r} is not a number") from None
+    return int(value) if key == "samples" and value == int(value) else value
+
+
+def parse_flag(key: str, occurrences: list):
+    """`--lr 0.01`, `--lambda 0.1,0.05`, `--lr gd=0.01 --lr zo=0.001` -> value, list or mapping."""
+    plain, per_opt = [], {}
+    for text in occurrences:
+        target, _, values = text.rpartition("=")
+        numbers = [_number(v, key) for v in values.split(",") if v.strip()]
+        if target:
+            per_opt[target.strip()] = numbers[0] if len(numbers) == 1 else numbers
+        else:
+            plain.extend(numbers)
+    if per_opt and plain:
+        raise ZoflatError(f"--{key}: give either plain values or optimizer=value pairs, not both")
+    if per_opt:
+        return per_opt
+    return plain[0] if len(plain) == 1 else plain
+
+
+def parse_seeds(value):
+    """An integer n means n seeds 0..n-1; a list (or '13,21', '13,') means those seeds."""
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",")]
+        try:
+            numbers = [int(p) for p in parts if p]
+        except ValueError:
+            raise ZoflatError(f"--seeds: {value!r} is not a count or a comma-separated list") from None
+        value = numbers if "," in value else numbers[0]
+    if isinstance(value, bool) or not isinstance(value, (int, list)):
+        raise ZoflatError(f"seeds must be a count or a list of integers, got {value!r}")
+    if isinstance(value, int):
+        if value < 1:
+            raise ZoflatError(f"seeds: a count must be >= 1, got {value}")
+        return list(range(value))
+    if not value or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value):
+        raise ZoflatError(f"seeds must be non-negative integers, got {value!r}")
+    return list(dict.fromkeys(value))
+
+
+def parse_list(value) -> list:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+# ---------------------------------------------------------------- merging
+
+def _as_mapping(value) -> dict:
+    return value if isinstance(value, dict) else {name: value for name in ESTIMATORS}
+
+
+def merge(base: dict, override: dict, source: str) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if key not in base:
+            close = difflib.get_close_matches(key, base, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ZoflatError(f"{source}: unknown key {key!r}{hint}")
+        if key in PER_OPTIMIZER and isinstance(value, dict):
+            value = {**_as_mapping(base[key]), **value}
+        merged[key] = value
+    return merged
+
+
+def resolve(defaults: dict, recipe_path, flags: dict) -> dict:
+    """The full config for one invocation: defaults, then the recipe, then the given flags."""
+    config = dict(defaults)
+    if recipe_path is not None:
+        recipe = load_recipe(recipe_path)
+        command = recipe.pop("command", defaults["command"])
+        if command != defaults["command"]:
+            raise ZoflatError(f"recipe {recipe_path} is for `zoflat {command}`, not `zoflat {defaults['command']}`")
+        config = merge(config, recipe, str(recipe_path))
+    config = merge(config, {k: v for k, v in flags.items() if v is not None}, "command line")
+    return validate(config)
+
+
+# ---------------------------------------------------------------- validation and expansion
+
+def values_for(config: dict, key: str, optimizer: str) -> list:
+    value = config[key]
+    if isinstance(value, dict):
+        if optimizer not in value:
+            raise ZoflatError(f"{key} has no value for optimizer {optimizer!r}")
+        value = value[optimizer]
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise ZoflatError(f"{key} is empty for optimizer {optimizer!r}")
+    return list(dict.fromkeys(values))
+
+
+def _check_positive(key: str, value, integer=False):
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and value != int(value)):
+        raise ZoflatError(f"{key} must be {kind} > 0, got {value!r}")
+    if not value > 0:
+        raise ZoflatError(f"{key} must be > 0, got {value!r}")
+
+
+def validate(config: dict) -> dict:
+    config = dict(config)
+    config["optimizer"] = list(dict.fromkeys(parse_list(config["optimizer"])))
+    if not config["optimizer"]:
+        raise ZoflatError("optimizer: give at least one optimizer")
+    estimators = [get_estimator(o) for o in config["optimizer"]]
+    config["seeds"] = parse_seeds(config["seeds"])
+    for key in ("steps", "log_every", "dim"):
+        if key in config:
+            _check_positive(key, config[key], integer=True)
+            config[key] = int(config[key])
+    if config["dtype"] not in DTYPES:
+        raise ZoflatError(f"dtype must be one of {', '.join(DTYPES)}, got {config['dtype']!r}")
+    if config["device"] not in ("auto", "cpu", "cuda"):
+        raise ZoflatError(f"device must be auto, cpu or cuda, got {config['device']!r}")
+    if not NAME_PATTERN.match(str(config["name"])):
+        raise ZoflatError(f"name may hold letters, digits, '.', '_' and '-' only, got {config['name']!r}")
+    # Per-optimizer settings, reduced to the optimizers that use them (collapsed when all agree).
+    for key in PER_OPTIMIZER:
+        value = config[key]
+        for v in itertools.chain.from_iterable(
+            x if isinstance(x, list) else [x] for x in (value.values() if isinstance(value, dict) else [value])
+        ):
+            _check_positive(key, v, integer=(key == "samples"))
+        relevant = {
+            "lambda": [e.name for e in estimators if e.uses_lambda],
+            "samples": [e.name for e in estimators if e.uses_directions],
+        }.get(key, config["optimizer"])
+        resolved = {}
+        for name in relevant:
+            values = values_for(config, key, name)
+            resolved[name] = values[0] if len(values) == 1 else values
+        if len({repr(v) for v in resolved.values()}) == 1:
+            config[key] = next(iter(resolved.values()))
+        elif resolved:
+            config[key] = resolved
+    return config
+
+
+def runs_from(config: dict) -> list:
+    runs = []
+    for name in config["optimizer"]:
+        est = get_estimator(name)
+        lams = values_for(config, "lambda", name) if est.uses_lambda else [None]
+        samples = values_for(config, "samples", name) if est.uses_directions else [1]
+        for lam, lr, n, seed in itertools.product(lams, values_for(config, "lr", name), samples, config["seeds"]):
+            runs.append(RunSpec(name, None if lam is None else float(lam), float(lr), seed, int(n)))
+    return runs
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ZoflatError("--device cuda: no CUDA device is available to torch (use --device cpu)")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)

@@ -1,0 +1,22 @@
+"""Run one resolved config: run folder, batched trainer and live view, joined."""
+
+from rich.console import Console
+
+from zoflat_cli.config import DTYPES, resolve_device, runs_from
+from zoflat_cli.live import LiveView
+from zoflat_cli.runfolder import RunFolder, create_run_dir
+from zoflat_cli.trainer import Trainer, make_groups
+
+
+def run_experiment(config: dict, problem, quiet: bool = False, console: Console = None):
+    """Returns (run folder path, overall status)."""
+    runs = runs_from(config)
+    device = resolve_device(config["device"])
+    groups = make_groups(problem, runs, DTYPES[config["dtype"]], device)
+    path = create_run_dir(config["out"], config["command"], config["name"])
+    folder = RunFolder(path, config, problem, str(device))
+    view = LiveView(f"zoflat {config['command']} · {path}", config["steps"], quiet, console)
+    trainer = Trainer(problem, groups, config["steps"], config["log_every"], [folder.on_log, view.on_log])
+    with view:
+        states = trainer.run()
+    return path, folder.finish(states)

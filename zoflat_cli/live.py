@@ -1,0 +1,71 @@
+"""What a run shows while it trains: a Rich live table on a terminal, plain lines otherwise."""
+
+import sys
+import time
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+PLAIN_EVERY_S = 10.0  # plain mode prints a block of lines at most this often
+HIDDEN = {"run_id", "optimizer", "lambda", "lr", "seed", "samples", "wall_s", "n_evals"}
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+class LiveView:
+    def __init__(self, title: str, steps: int, quiet: bool = False, console: Console = None):
+        self.console = console or Console(stderr=False)
+        self.mode = "quiet" if quiet else ("live" if self.console.is_terminal else "plain")
+        self.title, self.steps = title, steps
+        self.latest, self.states = {}, {}
+        self._live = None
+        self._last_plain = -PLAIN_EVERY_S
+
+    def __enter__(self):
+        if self.mode == "live":
+            self._live = Live(self, console=self.console, refresh_per_second=4, transient=False)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._live is not None:
+            self._live.__exit__(*exc)
+        elif self.mode == "plain" and self.latest:
+            self._print_plain()
+        return False
+
+    def on_log(self, step: int, rows: list, states: dict):
+        for row in rows:
+            self.latest[row["run_id"]] = row
+        self.states = states
+        if self.mode == "plain" and time.monotonic() - self._last_plain >= PLAIN_EVERY_S:
+            self._print_plain()
+
+    def _metric_names(self, row):
+        return [k for k in row if k not in HIDDEN and k != "step"]
+
+    def _print_plain(self):
+        self._last_plain = time.monotonic()
+        for run_id, row in self.latest.items():
+            metrics = " ".join(f"{k}={_fmt(row[k])}" for k in self._metric_names(row))
+            rate = row["step"] / row["wall_s"] if row["wall_s"] > 0 else 0.0
+            status = self.states[run_id].status
+            print(f"[{row['step']}/{self.steps}] {run_id} {status} {metrics} ({rate:.0f} steps/s)",
+                  file=sys.stdout, flush=True)
+
+    def __rich__(self) -> Table:
+        table = Table(title=self.title, expand=False)
+        rows = list(self.latest.values())
+        names = self._metric_names(rows[0]) if rows else []
+        for col in ["run", "step", *names, "steps/s", "status"]:
+            table.add_column(col, justify="left" if col in ("run", "status") else "right")
+        for row in rows:
+            rate = row["step"] / row["wall_s"] if row["wall_s"] > 0 else 0.0
+            status = self.states[row["run_id"]].status
+            style = {"diverged": "red", "interrupted": "yellow", "completed": "green"}.get(status)
+            table.add_row(row["run_id"], f"{row['step']}/{self.steps}",
+                          *[_fmt(row[n]) for n in names], f"{rate:.0f}", status, style=style)
+        return table

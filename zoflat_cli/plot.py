@@ -1,0 +1,111 @@
+"""`zoflat plot`: paper-style figures from run folders, one panel per metric against step."""
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from zoflat_cli.errors import ZoflatError  # noqa: E402
+
+RUN_COLUMNS = ["run_id", "optimizer", "lambda", "lr", "seed", "samples"]
+NOT_PLOTTED = set(RUN_COLUMNS) | {"step", "wall_s", "n_evals"}
+FORMATS = ("png", "pdf")
+
+
+def find_run_folders(paths) -> list:
+    folders = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise ZoflatError(f"no such folder: {path}")
+        found = [path] if (path / "metrics.csv").is_file() else sorted(
+            p.parent for p in path.rglob("metrics.csv"))
+        if not found:
+            raise ZoflatError(f"no run folders (with metrics.csv) under {path}")
+        folders.extend(found)
+    return list(dict.fromkeys(folders))
+
+
+def method_label(row) -> str:
+    parts = [row["optimizer"]]
+    if pd.notna(row["lambda"]):
+        parts.append(f"λ={row['lambda']:g}")
+    parts.append(f"lr={row['lr']:g}")
+    if row.get("samples", 1) != 1:
+        parts.append(f"n={row['samples']:g}")
+    return " ".join(parts)
+
+
+def _wants_log(values: pd.Series, reference=None) -> bool:
+    """Log scale for non-negative metrics spanning more than ~1.3 decades (zeros are masked)."""
+    finite = values[pd.notna(values) & (values.abs() != float("inf"))]
+    if reference is not None:
+        finite = pd.concat([finite, pd.Series([reference])])
+    positive = finite[finite > 0]
+    return len(positive) > 0 and (finite >= 0).all() and positive.max() / positive.min() > 20
+
+
+def plot_run(folder: Path, out_dir: Path = None) -> list:
+    try:
+        df = pd.read_csv(folder / "metrics.csv")
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as err:
+        raise ZoflatError(f"cannot read {folder / 'metrics.csv'}: {err}") from None
+    if df.empty or not set(RUN_COLUMNS) <= set(df.columns):
+        raise ZoflatError(f"{folder / 'metrics.csv'} has no rows or is not a zoflat metrics file")
+    summary_path = folder / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    metrics = [c for c in df.columns if c not in NOT_PLOTTED and not c.endswith("_theory")]
+    df["method"] = df.apply(method_label, axis=1)
+    methods = list(dict.fromkeys(df["method"]))
+    colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for method in methods:
+            per_step = df[df["method"] == method].groupby("step")
+            stats = per_step[metric].agg(["mean", "min", "max", "count"])
+            n_seeds = int(stats["count"].max())
+            label = f"{method} ({n_seeds} seed{'s' if n_seeds > 1 else ''})"
+            ax.plot(stats.index, stats["mean"], color=colours[method], lw=1.5, label=label)
+            if n_seeds > 1:
+                ax.fill_between(stats.index, stats["min"], stats["max"], color=colours[method], alpha=0.2)
+            theory = f"{metric}_theory"
+            if theory in df.columns:
+                ax.plot(stats.index, per_step[theory].mean(), color=colours[method], ls="--", lw=1,
+                        label=f"{method}: theory")
+        ref = summary.get("references", {}).get(metric)
+        if ref:
+            ax.axhline(ref["value"], color="0.3", ls=":", lw=1, label=ref["label"])
+        if _wants_log(df[metric], ref["value"] if ref else None):
+            ax.set_yscale("log")
+        ax.set_title(metric.replace("_", " "))
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    handles = {}
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(4, len(handles)),
+               fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.0))
+    fig.suptitle(f"zoflat {summary.get('command', '')}: {folder.name}  (band: min–max over seeds)", fontsize=10)
+    rows = -(-len(handles) // 4)
+    fig.tight_layout(rect=(0, 0.06 * rows, 1, 1))
+
+    target = out_dir if out_dir is not None else folder
+    target.mkdir(parents=True, exist_ok=True)
+    stem = "figure" if out_dir is None else folder.name
+    written = [target / f"{stem}.{fmt}" for fmt in FORMATS]
+    for path in written:
+        fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return written
+
+
+def plot_paths(paths, out: Path = None) -> list:
+    written = []
+    for folder in find_run_folders(paths):
+        written.extend(plot_run(folder, out))
+    return written

@@ -1,0 +1,123 @@
+"""The run folder: the one on-disk format every subcommand writes (see README, "Run folders").
+
+runs/<command>/<UTC timestamp>-<name>/
+    config.yaml    the fully resolved config; `zoflat <command> --config` on it re-runs it
+    metrics.csv    tidy: one row per run x logged step, appended and flushed at every log
+    summary.json   per-run status, final and best values, versions, device; rewritten atomically
+"""
+
+import csv
+import json
+import os
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+import zoflat_cli
+
+SUMMARY_EVERY_S = 1.0  # summary.json is rewritten at most this often while running
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def create_run_dir(out: Path, command: str, name: str) -> Path:
+    """A new folder runs/<command>/<timestamp>-<name>; never reuses an existing one."""
+    parent = Path(out) / command
+    parent.mkdir(parents=True, exist_ok=True)
+    stem = f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}-{name}"
+    for attempt in range(1, 1000):
+        path = parent / (stem if attempt == 1 else f"{stem}-{attempt}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free run folder name under {parent}")
+
+
+def versions() -> dict:
+    import numpy
+    import torch
+
+    return {
+        "zoflat": zoflat_cli.__version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+    }
+
+
+class RunFolder:
+    def __init__(self, path: Path, config: dict, problem, device: str):
+        self.path = Path(path)
+        self.problem = problem
+        (self.path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        self.summary = {
+            "command": config["command"],
+            "name": config["name"],
+            "status": "running",
+            "created_utc": utc_now(),
+            "updated_utc": utc_now(),
+            "device": device,
+            "versions": versions(),
+            "references": {k: {"value": v, "label": lab} for k, (v, lab) in problem.references.items()},
+            "runs": {},
+        }
+        self._csv_file = None
+        self._writer = None
+        self._last_summary = 0.0
+
+    def on_log(self, step: int, rows: list, states: dict):
+        if rows:
+            if self._writer is None:
+                self._csv_file = open(self.path / "metrics.csv", "w", newline="")
+                self._writer = csv.DictWriter(self._csv_file, fieldnames=list(rows[0]))
+                self._writer.writeheader()
+            self._writer.writerows(rows)
+            self._csv_file.flush()
+        for row in rows:
+            self._record(row, states[row["run_id"]])
+        if time.monotonic() - self._last_summary >= SUMMARY_EVERY_S:
+            self._write_summary()
+
+    def _record(self, row: dict, state):
+        entry = self.summary["runs"].setdefault(
+            row["run_id"], {k: row[k] for k in ("optimizer", "lambda", "lr", "seed", "samples")}
+        )
+        entry.update(status=state.status, steps_done=state.steps_done)
+        metrics = {k: v for k, v in row.items() if k not in entry and k not in ("run_id", "step")}
+        entry["final"] = {"step": row["step"], **metrics}
+        best = entry.setdefault("best", {})
+        for name, direction in self.problem.best.items():
+            value = row[name]
+            old = best.get(name)
+            if old is None or (value < old["value"] if direction == "min" else value > old["value"]):
+                best[name] = {"value": value, "step": row["step"]}
+
+    def _write_summary(self):
+        self.summary["updated_utc"] = utc_now()
+        tmp = self.path / "summary.json.tmp"
+        tmp.write_text(json.dumps(self.summary, indent=2, allow_nan=True))
+        os.replace(tmp, self.path / "summary.json")
+        self._last_summary = time.monotonic()
+
+    def finish(self, states: dict) -> str:
+        """Final statuses; returns the overall status (completed, diverged or interrupted)."""
+        for run_id, state in states.items():
+            entry = self.summary["runs"].get(run_id)
+            if entry is not None:
+                entry["status"] = state.status
+        statuses = {s.status for s in states.values()}
+        overall = "interrupted" if "interrupted" in statuses else (
+            "diverged" if "diverged" in statuses else "completed"
+        )
+        self.summary["status"] = overall
+        if self._csv_file is not None:
+            self._csv_file.close()
+        self._write_summary()
+        return overall
