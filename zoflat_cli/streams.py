@@ -13,8 +13,10 @@ import torch
 STREAM_IDS = {"init": 0, "directions": 1}
 
 # Directions are drawn in float32 (about 4x faster than float64 on CPU) and cast to the run's
-# dtype. The chunk length is fixed so a run's sequence never depends on batching or --steps.
-CHUNK_ELEMENTS = 1 << 20
+# dtype. Each run draws chunks of a fixed number of elements (so a fixed number of steps for a
+# given dimension): its sequence never depends on batching or --steps, and memory stays at
+# about 12 bytes x CHUNK_ELEMENTS per run.
+CHUNK_ELEMENTS = 1 << 14
 # The next chunk is drawn on a background thread while the trainer steps (torch drops the GIL
 # inside randn), so drawing overlaps with training on a second core.
 _DRAWER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zoflat-directions")

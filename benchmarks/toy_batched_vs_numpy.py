@@ -1,0 +1,83 @@
+"""Figure 1 + Figure 4 of the paper, side by side: zoflat's batched runs vs a plain numpy loop.
+
+zoflat: 5 curves (gd, zo λ=0.1, dd, zo λ=0.05, zo λ=0.01) x 5 seeds = 25 runs, through the real
+CLI pipeline (run folder, CSV, summary), logging every 100 steps.
+numpy:  the same 5 curves for ONE seed, one per-step loop per curve, logging every 100 steps.
+
+    python benchmarks/toy_batched_vs_numpy.py            # the issue's setting: 100,000 steps
+    python benchmarks/toy_batched_vs_numpy.py --steps 20000 --repeats 2
+"""
+
+import argparse
+import tempfile
+import time
+
+import numpy as np
+
+from zoflat_cli.config import resolve
+from zoflat_cli.experiment import run_experiment
+from zoflat_cli.problems.toy import DEFAULTS, ToyProblem
+
+CURVES = [("gd", 0.01, None), ("zo", 0.001, 0.1), ("dd", 0.001, None), ("zo", 0.001, 0.05), ("zo", 0.001, 0.01)]
+
+
+def numpy_curve(optimizer, lr, lam, steps, dim=100, log_every=100, seed=13):
+    rng = np.random.default_rng(seed)
+    y, z = rng.standard_normal(dim), rng.standard_normal(dim)
+    log = []
+    for t in range(steps + 1):
+        if t % log_every == 0:
+            log.append((0.5 * (y @ z - 1) ** 2, y @ y + z @ z, (y @ y - z @ z) / 2))
+        if t == steps:
+            break
+        if optimizer == "gd":
+            r = y @ z - 1
+            gy, gz = r * z, r * y
+        else:
+            a, b = rng.standard_normal(dim), rng.standard_normal(dim)
+            if optimizer == "zo":
+                f_plus = 0.5 * ((y + lam * a) @ (z + lam * b) - 1) ** 2
+                f_minus = 0.5 * ((y - lam * a) @ (z - lam * b) - 1) ** 2
+                c = (f_plus - f_minus) / (2 * lam)
+            else:
+                c = (y @ z - 1) * (z @ a + y @ b)
+            gy, gz = c * a, c * b
+        y, z = y - lr * gy, z - lr * gz
+    return log
+
+
+def time_numpy(steps):
+    start = time.perf_counter()
+    for optimizer, lr, lam in CURVES:
+        numpy_curve(optimizer, lr, lam, steps)
+    return time.perf_counter() - start
+
+
+def time_zoflat(steps, seeds, out):
+    flags = {"steps": steps, "seeds": seeds, "lambda": [0.1, 0.05, 0.01], "out": out, "name": "bench"}
+    config = resolve(DEFAULTS, None, flags)
+    start = time.perf_counter()
+    _, status = run_experiment(config, ToyProblem(config["dim"]), quiet=True)
+    assert status == "completed"
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as out:
+        for rep in range(1, args.repeats + 1):
+            t_numpy = time_numpy(args.steps)
+            t_one_seed = time_zoflat(args.steps, 1, out)
+            t_batched = time_zoflat(args.steps, 5, out)
+            print(f"[{rep}] {args.steps} steps | numpy loop, 5 curves x 1 seed: {t_numpy:6.1f} s"
+                  f" | zoflat 5 curves x 1 seed: {t_one_seed:6.1f} s"
+                  f" | zoflat 5 curves x 5 seeds (25 runs): {t_batched:6.1f} s"
+                  f" | ratio zoflat(25 runs) / numpy(5 runs) = {t_batched / t_numpy:.2f}"
+                  f" | per-run cost vs numpy = {t_batched / 25 / (t_numpy / 5):.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""The real `zoflat` command, end to end, on tiny inputs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from zoflat_cli.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+DOCUMENTED_COLUMNS = ["run_id", "optimizer", "lambda", "lr", "seed", "samples", "step", "wall_s",
+                      "n_evals", "loss", "hessian_trace", "balance", "balance_theory"]
+runner = CliRunner()
+
+
+def zoflat(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def only_run_folder(parent: Path) -> Path:
+    (folder,) = (parent / "toy").iterdir()
+    return folder
+
+
+def test_toy_writes_the_documented_run_folder(tmp_path):
+    zoflat("toy", "--dim", 10, "--steps", 200, "--log-every", 50, "--seeds", 2,
+           "--lambda", "0.1,0.05", "--lr", "gd=0.01", "--out", tmp_path, "--name", "smoke")
+    folder = only_run_folder(tmp_path)
+    assert folder.name.endswith("Z-smoke")
+    df = pd.read_csv(folder / "metrics.csv")
+    assert list(df.columns) == DOCUMENTED_COLUMNS
+    # gd x 2 seeds, zo x 2 λ x 2 seeds, dd x 2 seeds; logged at 0, 50, ..., 200
+    assert df["run_id"].nunique() == 8 and sorted(df["step"].unique()) == [0, 50, 100, 150, 200]
+    assert set(df.loc[df.optimizer == "gd", "lr"]) == {0.01}
+    assert set(df.loc[df.optimizer == "zo", "lr"]) == {0.001}
+    assert df.loc[df.optimizer == "gd", "lambda"].isna().all()
+    assert (df.loc[(df.optimizer == "zo") & (df.step == 200), "n_evals"] == 400).all()
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["device"] == "cpu"
+    assert {r["status"] for r in summary["runs"].values()} == {"completed"}
+    assert summary["references"]["hessian_trace"]["value"] == 2.0
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    assert config["lambda"] == [0.1, 0.05] and config["lr"] == {"gd": 0.01, "zo": 0.001, "dd": 0.001}
+
+
+def test_saved_config_reruns_to_the_same_csv(tmp_path):
+    zoflat("toy", "--dim", 6, "--steps", 100, "--log-every", 20, "--seeds", "3,4",
+           "--out", tmp_path / "a", "--quiet")
+    first = only_run_folder(tmp_path / "a")
+    zoflat("toy", "--config", first / "config.yaml", "--out", tmp_path / "b", "--quiet")
+    second = only_run_folder(tmp_path / "b")
+    a, b = (pd.read_csv(f / "metrics.csv").drop(columns="wall_s") for f in (first, second))
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_recipe_then_flags_override(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("command: toy\ndim: 4\nsteps: 30\nlog_every: 10\noptimizer: [zo]\n"
+                      "lambda: [0.1, 0.2]\nseeds: [5]\n")
+    zoflat("toy", "--config", recipe, "--lambda", "0.3", "--out", tmp_path, "--quiet")
+    df = pd.read_csv(only_run_folder(tmp_path) / "metrics.csv")
+    assert set(df["lambda"]) == {0.3} and set(df["seed"]) == {5} and df["step"].max() == 30
+
+
+def test_plot_writes_figures_for_a_parent_folder(tmp_path):
+    zoflat("toy", "--dim", 6, "--steps", 60, "--log-every", 20, "--seeds", 2, "--out", tmp_path, "--quiet")
+    result = zoflat("plot", tmp_path)
+    folder = only_run_folder(tmp_path)
+    assert (folder / "figure.png").stat().st_size > 10_000 and (folder / "figure.pdf").is_file()
+    assert str(folder / "figure.png") in result.output
+    zoflat("plot", folder, "--out", tmp_path / "figs")
+    assert (tmp_path / "figs" / f"{folder.name}.png").is_file()
+
+
+def test_run_folders_are_never_reused(tmp_path):
+    for _ in range(2):
+        zoflat("toy", "--dim", 3, "--steps", 5, "--log-every", 5, "--out", tmp_path, "--name", "same", "--quiet")
+    assert len(list((tmp_path / "toy").iterdir())) == 2
+
+
+def test_version():
+    assert "zoflat 0.1.0" in zoflat("--version").output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["toy", "--lambda", "-1"], "lambda must be > 0"),
+        (["toy", "--optimizer", "nope"], "unknown optimizer 'nope'"),
+        (["toy", "--config", "missing.yaml"], "recipe not found: missing.yaml"),
+        (["toy", "--config", "{recipe}"], "unknown key 'lamda' (did you mean 'lambda'?)"),
+        (["toy", "--lr", "zo=0"], "lr must be > 0"),
+        (["toy", "--seeds", "x"], "--seeds"),
+        (["plot", "{empty}"], "no run folders"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("lamda: 0.1\n")
+    (tmp_path / "empty").mkdir()
+    args = [a.format(recipe=recipe, empty=tmp_path / "empty") for a in args]
+    proc = subprocess.run([sys.executable, "-m", "zoflat_cli", *args, "--out", str(tmp_path / "runs")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert "Traceback" not in proc.stdout
+    assert not (tmp_path / "runs").exists()  # nothing is created for a rejected config

@@ -1,0 +1,115 @@
+"""The batched trainer: the paper's balance dynamics, batching invariance, divergence, Ctrl-C."""
+
+import csv
+import json
+
+import torch
+
+from zoflat_cli.problems.toy import ToyProblem
+from zoflat_cli.runfolder import RunFolder
+from zoflat_cli.trainer import RunSpec, Trainer, make_groups
+
+CPU = torch.device("cpu")
+
+
+def train(problem, runs, steps, log_every, dtype=torch.float64, extra=()):
+    """Runs the trainer; returns ({step: {run_id: row}}, states)."""
+    rows = {}
+
+    def collect(step, logged, states):
+        rows[step] = {r["run_id"]: r for r in logged}
+
+    groups = make_groups(problem, runs, dtype, CPU)
+    states = Trainer(problem, groups, steps, log_every, [collect, *extra]).run()
+    return rows, states
+
+
+def balance_slope(rows, steps, optimizer):
+    """Least-squares slope of B_T on B_0 across seeds: estimates E[B_T | B_0] / B_0."""
+    b0 = torch.tensor([r["balance"] for r in rows[0].values() if r["optimizer"] == optimizer])
+    bt = torch.tensor([r["balance"] for r in rows[steps].values() if r["optimizer"] == optimizer])
+    return float((b0 * bt).sum() / (b0 * b0).sum())
+
+
+def test_zo_mean_balance_decays_at_the_predicted_rate_and_dd_does_not():
+    problem, steps, lr, lam = ToyProblem(5), 2000, 0.001, 0.5
+    runs = [RunSpec("zo", lam, lr, s, 1) for s in range(500)]
+    runs += [RunSpec("dd", None, lr, s, 1) for s in range(300)]
+    rows, _ = train(problem, runs, steps, steps)
+    predicted = (1 - 2 * lr * lam**2) ** steps  # Proposition 2.2: about e^-1 here
+    assert abs(balance_slope(rows, steps, "zo") / predicted - 1) < 0.05
+    assert abs(balance_slope(rows, steps, "dd") - 1) < 0.05
+    # the theory column carries the same prediction per run
+    some_zo = next(r for r in rows[steps].values() if r["optimizer"] == "zo")
+    b0 = rows[0][some_zo["run_id"]]["balance"]
+    assert abs(some_zo["balance_theory"] - b0 * predicted) < 1e-9 * abs(b0)
+
+
+def test_gd_conserves_balance_up_to_its_exact_discrete_factor():
+    """Gradient flow conserves B; a GD step multiplies it by exactly (1 - η² r²) = (1 - 2η² f)."""
+    problem, lr = ToyProblem(10), 0.01
+    rows, _ = train(problem, [RunSpec("gd", None, lr, s, 1) for s in range(4)], 300, 1)
+    for run_id in rows[0]:
+        for t in range(300):
+            now, nxt = rows[t][run_id], rows[t + 1][run_id]
+            expected = now["balance"] * (1 - 2 * lr**2 * now["loss"])
+            assert abs(nxt["balance"] - expected) <= 1e-9 * max(1.0, abs(expected))
+        drift = abs(rows[300][run_id]["balance"] - rows[0][run_id]["balance"])
+        assert drift <= 2 * lr**2 * sum(rows[t][run_id]["loss"] for t in range(300)) * 50
+
+
+def test_batched_and_single_runs_have_identical_trajectories():
+    problem = ToyProblem(20)
+    runs = [
+        RunSpec("zo", 0.1, 0.001, 1, 1),
+        RunSpec("zo", 0.05, 0.001, 2, 1),
+        RunSpec("zo", 0.1, 0.002, 3, 2),
+        RunSpec("gd", None, 0.01, 1, 1),
+        RunSpec("dd", None, 0.001, 2, 1),
+    ]
+    batched, _ = train(problem, runs, 500, 100)
+    for run in runs:
+        alone, _ = train(problem, [run], 500, 100)
+        for step in alone:
+            a, b = alone[step][run.run_id], batched[step][run.run_id]
+            assert {k: v for k, v in a.items() if k != "wall_s"} == {k: v for k, v in b.items() if k != "wall_s"}
+
+
+def test_same_seed_shares_init_and_directions_across_optimizers():
+    problem = ToyProblem(8)
+    rows, _ = train(problem, [RunSpec("zo", 0.1, 0.001, 7, 1), RunSpec("dd", None, 0.001, 7, 1)], 1, 1)
+    first = list(rows[0].values())
+    assert first[0]["loss"] == first[1]["loss"]
+
+
+def test_divergent_run_is_marked_and_the_others_finish(tmp_path):
+    problem = ToyProblem(10)
+    runs = [RunSpec("gd", None, 1.0, 0, 1), RunSpec("zo", 0.1, 0.001, 0, 1)]
+    rows, states = train(problem, runs, 200, 10)
+    assert states[runs[0].run_id].status == "diverged"
+    assert states[runs[1].run_id].status == "completed"
+    last = max(s for s in rows if runs[0].run_id in rows[s])
+    assert last < 200 and not torch.isfinite(torch.tensor(rows[last][runs[0].run_id]["loss"]))
+    assert runs[1].run_id in rows[200]
+
+
+def test_ctrl_c_keeps_what_was_logged(tmp_path):
+    problem = ToyProblem(10)
+    runs = [RunSpec("zo", 0.1, 0.001, s, 1) for s in range(2)]
+    config = {"command": "toy", "name": "t"}
+    folder = RunFolder(tmp_path, config, problem, "cpu")
+
+    def interrupt(step, rows, states):
+        if step == 50:
+            raise KeyboardInterrupt
+
+    _, states = train(problem, runs, 1000, 10, extra=[folder.on_log, interrupt])
+    assert {s.status for s in states.values()} == {"interrupted"}
+    assert folder.finish(states) == "interrupted"
+    with open(tmp_path / "metrics.csv") as f:
+        steps = sorted({int(r["step"]) for r in csv.DictReader(f)})
+    assert steps == list(range(0, 60, 10))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert {r["status"] for r in summary["runs"].values()} == {"interrupted"}
+    assert all(r["final"]["step"] == 50 for r in summary["runs"].values())
