@@ -5,7 +5,7 @@ CLI pipeline (run folder, CSV, summary), logging every 100 steps.
 numpy:  the same 5 curves for ONE seed, one per-step loop per curve, logging every 100 steps.
 
     python benchmarks/toy_batched_vs_numpy.py            # the issue's setting: 100,000 steps
-    python benchmarks/toy_batched_vs_numpy.py --steps 20000 --repeats 2
+    python benchmarks/toy_batched_vs_numpy.py --steps 20000 --seeds 5 --repeats 2
 """
 
 import argparse
@@ -65,18 +65,20 @@ def time_zoflat(steps, seeds, out):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100_000)
+    parser.add_argument("--seeds", default="1,5,25", help="zoflat seed counts to time (5 curves each)")
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
+    seed_counts = [int(s) for s in args.seeds.split(",")]
     with tempfile.TemporaryDirectory() as out:
         for rep in range(1, args.repeats + 1):
             t_numpy = time_numpy(args.steps)
-            t_one_seed = time_zoflat(args.steps, 1, out)
-            t_batched = time_zoflat(args.steps, 5, out)
-            print(f"[{rep}] {args.steps} steps | numpy loop, 5 curves x 1 seed: {t_numpy:6.1f} s"
-                  f" | zoflat 5 curves x 1 seed: {t_one_seed:6.1f} s"
-                  f" | zoflat 5 curves x 5 seeds (25 runs): {t_batched:6.1f} s"
-                  f" | ratio zoflat(25 runs) / numpy(5 runs) = {t_batched / t_numpy:.2f}"
-                  f" | per-run cost vs numpy = {t_batched / 25 / (t_numpy / 5):.2f}", flush=True)
+            print(f"[{rep}] {args.steps} steps, logging every 100 | numpy loop, 5 curves x 1 seed: "
+                  f"{t_numpy:.1f} s ({t_numpy / args.steps * 1e6:.0f} us/step)", flush=True)
+            for seeds in seed_counts:
+                t = time_zoflat(args.steps, seeds, out)
+                print(f"[{rep}]   zoflat 5 curves x {seeds:>3} seeds ({5 * seeds:>3} runs): {t:6.1f} s"
+                      f" ({t / args.steps * 1e6:.0f} us/step) | ratio to numpy(1 seed) = {t / t_numpy:.2f}"
+                      f" | to numpy x {seeds} seeds (linear) = {t / (t_numpy * seeds):.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import csv
 import json
 
+import pytest
 import torch
 
 from zoflat_cli.problems.toy import ToyProblem
@@ -113,3 +114,19 @@ def test_ctrl_c_keeps_what_was_logged(tmp_path):
     assert summary["status"] == "interrupted"
     assert {r["status"] for r in summary["runs"].values()} == {"interrupted"}
     assert all(r["final"]["step"] == 50 for r in summary["runs"].values())
+
+
+def test_an_unexpected_error_marks_runs_failed_and_propagates(tmp_path):
+    problem = ToyProblem(4)
+    runs = [RunSpec("gd", None, 0.01, 0, 1)]
+    folder = RunFolder(tmp_path, {"command": "toy", "name": "t"}, problem, "cpu")
+
+    def crash(step, rows, states):
+        if step == 20:
+            raise RuntimeError("out of memory")
+
+    trainer = Trainer(problem, make_groups(problem, runs, torch.float64, CPU), 100, 10, [folder.on_log, crash])
+    with pytest.raises(RuntimeError):
+        trainer.run()
+    assert folder.finish(trainer.states) == "failed"
+    assert json.loads((tmp_path / "summary.json").read_text())["runs"][runs[0].run_id]["final"]["step"] == 20

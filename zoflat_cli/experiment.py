@@ -17,6 +17,9 @@ def run_experiment(config: dict, problem, quiet: bool = False, console: Console 
     folder = RunFolder(path, config, problem, str(device))
     view = LiveView(f"zoflat {config['command']} · {path}", config["steps"], quiet, console)
     trainer = Trainer(problem, groups, config["steps"], config["log_every"], [folder.on_log, view.on_log])
-    with view:
-        states = trainer.run()
-    return path, folder.finish(states)
+    try:
+        with view:
+            trainer.run()
+    finally:  # whatever happens, the summary says how each run ended
+        status = folder.finish(trainer.states)
+    return path, status

@@ -107,15 +107,14 @@ class RunFolder:
         self._last_summary = time.monotonic()
 
     def finish(self, states: dict) -> str:
-        """Final statuses; returns the overall status (completed, diverged or interrupted)."""
+        """Final statuses; returns the overall status: the first of failed, interrupted,
+        diverged that any run has, else completed."""
         for run_id, state in states.items():
             entry = self.summary["runs"].get(run_id)
             if entry is not None:
                 entry["status"] = state.status
         statuses = {s.status for s in states.values()}
-        overall = "interrupted" if "interrupted" in statuses else (
-            "diverged" if "diverged" in statuses else "completed"
-        )
+        overall = next((s for s in ("failed", "interrupted", "diverged") if s in statuses), "completed")
         self.summary["status"] = overall
         if self._csv_file is not None:
             self._csv_file.close()

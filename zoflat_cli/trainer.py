@@ -43,7 +43,7 @@ class RunSpec:
 
 @dataclass
 class RunState:
-    status: str = "running"  # running | completed | diverged | interrupted
+    status: str = "running"  # running | completed | diverged | interrupted | failed
     steps_done: int = 0
 
 
@@ -54,7 +54,10 @@ class Group:
         self.problem, self.estimator, self.runs, self.update = problem, estimator, runs, update
         init = [problem.init(generator(r.seed, "init", device), dtype, device) for r in runs]
         self.x = torch.stack(init)
-        column = lambda values: torch.tensor(values, dtype=dtype, device=device).unsqueeze(-1)
+
+        def column(values):
+            return torch.tensor(values, dtype=dtype, device=device).unsqueeze(-1)
+
         self.lr = column([r.lr for r in runs])
         self.lam = column([r.lam or 0.0 for r in runs])  # 0 where unused: the theory's λ
         self.directions = None
@@ -98,28 +101,37 @@ class Trainer:
     log_every: int
     on_log: list = field(default_factory=list)  # callables(step, rows, states)
 
+    def __post_init__(self):
+        self.states = {r.run_id: RunState() for g in self.groups for r in g.runs}
+
     def run(self) -> dict:
-        """Train all groups; returns {run_id: RunState}. Ctrl-C ends it cleanly ('interrupted')."""
-        states = {r.run_id: RunState() for g in self.groups for r in g.runs}
+        """Train all groups; returns {run_id: RunState}. Ctrl-C ends it cleanly ('interrupted');
+        any other exception marks the unfinished runs 'failed' and propagates."""
         start = time.perf_counter()
-        step = 0
         try:
             with torch.inference_mode():  # skips autograd bookkeeping: ~20% off each small op
                 for step in range(self.steps + 1):
                     if step % self.log_every == 0 or step == self.steps:
-                        self._log(step, time.perf_counter() - start, states)
-                        if not any(s.status == "running" for s in states.values()):
+                        self._log(step, time.perf_counter() - start)
+                        if not any(s.status == "running" for s in self.states.values()):
                             break
                     if step < self.steps:
                         for group in self.groups:
                             group.step()
         except KeyboardInterrupt:
-            for s in states.values():
-                if s.status == "running":
-                    s.status = "interrupted"
-        return states
+            self._mark_unfinished("interrupted")
+        except BaseException:
+            self._mark_unfinished("failed")
+            raise
+        return self.states
 
-    def _log(self, step: int, wall_s: float, states: dict):
+    def _mark_unfinished(self, status: str):
+        for state in self.states.values():
+            if state.status == "running":
+                state.status = status
+
+    def _log(self, step: int, wall_s: float):
+        states = self.states
         rows = []
         for group in self.groups:
             metrics = group.metrics(step)
