@@ -2,7 +2,9 @@
 
 zoflat: 5 curves (gd, zo λ=0.1, dd, zo λ=0.05, zo λ=0.01) x 5 seeds = 25 runs, through the real
 CLI pipeline (run folder, CSV, summary), logging every 100 steps.
-numpy:  the same 5 curves for ONE seed, one per-step loop per curve, logging every 100 steps.
+numpy:  the same 5 curves for ONE seed, one per-step loop per curve, logging every 100 steps;
+        and, for reference, the same loop in the style of the paper's public toy script
+        (metrics recorded every step, numpy's legacy global RNG).
 
     python benchmarks/toy_batched_vs_numpy.py            # the setting: 100,000 steps
     python benchmarks/toy_batched_vs_numpy.py --steps 20000 --seeds 5 --repeats 2
@@ -21,8 +23,8 @@ from zoflat_cli.problems.toy import DEFAULTS, ToyProblem
 CURVES = [("gd", 0.01, None), ("zo", 0.001, 0.1), ("dd", 0.001, None), ("zo", 0.001, 0.05), ("zo", 0.001, 0.01)]
 
 
-def numpy_curve(optimizer, lr, lam, steps, dim=100, log_every=100, seed=13):
-    rng = np.random.default_rng(seed)
+def numpy_curve(optimizer, lr, lam, steps, dim=100, log_every=100, seed=13, legacy_rng=False):
+    rng = np.random.RandomState(seed) if legacy_rng else np.random.default_rng(seed)
     y, z = rng.standard_normal(dim), rng.standard_normal(dim)
     log = []
     for t in range(steps + 1):
@@ -46,10 +48,10 @@ def numpy_curve(optimizer, lr, lam, steps, dim=100, log_every=100, seed=13):
     return log
 
 
-def time_numpy(steps):
+def time_numpy(steps, **style):
     start = time.perf_counter()
     for optimizer, lr, lam in CURVES:
-        numpy_curve(optimizer, lr, lam, steps)
+        numpy_curve(optimizer, lr, lam, steps, **style)
     return time.perf_counter() - start
 
 
@@ -74,6 +76,9 @@ def main():
             t_numpy = time_numpy(args.steps)
             print(f"[{rep}] {args.steps} steps, logging every 100 | numpy loop, 5 curves x 1 seed: "
                   f"{t_numpy:.1f} s ({t_numpy / args.steps * 1e6:.0f} us/step)", flush=True)
+            t_paper = time_numpy(args.steps, log_every=1, legacy_rng=True)
+            print(f"[{rep}]   reference: paper-style numpy loop (metrics every step, legacy RNG), "
+                  f"5 curves x 1 seed: {t_paper:.1f} s", flush=True)
             for seeds in seed_counts:
                 t = time_zoflat(args.steps, seeds, out)
                 print(f"[{rep}]   zoflat 5 curves x {seeds:>3} seeds ({5 * seeds:>3} runs): {t:6.1f} s"

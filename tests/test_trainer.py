@@ -130,3 +130,15 @@ def test_an_unexpected_error_marks_runs_failed_and_propagates(tmp_path):
         trainer.run()
     assert folder.finish(trainer.states) == "failed"
     assert json.loads((tmp_path / "summary.json").read_text())["runs"][runs[0].run_id]["final"]["step"] == 20
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_starts_where_cpu_does_and_gd_follows_the_same_path():
+    problem, runs = ToyProblem(10), [RunSpec("gd", None, 0.01, s, 1) for s in range(3)]
+    on_cpu = make_groups(problem, runs, torch.float64, CPU)
+    on_gpu = make_groups(problem, runs, torch.float64, torch.device("cuda"))
+    torch.testing.assert_close(on_gpu[0].x.cpu(), on_cpu[0].x)
+    for _ in range(100):
+        on_cpu[0].step()
+        on_gpu[0].step()
+    torch.testing.assert_close(on_gpu[0].x.cpu(), on_cpu[0].x)

@@ -3,6 +3,7 @@
 import sys
 import time
 
+from rich import box
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -57,11 +58,12 @@ class LiveView:
                   file=sys.stdout, flush=True)
 
     def __rich__(self) -> Table:
-        table = Table(title=self.title, expand=False)
+        table = Table(title=self.title, expand=False, box=box.SIMPLE_HEAD)
         rows = list(self.latest.values())
         names = self._metric_names(rows[0]) if rows else []
-        for col in ["run", "step", *names, "steps/s", "status"]:
-            table.add_column(col, justify="left" if col in ("run", "status") else "right")
+        table.add_column("run", no_wrap=True, min_width=max((len(r["run_id"]) for r in rows), default=3))
+        for col in ["step", *names, "steps/s", "status"]:
+            table.add_column(col.replace("_", " "), justify="left" if col == "status" else "right")
         for row in rows:
             rate = row["step"] / row["wall_s"] if row["wall_s"] > 0 else 0.0
             status = self.states[row["run_id"]].status

@@ -52,8 +52,9 @@ class Group:
 
     def __init__(self, problem, estimator: Estimator, runs, update: UpdateRule, dtype, device):
         self.problem, self.estimator, self.runs, self.update = problem, estimator, runs, update
-        init = [problem.init(generator(r.seed, "init", device), dtype, device) for r in runs]
-        self.x = torch.stack(init)
+        # initial points are drawn on the CPU so every device starts from the same place
+        cpu = torch.device("cpu")
+        self.x = torch.stack([problem.init(generator(r.seed, "init", cpu), dtype, cpu) for r in runs]).to(device)
 
         def column(values):
             return torch.tensor(values, dtype=dtype, device=device).unsqueeze(-1)

@@ -20,6 +20,7 @@ class ToyProblem:
         self.n_params = 2 * dim
 
     def init(self, generator: torch.Generator, dtype, device) -> torch.Tensor:
+        """x = (y, z) ~ N(0, I), drawn in float64 whatever the run's dtype."""
         x = torch.randn(self.n_params, generator=generator, device=device, dtype=torch.float64)
         return x.to(dtype)
 
