@@ -22,6 +22,10 @@ def test_flag_forms():
         parse_flag("lr", ["0.1", "gd=0.2"])
 
 
+def test_optimizers_are_repeatable_or_comma_separated():
+    assert resolve(DEFAULTS, None, {"optimizer": ["sam,zo", "gd"]})["optimizer"] == ["sam", "zo", "gd"]
+
+
 def test_seeds_are_a_count_or_a_list():
     assert parse_seeds(3) == [0, 1, 2]
     assert parse_seeds("3") == [0, 1, 2]
@@ -47,7 +51,7 @@ def test_per_optimizer_flags_merge_into_the_recipe_and_grid_expands(tmp_path):
     assert config["lr"] == {"zo": [0.001, 0.003], "gd": 0.02}
     runs = runs_from(config)
     assert len(runs) == 2 * 2 * 2 + 2  # zo: λ x lr x seeds; gd: seeds only
-    assert {r.lam for r in runs if r.optimizer == "gd"} == {None}
+    assert {r.value("lambda") for r in runs if r.optimizer == "gd"} == {None}
 
 
 def test_a_plain_flag_replaces_a_per_optimizer_value():

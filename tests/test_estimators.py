@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from zoflat_cli.estimators import ESTIMATORS, directional, exact_gradient, n_evals, two_point
+from zoflat_cli.estimators import ESTIMATORS, directional, exact_gradient, n_evals, sharpness_aware, two_point
 from zoflat_cli.problems.toy import ToyProblem
 
 
@@ -29,7 +29,7 @@ def smoothed_toy_grad(problem, x, lam):
 def many_estimates(estimator, problem, x, lam, n, seed=1):
     """n independent single-direction estimates at x: the n directions go in as n runs."""
     u = torch.randn(1, n, x.shape[-1], generator=torch.Generator().manual_seed(seed))
-    return estimator(problem, x.expand(n, -1), u, torch.full((n, 1), lam))  # (n, dim)
+    return estimator(problem, x.expand(n, -1), u, {"lambda": torch.full((n, 1), lam)})  # (n, dim)
 
 
 @pytest.mark.parametrize("lam", [0.3, 0.7])
@@ -54,25 +54,39 @@ def test_directional_derivative_is_unbiased_for_the_gradient():
 def test_two_point_tends_to_directional_as_lambda_shrinks():
     problem, x = toy_point()
     u = torch.randn(1, 1, x.shape[-1], generator=torch.Generator().manual_seed(3))
-    dd = directional(problem, x, u, None)
-    zo = two_point(problem, x, u, torch.full((1, 1), 1e-4))
+    dd = directional(problem, x, u, {})
+    zo = two_point(problem, x, u, {"lambda": torch.full((1, 1), 1e-4)})
     torch.testing.assert_close(zo, dd, rtol=1e-6, atol=1e-8)
 
 
 def test_samples_average_independent_estimates():
     problem, x = toy_point()
     u = torch.randn(5, 1, x.shape[-1], generator=torch.Generator().manual_seed(4))
-    lam = torch.full((1, 1), 0.1)
-    averaged = two_point(problem, x, u, lam)
-    one_by_one = torch.stack([two_point(problem, x, u[i : i + 1], lam) for i in range(5)]).mean(0)
+    hyper = {"lambda": torch.full((1, 1), 0.1)}
+    averaged = two_point(problem, x, u, hyper)
+    one_by_one = torch.stack([two_point(problem, x, u[i : i + 1], hyper) for i in range(5)]).mean(0)
     torch.testing.assert_close(averaged, one_by_one)
     assert n_evals(ESTIMATORS["zo"], 5) == 10 and n_evals(ESTIMATORS["gd"], 5) == 1
+    assert n_evals(ESTIMATORS["sam"], 1) == 2
 
 
 def test_toy_gradient_matches_autograd():
     problem, x = toy_point(dim=6, seed=5)
     auto = torch.func.grad(lambda v: problem.loss(v))(x[0])
-    torch.testing.assert_close(exact_gradient(problem, x, None, None)[0], auto)
+    torch.testing.assert_close(exact_gradient(problem, x, None, {})[0], auto)
+
+
+def test_sam_matches_a_hand_computation_on_the_toy():
+    """d = 1: f(y, z) = (yz - 1)²/2 at (2, 1): ∇f = (1·1, 1·2) = (1, 2), ‖∇f‖ = √5; the ascent
+    point is (2, 1) + ρ(1, 2)/√5, and SAM returns ∇f there: r' (z', y') with r' = y'z' - 1."""
+    problem, rho = ToyProblem(1), 0.5
+    x = torch.tensor([[2.0, 1.0]])
+    y, z = 2 + rho / 5**0.5, 1 + 2 * rho / 5**0.5
+    expected = torch.tensor([[(y * z - 1) * z, (y * z - 1) * y]])
+    torch.testing.assert_close(sharpness_aware(problem, x, None, {"rho": torch.full((1, 1), rho)}), expected)
+    # at a stationary point SAM does not move (no 0/0)
+    at_min = torch.tensor([[1.0, 1.0]])
+    assert torch.equal(sharpness_aware(problem, at_min, None, {"rho": torch.full((1, 1), rho)}), torch.zeros(1, 2))
 
 
 def test_toy_hessian_trace_matches_torch_func_hessian():

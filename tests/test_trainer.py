@@ -34,8 +34,8 @@ def balance_slope(rows, steps, optimizer):
 
 def test_zo_mean_balance_decays_at_the_predicted_rate_and_dd_does_not():
     problem, steps, lr, lam = ToyProblem(5), 2000, 0.001, 0.5
-    runs = [RunSpec("zo", lam, lr, s, 1) for s in range(500)]
-    runs += [RunSpec("dd", None, lr, s, 1) for s in range(300)]
+    runs = [RunSpec("zo", lr, s, 1, (("lambda", lam),)) for s in range(500)]
+    runs += [RunSpec("dd", lr, s, 1) for s in range(300)]
     rows, _ = train(problem, runs, steps, steps)
     predicted = (1 - 2 * lr * lam**2) ** steps  # Proposition 2.2: about e^-1 here
     assert abs(balance_slope(rows, steps, "zo") / predicted - 1) < 0.05
@@ -49,7 +49,7 @@ def test_zo_mean_balance_decays_at_the_predicted_rate_and_dd_does_not():
 def test_gd_conserves_balance_up_to_its_exact_discrete_factor():
     """Gradient flow conserves B; a GD step multiplies it by exactly (1 - η² r²) = (1 - 2η² f)."""
     problem, lr = ToyProblem(10), 0.01
-    rows, _ = train(problem, [RunSpec("gd", None, lr, s, 1) for s in range(4)], 300, 1)
+    rows, _ = train(problem, [RunSpec("gd", lr, s, 1) for s in range(4)], 300, 1)
     for run_id in rows[0]:
         for t in range(300):
             now, nxt = rows[t][run_id], rows[t + 1][run_id]
@@ -62,11 +62,11 @@ def test_gd_conserves_balance_up_to_its_exact_discrete_factor():
 def test_batched_and_single_runs_have_identical_trajectories():
     problem = ToyProblem(20)
     runs = [
-        RunSpec("zo", 0.1, 0.001, 1, 1),
-        RunSpec("zo", 0.05, 0.001, 2, 1),
-        RunSpec("zo", 0.1, 0.002, 3, 2),
-        RunSpec("gd", None, 0.01, 1, 1),
-        RunSpec("dd", None, 0.001, 2, 1),
+        RunSpec("zo", 0.001, 1, 1, (("lambda", 0.1),)),
+        RunSpec("zo", 0.001, 2, 1, (("lambda", 0.05),)),
+        RunSpec("zo", 0.002, 3, 2, (("lambda", 0.1),)),
+        RunSpec("gd", 0.01, 1, 1),
+        RunSpec("dd", 0.001, 2, 1),
     ]
     batched, _ = train(problem, runs, 500, 100)
     for run in runs:
@@ -78,14 +78,14 @@ def test_batched_and_single_runs_have_identical_trajectories():
 
 def test_same_seed_shares_init_and_directions_across_optimizers():
     problem = ToyProblem(8)
-    rows, _ = train(problem, [RunSpec("zo", 0.1, 0.001, 7, 1), RunSpec("dd", None, 0.001, 7, 1)], 1, 1)
+    rows, _ = train(problem, [RunSpec("zo", 0.001, 7, 1, (("lambda", 0.1),)), RunSpec("dd", 0.001, 7, 1)], 1, 1)
     first = list(rows[0].values())
     assert first[0]["loss"] == first[1]["loss"]
 
 
 def test_divergent_run_is_marked_and_the_others_finish(tmp_path):
     problem = ToyProblem(10)
-    runs = [RunSpec("gd", None, 1.0, 0, 1), RunSpec("zo", 0.1, 0.001, 0, 1)]
+    runs = [RunSpec("gd", 1.0, 0, 1), RunSpec("zo", 0.001, 0, 1, (("lambda", 0.1),))]
     rows, states = train(problem, runs, 200, 10)
     assert states[runs[0].run_id].status == "diverged"
     assert states[runs[1].run_id].status == "completed"
@@ -96,7 +96,7 @@ def test_divergent_run_is_marked_and_the_others_finish(tmp_path):
 
 def test_ctrl_c_keeps_what_was_logged(tmp_path):
     problem = ToyProblem(10)
-    runs = [RunSpec("zo", 0.1, 0.001, s, 1) for s in range(2)]
+    runs = [RunSpec("zo", 0.001, s, 1, (("lambda", 0.1),)) for s in range(2)]
     config = {"command": "toy", "name": "t"}
     folder = RunFolder(tmp_path, config, problem, "cpu")
 
@@ -118,7 +118,7 @@ def test_ctrl_c_keeps_what_was_logged(tmp_path):
 
 def test_an_unexpected_error_marks_runs_failed_and_propagates(tmp_path):
     problem = ToyProblem(4)
-    runs = [RunSpec("gd", None, 0.01, 0, 1)]
+    runs = [RunSpec("gd", 0.01, 0, 1)]
     folder = RunFolder(tmp_path, {"command": "toy", "name": "t"}, problem, "cpu")
 
     def crash(step, rows, states):
@@ -134,7 +134,7 @@ def test_an_unexpected_error_marks_runs_failed_and_propagates(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_starts_where_cpu_does_and_gd_follows_the_same_path():
-    problem, runs = ToyProblem(10), [RunSpec("gd", None, 0.01, s, 1) for s in range(3)]
+    problem, runs = ToyProblem(10), [RunSpec("gd", 0.01, s, 1) for s in range(3)]
     on_cpu = make_groups(problem, runs, torch.float64, CPU)
     on_gpu = make_groups(problem, runs, torch.float64, torch.device("cuda"))
     torch.testing.assert_close(on_gpu[0].x.cpu(), on_cpu[0].x)

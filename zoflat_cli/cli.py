@@ -54,8 +54,10 @@ LrOpt = Annotated[Optional[List[str]], typer.Option(
     "--lr", help="Step size: 0.01, a sweep 0.01,0.001, or per optimizer gd=0.01 (repeatable).")]
 LambdaOpt = Annotated[Optional[List[str]], typer.Option(
     "--lambda", help="Smoothing radius λ for ZO: 0.1, a sweep 0.1,0.05,0.01, or zo=0.1 (repeatable).")]
+RhoOpt = Annotated[Optional[List[str]], typer.Option(
+    "--rho", help="SAM's ascent radius ρ: 0.05, a sweep, or sam=0.05 (repeatable).")]
 OptimizerOpt = Annotated[Optional[List[str]], typer.Option(
-    "--optimizer", "-o", help="Optimizers (repeatable or comma-separated): gd, zo, dd.")]
+    "--optimizer", "-o", help="Optimizers (repeatable or comma-separated): gd, zo, dd, sam.")]
 SeedsOpt = Annotated[Optional[str], typer.Option(
     "--seeds", help="A count n (seeds 0..n-1) or a list 13,21,42 (one seed: 13,).")]
 SamplesOpt = Annotated[Optional[List[str]], typer.Option(
@@ -96,6 +98,7 @@ def toy(
     steps: StepsOpt = None,
     lr: LrOpt = None,
     lam: LambdaOpt = None,
+    rho: RhoOpt = None,
     optimizer: OptimizerOpt = None,
     seeds: SeedsOpt = None,
     samples: SamplesOpt = None,
@@ -112,7 +115,7 @@ def toy(
     from zoflat_cli.problems.toy import DEFAULTS, ToyProblem
 
     with user_errors():
-        flags = _flags(dim=dim, steps=steps, lr=lr, optimizer=optimizer, seeds=seeds,
+        flags = _flags(dim=dim, steps=steps, lr=lr, rho=rho, optimizer=optimizer, seeds=seeds,
                        samples=samples, log_every=log_every, device=device, dtype=dtype,
                        out=str(out) if out else None, name=name, **{"lambda": lam})
         cfg = resolve(DEFAULTS, config, flags)

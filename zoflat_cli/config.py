@@ -14,10 +14,10 @@ import torch
 import yaml
 
 from zoflat_cli.errors import ZoflatError
-from zoflat_cli.estimators import ESTIMATORS, get_estimator
+from zoflat_cli.estimators import ESTIMATORS, HYPERPARAMETERS, get_estimator
 from zoflat_cli.trainer import RunSpec
 
-PER_OPTIMIZER = ("lr", "lambda", "samples")
+PER_OPTIMIZER = ("lr", *HYPERPARAMETERS, "samples")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -87,9 +87,9 @@ def parse_seeds(value):
 
 
 def parse_list(value) -> list:
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+    """'a,b', ['a,b', 'c'] or ['a', 'b'] -> ['a', 'b', ...]."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [part.strip() for item in items for part in str(item).split(",") if part.strip()]
 
 
 # ---------------------------------------------------------------- merging
@@ -170,10 +170,7 @@ def validate(config: dict) -> dict:
             x if isinstance(x, list) else [x] for x in (value.values() if isinstance(value, dict) else [value])
         ):
             _check_positive(key, v, integer=(key == "samples"))
-        relevant = {
-            "lambda": [e.name for e in estimators if e.uses_lambda],
-            "samples": [e.name for e in estimators if e.uses_directions],
-        }.get(key, config["optimizer"])
+        relevant = [e.name for e in estimators if _uses(e, key)]
         resolved = {}
         for name in relevant:
             values = values_for(config, key, name)
@@ -185,15 +182,24 @@ def validate(config: dict) -> dict:
     return config
 
 
+def _uses(estimator, key: str) -> bool:
+    if key == "samples":
+        return estimator.uses_directions
+    return key == "lr" or key in estimator.hyper
+
+
 def runs_from(config: dict) -> list:
     runs = []
     for name in config["optimizer"]:
         est = get_estimator(name)
-        lams = values_for(config, "lambda", name) if est.uses_lambda else [None]
-        samples = values_for(config, "samples", name) if est.uses_directions else [1]
-        for lam, lr, n, seed in itertools.product(lams, values_for(config, "lr", name), samples, config["seeds"]):
-            runs.append(RunSpec(name, None if lam is None else float(lam), float(lr), seed, int(n)))
-    return runs
+        grids = [values_for(config, "lr", name), config["seeds"]]
+        grids.append(values_for(config, "samples", name) if est.uses_directions else [1])
+        grids += [[(h, float(v)) for v in values_for(config, h, name)] for h in est.hyper]
+        for lr, seed, samples, *hyper in itertools.product(*grids):
+            runs.append(RunSpec(name, float(lr), seed, int(samples), tuple(hyper)))
+    # hyperparameter values vary slowest, seeds fastest: runs of one setting sit together
+    return sorted(runs, key=lambda r: (config["optimizer"].index(r.optimizer), r.hyper, r.lr, r.samples,
+                                       config["seeds"].index(r.seed)))
 
 
 def resolve_device(requested: str) -> torch.device:

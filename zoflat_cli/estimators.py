@@ -1,9 +1,9 @@
 """Gradient estimators: one interface, batched over runs.
 
-Every estimator is a pure function `estimate(problem, x, u, lam) -> g` where
-  x   (runs, dim)            current points, one row per run,
-  u   (samples, runs, dim)   Gaussian directions (None for estimators that use none),
-  lam (runs, 1)              smoothing radius λ per run (None for estimators that use none),
+Every estimator is a pure function `estimate(problem, x, u, hyper) -> g` where
+  x     (runs, dim)            current points, one row per run,
+  u     (samples, runs, dim)   Gaussian directions (None for estimators that use none),
+  hyper {name: (runs, 1)}      per-run hyperparameters (HYPERPARAMETERS), e.g. hyper["lambda"],
 and g has the shape of x. `problem` gives `loss(x)` over any leading batch shape and `grad(x)`.
 """
 
@@ -14,16 +14,20 @@ import torch
 from zoflat_cli.errors import ZoflatError
 
 
+# Per-run hyperparameters an estimator may take, with the short tag used in run ids.
+HYPERPARAMETERS = {"lambda": "lam", "rho": "rho"}
+
+
 class Estimator(NamedTuple):
     name: str
     description: str
     estimate: Callable
-    uses_lambda: bool
+    hyper: tuple  # names from HYPERPARAMETERS it reads
     uses_directions: bool
     evals_per_sample: int  # oracle calls (loss values, gradients or JVPs) per sample and step
 
 
-def exact_gradient(problem, x, u, lam):
+def exact_gradient(problem, x, u, hyper):
     return problem.grad(x)
 
 
@@ -33,25 +37,36 @@ def _combine(coef: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return terms[0] if len(terms) == 1 else terms.mean(0)  # mean() over one sample costs 4x more
 
 
-def two_point(problem, x, u, lam):
+def two_point(problem, x, u, hyper):
     """Algorithm 1 of the paper: (f(x+λu) - f(x-λu)) / (2λ) · u, averaged over samples.
     Unbiased for the gradient of the smoothed loss E f(x + λu)."""
+    lam = hyper["lambda"]
     signed = torch.stack((lam, -lam)).unsqueeze(1)  # (2, 1, runs, 1)
     f_plus, f_minus = problem.loss(torch.addcmul(x, signed, u)).unsqueeze(-1)  # one batched call
     return _combine((f_plus - f_minus) / (2 * lam), u)
 
 
-def directional(problem, x, u, lam):
+def directional(problem, x, u, hyper):
     """The λ → 0 limit of two_point: (uᵀ∇f) u. Unbiased for ∇f itself."""
     return _combine(torch.linalg.vecdot(u, problem.grad(x)).unsqueeze(-1), u)
+
+
+def sharpness_aware(problem, x, u, hyper):
+    """SAM (Foret et al.): the gradient at the ascent point x + ρ ∇f(x)/‖∇f(x)‖."""
+    g = problem.grad(x)
+    norm = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
+    step = torch.where(norm > 0, hyper["rho"] / norm, torch.zeros_like(norm))  # at ∇f = 0: plain GD
+    return problem.grad(x + step * g)
 
 
 ESTIMATORS = {
     e.name: e
     for e in (
-        Estimator("gd", "exact gradient", exact_gradient, False, False, 1),
-        Estimator("zo", "two-point Gaussian ZO (Algorithm 1)", two_point, True, True, 2),
-        Estimator("dd", "directional derivative (uᵀ∇f)u", directional, False, True, 1),
+        Estimator("gd", "exact gradient", exact_gradient, (), False, 1),
+        Estimator("zo", "two-point Gaussian ZO (Algorithm 1)", two_point, ("lambda",), True, 2),
+        Estimator("dd", "directional derivative (uᵀ∇f)u", directional, (), True, 1),
+        Estimator("sam", "sharpness-aware minimisation (gradient at x + ρ g/‖g‖)", sharpness_aware,
+                  ("rho",), False, 2),
     )
 }
 

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
-from zoflat_cli.estimators import Estimator, get_estimator, n_evals
+from zoflat_cli.estimators import HYPERPARAMETERS, Estimator, get_estimator, n_evals
 from zoflat_cli.streams import DirectionStream, generator
 from zoflat_cli.updates import SGD, UpdateRule
 
@@ -19,22 +19,25 @@ from zoflat_cli.updates import SGD, UpdateRule
 @dataclass(frozen=True)
 class RunSpec:
     optimizer: str
-    lam: Optional[float]  # None for estimators that use no smoothing radius
     lr: float
     seed: int
-    samples: int
+    samples: int = 1
+    hyper: tuple = ()  # ((name, value), ...) for the estimator's hyperparameters, in HYPERPARAMETERS order
+
+    def value(self, name: str):
+        return dict(self.hyper).get(name)
 
     @property
     def run_id(self) -> str:
-        lam = "" if self.lam is None else f"-lam{self.lam:g}"
+        tags = "".join(f"-{HYPERPARAMETERS[k]}{v:g}" for k, v in self.hyper)
         samples = f"-n{self.samples}" if self.samples != 1 else ""
-        return f"{self.optimizer}{lam}-lr{self.lr:g}{samples}-s{self.seed}"
+        return f"{self.optimizer}{tags}-lr{self.lr:g}{samples}-s{self.seed}"
 
     def columns(self) -> dict:
         return {
             "run_id": self.run_id,
             "optimizer": self.optimizer,
-            "lambda": self.lam,
+            **{name: self.value(name) for name in HYPERPARAMETERS},
             "lr": self.lr,
             "seed": self.seed,
             "samples": self.samples,
@@ -60,7 +63,8 @@ class Group:
             return torch.tensor(values, dtype=dtype, device=device).unsqueeze(-1)
 
         self.lr = column([r.lr for r in runs])
-        self.lam = column([r.lam or 0.0 for r in runs])  # 0 where unused: the theory's λ
+        # every hyperparameter for every run, 0 where unused (the toy's theory reads λ = 0 for GD)
+        self.hyper = {name: column([r.value(name) or 0.0 for r in runs]) for name in HYPERPARAMETERS}
         self.directions = None
         if estimator.uses_directions:
             seeds = [r.seed for r in runs]
@@ -71,7 +75,7 @@ class Group:
 
     def step(self):
         u = self.directions.next() if self.directions else None
-        g = self.estimator.estimate(self.problem, self.x, u, self.lam)
+        g = self.estimator.estimate(self.problem, self.x, u, self.hyper)
         self.update.apply(self.x, g, self.lr, self.state)
 
     def metrics(self, step: int) -> dict:
@@ -79,7 +83,7 @@ class Group:
         if self.initial_metrics is None:
             self.initial_metrics = values
         if hasattr(self.problem, "theory"):
-            lr, lam = self.lr.squeeze(-1), self.lam.squeeze(-1)
+            lr, lam = self.lr.squeeze(-1), self.hyper["lambda"].squeeze(-1)
             values.update(self.problem.theory(step, self.initial_metrics, lr, lam))
         return values
 

@@ -63,7 +63,8 @@ DEFAULTS = {
     "log_every": 100,
     "seeds": [13],
     "optimizer": ["gd", "zo", "dd"],
-    "lr": {"gd": 0.01, "zo": 0.001, "dd": 0.001},
+    "lr": {"gd": 0.01, "zo": 0.001, "dd": 0.001, "sam": 0.01},
     "lambda": 0.1,
+    "rho": 0.05,
     "samples": 1,
 }
