@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from zoflat_cli.config import parse_flag, parse_seeds, resolve, runs_from
+from zoflat_cli.config import load_recipe, parse_flag, parse_seeds, resolve, runs_from
 from zoflat_cli.errors import ZoflatError
+from zoflat_cli.problems import convex
 from zoflat_cli.problems.toy import DEFAULTS
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
@@ -75,4 +76,6 @@ def test_bad_recipes(tmp_path, recipe, message):
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_shipped_recipes_are_valid(recipe):
-    assert runs_from(resolve(DEFAULTS, recipe, {}))
+    command = load_recipe(recipe)["command"]
+    defaults = {"toy": DEFAULTS, "convex": convex.defaults(load_recipe(recipe))}[command]
+    assert runs_from(resolve(defaults, recipe, {}))

@@ -119,8 +119,98 @@ def toy(
                        samples=samples, log_every=log_every, device=device, dtype=dtype,
                        out=str(out) if out else None, name=name, **{"lambda": lam})
         cfg = resolve(DEFAULTS, config, flags)
-        path, status = run_experiment(cfg, ToyProblem(cfg["dim"]), quiet)
+        path, status = run_experiment(cfg, lambda device, dtype: ToyProblem(cfg["dim"]), quiet)
     _finish(path, status, quiet)
+
+
+@app.command()
+def convex(
+    config: ConfigOpt = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        "--dataset", help="A LIBSVM binary set by name (zoflat data list), e.g. w5a, a8a.")] = None,
+    data_file: Annotated[Optional[Path], typer.Option("--data-file", help="Any svmlight training file.")] = None,
+    test_file: Annotated[Optional[Path], typer.Option("--test-file", help="Its test file.")] = None,
+    train_size: Annotated[Optional[int], typer.Option(
+        "--train-size", help="Re-split the training file: this many rows train, the rest test.")] = None,
+    split_seed: Annotated[Optional[int], typer.Option("--split-seed", help="Seed of that re-split.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="svm (squared hinge) or logreg.")] = None,
+    features: Annotated[Optional[int], typer.Option("--features", help="D, the random features.")] = None,
+    dense: Annotated[Optional[bool], typer.Option(
+        "--dense/--factored", help="Materialise the N x D features (reference path).")] = None,
+    steps: StepsOpt = None,
+    lr: LrOpt = None,
+    lam: LambdaOpt = None,
+    rho: RhoOpt = None,
+    optimizer: OptimizerOpt = None,
+    seeds: SeedsOpt = None,
+    samples: SamplesOpt = None,
+    log_every: LogEveryOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    out: OutOpt = None,
+    name: NameOpt = None,
+    quiet: QuietOpt = False,
+):
+    """SVM / logistic regression on random features of LIBSVM data (paper Figures 2 and 5)."""
+    from zoflat_cli import datasets
+    from zoflat_cli.config import load_recipe, resolve
+    from zoflat_cli.experiment import run_experiment
+    from zoflat_cli.problems import convex as problem
+
+    with user_errors():
+        flags = _flags(dataset=dataset, data_file=str(data_file) if data_file else None,
+                       test_file=str(test_file) if test_file else None, train_size=train_size,
+                       split_seed=split_seed, model=model, features=features, dense=dense, steps=steps,
+                       lr=lr, rho=rho, optimizer=optimizer, seeds=seeds, samples=samples,
+                       log_every=log_every, device=device, dtype=dtype,
+                       out=str(out) if out else None, name=name, **{"lambda": lam})
+        chosen = {**(load_recipe(config) if config else {}), **flags}
+        cfg = resolve(problem.defaults(chosen), config, flags)
+        train, test, description = datasets.load_splits(cfg)
+
+        def make_problem(device, dtype):
+            return problem.ConvexProblem(train, test, cfg["model"], cfg["features"], cfg["dense"],
+                                         dtype, device, description)
+
+        path, status = run_experiment(cfg, make_problem, quiet)
+    _finish(path, status, quiet)
+
+
+data_app = typer.Typer(help="LIBSVM data sets: what is bundled or cached, and importing files.",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("list")
+def data_list():
+    """The registry of LIBSVM binary sets and where each file is (bundled, cached, or missing)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from zoflat_cli import datasets
+
+    table = Table(title=f"LIBSVM binary data sets (cache: {datasets.cache_dir()})")
+    for col in ("name", "features", "train rows", "test rows", "train file", "test file"):
+        table.add_column(col)
+    for spec in datasets.REGISTRY.values():
+        table.add_row(spec.name, str(spec.n_features), f"{spec.n_train:,}", f"{spec.n_test:,}",
+                      datasets.availability(spec.name, "train"), datasets.availability(spec.name, "test"))
+    Console().print(table)
+
+
+@data_app.command("import")
+def data_import(
+    path: Annotated[Path, typer.Argument(help="An svmlight file (plain or .xz).")],
+    name: Annotated[str, typer.Option("--name", help="Its data set name, e.g. a5a.")],
+    split: Annotated[str, typer.Option("--split", help="train or test.")] = "train",
+):
+    """Copy a downloaded LIBSVM file into the cache (checked against the registry's sizes)."""
+    from zoflat_cli import datasets
+
+    with user_errors():
+        if split not in ("train", "test"):
+            raise ZoflatError(f"--split must be train or test, got {split!r}")
+        typer.echo(f"imported {name} ({split}): {datasets.import_file(path, name, split)}")
 
 
 @app.command()

@@ -153,8 +153,8 @@ def validate(config: dict) -> dict:
         raise ZoflatError("optimizer: give at least one optimizer")
     estimators = [get_estimator(o) for o in config["optimizer"]]
     config["seeds"] = parse_seeds(config["seeds"])
-    for key in ("steps", "log_every", "dim"):
-        if key in config:
+    for key in ("steps", "log_every", "dim", "features", "train_size"):
+        if config.get(key) is not None:
             _check_positive(key, config[key], integer=True)
             config[key] = int(config[key])
     if config["dtype"] not in DTYPES:

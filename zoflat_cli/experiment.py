@@ -8,11 +8,12 @@ from zoflat_cli.runfolder import RunFolder, create_run_dir
 from zoflat_cli.trainer import Trainer, make_groups
 
 
-def run_experiment(config: dict, problem, quiet: bool = False, console: Console = None):
-    """Returns (run folder path, overall status)."""
+def run_experiment(config: dict, make_problem, quiet: bool = False, console: Console = None):
+    """make_problem(device, dtype) builds the problem. Returns (run folder path, overall status)."""
     runs = runs_from(config)
-    device = resolve_device(config["device"])
-    groups = make_groups(problem, runs, DTYPES[config["dtype"]], device)
+    device, dtype = resolve_device(config["device"]), DTYPES[config["dtype"]]
+    problem = make_problem(device, dtype)
+    groups = make_groups(problem, runs, dtype, device)
     path = create_run_dir(config["out"], config["command"], config["name"])
     folder = RunFolder(path, config, problem, str(device))
     view = LiveView(f"zoflat {config['command']} · {path}", config["steps"], quiet, console)

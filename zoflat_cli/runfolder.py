@@ -66,6 +66,7 @@ class RunFolder:
             "device": device,
             "versions": versions(),
             "references": {k: {"value": v, "label": lab} for k, (v, lab) in problem.references.items()},
+            "problem": getattr(problem, "description", {}),
             "runs": {},
         }
         self._csv_file = None

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-STREAM_IDS = {"init": 0, "directions": 1}
+STREAM_IDS = {"init": 0, "directions": 1, "features": 2}
 
 # Directions are drawn in float32 (about 4x faster than float64 on CPU) and cast to the run's
 # dtype. Each run draws chunks of a fixed number of elements (so a fixed number of steps for a

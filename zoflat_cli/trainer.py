@@ -54,7 +54,8 @@ class Group:
     """Runs that share one estimator and sample count, as batched tensors."""
 
     def __init__(self, problem, estimator: Estimator, runs, update: UpdateRule, dtype, device):
-        self.problem, self.estimator, self.runs, self.update = problem, estimator, runs, update
+        self.problem = problem.bind(runs)  # the problem as seen by these runs (e.g. their seeds' features)
+        self.estimator, self.runs, self.update = estimator, runs, update
         # initial points are drawn on the CPU so every device starts from the same place
         cpu = torch.device("cpu")
         self.x = torch.stack([problem.init(generator(r.seed, "init", cpu), dtype, cpu) for r in runs]).to(device)

@@ -24,6 +24,10 @@ class ToyProblem:
         x = torch.randn(self.n_params, generator=generator, device=device, dtype=torch.float64)
         return x.to(dtype)
 
+    def bind(self, runs) -> "ToyProblem":
+        """Every run sees the same function: nothing to specialise per group."""
+        return self
+
     def _split(self, x):
         return x[..., : self.dim], x[..., self.dim :]
 

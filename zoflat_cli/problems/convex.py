@@ -1,0 +1,250 @@
+"""Over-parameterised linear models on random features (paper Section 5, Figures 2 and 5).
+
+Features, as in the paper's public code: standardise the raw features A (fitted on train),
+map them with a Gaussian W in R^{d x D}, standardise the D random features again (fitted on
+train) and prepend a bias: X = [1, (Z0 W - μ)/σ] with Z0 = (A - m)/s, D + 1 parameters.
+
+X has rank <= d + 1, so it is never built (unless --dense): with G = W diag(1/σ) and μ̃ = μ/σ,
+    X (b, v)  = b + A (q/s) - (m/s)·q - μ̃·v,          q = G v          O(nnz(A) + dD)
+    Xᵀ r      = (1ᵀr, Gᵀ (Aᵀr / s - (m/s) 1ᵀr) - μ̃ 1ᵀr)                 O(nnz(A) + dD)
+and ‖x_i‖² = 1 + z_i G Gᵀ z_iᵀ - 2 z_i G μ̃ + ‖μ̃‖², computed once per seed for the trace.
+"""
+
+import warnings
+
+import numpy as np
+import torch
+
+from zoflat_cli.errors import ZoflatError
+from zoflat_cli.streams import generator
+
+CPU = torch.device("cpu")
+
+
+# ---------------------------------------------------------------- models on margins t = y·(Xw)
+
+def _svm(t):
+    slack = torch.clamp(1 - t, min=0)
+    return slack.square(), -2 * slack, 2 * (slack > 0).to(t.dtype)  # φ, φ', φ'' (a.e.)
+
+
+def _logreg(t):
+    p_wrong = torch.sigmoid(-t)
+    return torch.nn.functional.softplus(-t), -p_wrong, p_wrong * (1 - p_wrong)
+
+
+MODELS = {"svm": _svm, "logreg": _logreg}  # squared hinge; logistic (= cross-entropy on {0,1})
+
+
+def _to_torch_csr(matrix, dtype, device):
+    m = matrix.tocsr()
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": matmul is all we use
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(torch.from_numpy(m.indptr).long(), torch.from_numpy(m.indices).long(),
+                                       torch.from_numpy(m.data), size=m.shape, dtype=dtype, device=device,
+                                       check_invariants=False)
+
+
+class Standardised:
+    """A split's raw features A with the train mean m and scale s (zero-variance columns: s = 1)."""
+
+    def __init__(self, split, mean, scale, dtype, device):
+        self.A = _to_torch_csr(split.X, dtype, device)
+        self.A_T = _to_torch_csr(split.X.T, dtype, device)
+        self.y = torch.as_tensor(split.y, dtype=dtype, device=device)
+        self.n = split.X.shape[0]
+        self.inv_s = 1 / scale
+        self.shift = mean / scale
+        self._dense = None
+
+    def dense(self) -> torch.Tensor:
+        """Z0 = (A - m)/s as a dense (n, d) tensor (n x d is small: d is the raw feature count)."""
+        if self._dense is None:
+            self._dense = self.A.to_dense() * self.inv_s - self.shift
+        return self._dense
+
+    def matmul(self, q: torch.Tensor) -> torch.Tensor:
+        """Z0 q for q (d, k): (n, k)."""
+        return self.A @ (q * self.inv_s[:, None]) - self.shift @ q
+
+    def rmatmul(self, r: torch.Tensor) -> torch.Tensor:
+        """Z0ᵀ r for r (n, k): (d, k)."""
+        return (self.A_T @ r) * self.inv_s[:, None] - self.shift[:, None] * r.sum(0)
+
+
+class RandomFeatures:
+    """The feature map of one seed, for train and test, factored (or dense when asked)."""
+
+    def __init__(self, seed, n_features, train: Standardised, test: Standardised, dense: bool, dtype, device):
+        gen = generator(seed, "features", CPU)
+        W = torch.randn(train.inv_s.shape[0], n_features, generator=gen, dtype=torch.float64).to(dtype).to(device)
+        z_train = train.dense()
+        mean_z = z_train.mean(0)
+        mu = mean_z @ W
+        second = ((z_train.T @ z_train / train.n) @ W * W).sum(0)  # E_i[(z_i W)_j²] = W_jᵀ C W_j
+        sigma = (second - mu.square()).clamp(min=0).sqrt()
+        sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
+        self.G, self.mu = W / sigma, mu / sigma
+        self.splits = {"train": train, "test": test}
+        self.dense_X = {k: self._build_dense(k) for k in self.splits} if dense else None
+        self.row_norms = {k: self._row_norms(k) for k in self.splits}
+
+    def _build_dense(self, split: str) -> torch.Tensor:
+        features = self.splits[split].dense() @ self.G - self.mu
+        return torch.cat((torch.ones_like(features[:, :1]), features), dim=1)
+
+    def _row_norms(self, split: str) -> torch.Tensor:
+        """‖x_i‖² for every row: the Hessian trace is a weighted mean of these."""
+        if self.dense_X is not None:
+            return self.dense_X[split].square().sum(1)
+        z = self.splits[split].dense()
+        gram, pull = self.G @ self.G.T, self.G @ self.mu
+        return 1 + ((z @ gram) * z).sum(1) - 2 * (z @ pull) + self.mu.square().sum()
+
+    def margins_raw(self, w: torch.Tensor, split: str) -> torch.Tensor:
+        """X w for w (k, D + 1): (n, k)."""
+        if self.dense_X is not None:
+            return self.dense_X[split] @ w.T
+        b, v = w[:, 0], w[:, 1:]
+        return self.splits[split].matmul(self.G @ v.T) + b - v @ self.mu
+
+    def backprop(self, r: torch.Tensor, split: str) -> torch.Tensor:
+        """Xᵀ r for r (n, k): (k, D + 1)."""
+        if self.dense_X is not None:
+            return (self.dense_X[split].T @ r).T
+        total = r.sum(0)
+        v = self.G.T @ self.splits[split].rmatmul(r) - self.mu[:, None] * total
+        return torch.cat((total[:, None], v.T), dim=1)
+
+
+class ConvexProblem:
+    """Squared-hinge SVM or logistic regression on random features, batched over runs."""
+
+    command = "convex"
+    best = {"loss": "min", "hessian_trace": "min", "test_accuracy": "max"}
+    references = {}
+
+    def __init__(self, train, test, model: str, n_features: int, dense: bool, dtype, device, data: str = ""):
+        self.description = {"data": data, "model": model, "train_rows": train.X.shape[0],
+                            "test_rows": test.X.shape[0], "raw_features": train.X.shape[1],
+                            "parameters": n_features + 1, "features": "dense" if dense else "factored"}
+        X = train.X
+        mean = np.asarray(X.mean(0)).ravel()
+        scale = np.sqrt(np.asarray(X.multiply(X).mean(0)).ravel() - mean**2)
+        scale = np.where(scale > 0, scale, 1.0)
+        mean, scale = (torch.as_tensor(a, dtype=dtype, device=device) for a in (mean, scale))
+        self.train = Standardised(train, mean, scale, dtype, device)
+        self.test = Standardised(test, mean, scale, dtype, device)
+        self.model, self.phi = model, MODELS[model]
+        self.n_features, self.dense, self.dtype, self.device = n_features, dense, dtype, device
+        self.n_params = n_features + 1
+        self._features = {}
+
+    def features(self, seed: int) -> RandomFeatures:
+        if seed not in self._features:
+            self._features[seed] = RandomFeatures(seed, self.n_features, self.train, self.test,
+                                                  self.dense, self.dtype, self.device)
+        return self._features[seed]
+
+    def init(self, gen: torch.Generator, dtype, device) -> torch.Tensor:
+        """w = 0.1 · N(0, I), as in the paper's code."""
+        return (0.1 * torch.randn(self.n_params, generator=gen, dtype=torch.float64)).to(dtype).to(device)
+
+    def bind(self, runs) -> "BoundConvex":
+        return BoundConvex(self, [r.seed for r in runs])
+
+
+class BoundConvex:
+    """The problem for one group of runs: row r of x uses the features of runs[r]'s seed."""
+
+    def __init__(self, problem: ConvexProblem, seeds):
+        self.problem = problem
+        self.by_seed = {}
+        for row, seed in enumerate(seeds):
+            self.by_seed.setdefault(seed, []).append(row)
+        self.features = {seed: problem.features(seed) for seed in self.by_seed}
+
+    def _per_seed(self, x: torch.Tensor, fn):
+        """Apply fn(features, w (k, P)) -> (k, ...) to the rows of each seed; x is (..., runs, P)."""
+        run_dim = x.dim() - 2
+        result = None
+        for seed, rows in self.by_seed.items():
+            sub = x if len(self.by_seed) == 1 else x.index_select(run_dim, torch.tensor(rows, device=x.device))
+            out = fn(self.features[seed], sub.reshape(-1, x.shape[-1]))
+            out = out.reshape(*sub.shape[:-1], *out.shape[1:])
+            if len(self.by_seed) == 1:
+                return out
+            if result is None:
+                result = out.new_empty(*x.shape[:-1], *out.shape[run_dim + 1:])
+            result.index_copy_(run_dim, torch.tensor(rows, device=x.device), out)
+        return result
+
+    def _stats(self, feats, w, split):
+        data = getattr(self.problem, split)
+        t = feats.margins_raw(w, split) * data.y[:, None]  # (n, k): label times margin
+        return (t, data, *self.problem.phi(t))
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        def fn(feats, w):
+            _, _, phi, _, _ = self._stats(feats, w, "train")
+            return phi.mean(0)
+        return self._per_seed(x, fn)
+
+    def grad(self, x: torch.Tensor) -> torch.Tensor:
+        def fn(feats, w):
+            _, data, _, dphi, _ = self._stats(feats, w, "train")
+            return feats.backprop(dphi * data.y[:, None] / data.n, "train")
+        return self._per_seed(x, fn)
+
+    def metrics(self, x: torch.Tensor) -> dict:
+        out = {}
+        for split, prefix in (("train", ""), ("test", "test_")):
+            def fn(feats, w, split=split):
+                t, data, phi, _, ddphi = self._stats(feats, w, split)
+                trace = (ddphi * feats.row_norms[split][:, None]).mean(0)
+                correct = (t > 0) | ((t == 0) & (data.y[:, None] > 0))  # predict +1 where Xw >= 0
+                return torch.stack((phi.mean(0), correct.to(t.dtype).mean(0), trace), dim=-1)
+            values = self._per_seed(x, fn)
+            out.update({f"{prefix}loss": values[..., 0], f"{prefix}accuracy": values[..., 1],
+                        f"{prefix}hessian_trace": values[..., 2]})
+        return out
+
+
+# Defaults: the paper's Figure 2 setting. Step sizes: ZO as in the paper's public scripts
+# (SVM 1e-4, logistic 0.01); GD/SAM step sizes are ones that converge on both data sets
+# (measured: see README); DD uses ZO's.
+_MODEL_DEFAULTS = {
+    "svm": {"lambda": 0.005, "lr": {"gd": 1e-3, "zo": 1e-4, "dd": 1e-4, "sam": 1e-3}},
+    "logreg": {"lambda": 0.01, "lr": {"gd": 0.1, "zo": 0.01, "dd": 0.01, "sam": 0.1}},
+}
+
+
+def defaults(chosen: dict) -> dict:
+    """Defaults given what the recipe and flags chose (the model sets λ and step sizes; the
+    w5a-like re-split of the bundled w8a applies only when no data set is chosen)."""
+    model = chosen.get("model", "svm")
+    if model not in MODELS:
+        raise ZoflatError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
+    data_chosen = "dataset" in chosen or "data_file" in chosen
+    return {
+        "command": "convex",
+        "name": "convex",
+        "out": "runs",
+        "device": "auto",
+        "dtype": "float64",
+        "dataset": None if "data_file" in chosen else "w8a",
+        "data_file": None,
+        "test_file": None,
+        "train_size": None if data_chosen else 9_888,  # w5a's sizes: 9,888 / 39,861 of 49,749
+        "split_seed": 0,
+        "model": model,
+        "features": 10_000,
+        "dense": False,
+        "steps": 10_000,
+        "log_every": 10,
+        "seeds": [29],
+        "optimizer": ["gd", "zo"],
+        "rho": 0.05,
+        "samples": 1,
+        **_MODEL_DEFAULTS[model],
+    }
