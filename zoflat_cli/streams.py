@@ -13,10 +13,11 @@ import torch
 STREAM_IDS = {"init": 0, "directions": 1, "features": 2}
 
 # Directions are drawn in float32 (about 4x faster than float64 on CPU) and cast to the run's
-# dtype. Each run draws chunks of a fixed number of elements (so a fixed number of steps for a
-# given dimension): its sequence never depends on batching or --steps, and memory stays at
-# about 12 bytes x CHUNK_ELEMENTS per run.
+# dtype. Each run draws chunks of a fixed number of steps for a given dimension (about
+# CHUNK_ELEMENTS numbers, at least MIN_CHUNK_STEPS steps): its sequence never depends on
+# batching or --steps, and memory stays near 12 bytes x CHUNK_ELEMENTS per run.
 CHUNK_ELEMENTS = 1 << 14
+MIN_CHUNK_STEPS = 16
 # The next chunk is drawn on a background thread while the trainer steps (torch drops the GIL
 # inside randn), so drawing overlaps with training on a second core.
 _DRAWER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zoflat-directions")
@@ -40,7 +41,7 @@ class DirectionStream:
 
     def __init__(self, seeds, samples, dim, dtype, device):
         self.generators = [generator(s, "directions", device) for s in seeds]
-        self.shape = (max(1, CHUNK_ELEMENTS // (samples * dim)), samples, dim)
+        self.shape = (max(MIN_CHUNK_STEPS, CHUNK_ELEMENTS // (samples * dim)), samples, dim)
         self.dtype, self.device = dtype, device
         self.chunk, self.position = None, 0
         self.pending = _DRAWER.submit(self._draw)

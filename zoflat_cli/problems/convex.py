@@ -101,12 +101,13 @@ class RandomFeatures:
         gram, pull = self.G @ self.G.T, self.G @ self.mu
         return 1 + ((z @ gram) * z).sum(1) - 2 * (z @ pull) + self.mu.square().sum()
 
-    def margins_raw(self, w: torch.Tensor, split: str) -> torch.Tensor:
-        """X w for w (k, D + 1): (n, k)."""
+    def margins_raw(self, w: torch.Tensor, split: str, q: torch.Tensor = None) -> torch.Tensor:
+        """X w for w (k, D + 1): (n, k). q = G vᵀ may be passed in when already known."""
         if self.dense_X is not None:
             return self.dense_X[split] @ w.T
         b, v = w[:, 0], w[:, 1:]
-        return self.splits[split].matmul(self.G @ v.T) + b - v @ self.mu
+        q = self.G @ v.T if q is None else q
+        return self.splits[split].matmul(q) + b - v @ self.mu
 
     def backprop(self, r: torch.Tensor, split: str) -> torch.Tensor:
         """Xᵀ r for r (n, k): (k, D + 1)."""
@@ -179,9 +180,9 @@ class BoundConvex:
             result.index_copy_(run_dim, torch.tensor(rows, device=x.device), out)
         return result
 
-    def _stats(self, feats, w, split):
+    def _stats(self, feats, w, split, q=None):
         data = getattr(self.problem, split)
-        t = feats.margins_raw(w, split) * data.y[:, None]  # (n, k): label times margin
+        t = feats.margins_raw(w, split, q) * data.y[:, None]  # (n, k): label times margin
         return (t, data, *self.problem.phi(t))
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
@@ -197,17 +198,21 @@ class BoundConvex:
         return self._per_seed(x, fn)
 
     def metrics(self, x: torch.Tensor) -> dict:
-        out = {}
-        for split, prefix in (("train", ""), ("test", "test_")):
-            def fn(feats, w, split=split):
-                t, data, phi, _, ddphi = self._stats(feats, w, split)
-                trace = (ddphi * feats.row_norms[split][:, None]).mean(0)
+        names = ("loss", "accuracy", "hessian_trace")
+
+        def fn(feats, w):
+            q = None if feats.dense_X is not None else feats.G @ w[:, 1:].T  # shared by both splits
+            values = []
+            for split in ("train", "test"):
+                t, data, phi, _, ddphi = self._stats(feats, w, split, q)
                 correct = (t > 0) | ((t == 0) & (data.y[:, None] > 0))  # predict +1 where Xw >= 0
-                return torch.stack((phi.mean(0), correct.to(t.dtype).mean(0), trace), dim=-1)
-            values = self._per_seed(x, fn)
-            out.update({f"{prefix}loss": values[..., 0], f"{prefix}accuracy": values[..., 1],
-                        f"{prefix}hessian_trace": values[..., 2]})
-        return out
+                trace = (ddphi * feats.row_norms[split][:, None]).mean(0)
+                values += [phi.mean(0), correct.to(t.dtype).mean(0), trace]
+            return torch.stack(values, dim=-1)
+
+        values = self._per_seed(x, fn)
+        columns = [*names, *(f"test_{n}" for n in names)]
+        return {name: values[..., i] for i, name in enumerate(columns)}
 
 
 # Defaults: the paper's Figure 2 setting. Step sizes: ZO as in the paper's public scripts
