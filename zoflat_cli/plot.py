@@ -10,10 +10,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from zoflat_cli.errors import ZoflatError  # noqa: E402
+from zoflat_cli.estimators import HYPERPARAMETERS  # noqa: E402
 
-RUN_COLUMNS = ["run_id", "optimizer", "lambda", "lr", "seed", "samples"]
-NOT_PLOTTED = set(RUN_COLUMNS) | {"step", "wall_s", "n_evals"}
+RUN_COLUMNS = ["run_id", "optimizer", "lr", "seed", "samples"]
+NOT_PLOTTED = set(RUN_COLUMNS) | set(HYPERPARAMETERS) | {"step", "wall_s", "n_evals"}
 FORMATS = ("png", "pdf")
+PANELS_PER_ROW = 3
 
 
 def find_run_folders(paths) -> list:
@@ -31,8 +33,9 @@ def find_run_folders(paths) -> list:
 
 def method_label(row) -> str:
     parts = [row["optimizer"]]
-    if pd.notna(row["lambda"]):
-        parts.append(f"λ={row['lambda']:g}")
+    for name, symbol in (("lambda", "λ"), ("rho", "ρ")):
+        if pd.notna(row.get(name)):
+            parts.append(f"{symbol}={row[name]:g}")
     parts.append(f"lr={row['lr']:g}")
     if row.get("samples", 1) != 1:
         parts.append(f"n={row['samples']:g}")
@@ -61,13 +64,18 @@ def plot_run(folder: Path, out_dir: Path = None) -> list:
     df["method"] = df.apply(method_label, axis=1)
     methods = list(dict.fromkeys(df["method"]))
     colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    seeds = df.groupby("method")["seed"].nunique()
 
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
+    n_rows = -(-len(metrics) // PANELS_PER_ROW)
+    n_cols = min(len(metrics), PANELS_PER_ROW)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.4 * n_cols, 3.3 * n_rows + 0.6), squeeze=False)
+    for ax in axes.flat[len(metrics):]:
+        ax.set_visible(False)
+    for ax, metric in zip(axes.flat, metrics):
         for method in methods:
             per_step = df[df["method"] == method].groupby("step")
-            stats = per_step[metric].agg(["mean", "min", "max", "count"])
-            n_seeds = int(stats["count"].max())
+            stats = per_step[metric].agg(["mean", "min", "max"])
+            n_seeds = int(seeds[method])
             label = f"{method} ({n_seeds} seed{'s' if n_seeds > 1 else ''})"
             ax.plot(stats.index, stats["mean"], color=colours[method], lw=1.5, label=label)
             if n_seeds > 1:
@@ -85,14 +93,14 @@ def plot_run(folder: Path, out_dir: Path = None) -> list:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     handles = {}
-    for ax in axes[0]:
+    for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
     fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(4, len(handles)),
                fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.0))
     fig.suptitle(f"zoflat {summary.get('command', '')}: {folder.name}  (band: min–max over seeds)", fontsize=10)
-    rows = -(-len(handles) // 4)
-    fig.tight_layout(rect=(0, 0.06 * rows, 1, 1))
+    legend_rows = -(-len(handles) // 4)
+    fig.tight_layout(rect=(0, min(0.4, 0.05 * legend_rows / n_rows + 0.02), 1, 1))
 
     target = out_dir if out_dir is not None else folder
     target.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ def _to_torch_csr(matrix, dtype, device):
     m = matrix.tocsr()
     with warnings.catch_warnings():  # "sparse CSR support is in beta": matmul is all we use
         warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(torch.from_numpy(m.indptr).long(), torch.from_numpy(m.indices).long(),
+        return torch.sparse_csr_tensor(torch.from_numpy(m.indptr), torch.from_numpy(m.indices),
                                        torch.from_numpy(m.data), size=m.shape, dtype=dtype, device=device,
                                        check_invariants=False)
 
