@@ -51,12 +51,12 @@ def part_iteration(iterations: int):
     print(f"  speed-up factored vs dense: {dense / factored:.1f}x")
 
 
-def part_figure2(steps: int):
+def part_figure2(steps: int, out: str):
     start = time.perf_counter()
     for recipe in FIGURE2:
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "zoflat_cli", "convex", "--config", f"recipes/convex/{recipe}.yaml",
-                        "--steps", str(steps), "--out", "runs/bench", "--quiet"], check=True, cwd=REPO)
+                        "--steps", str(steps), "--out", out, "--quiet"], check=True, cwd=REPO)
         print(f"  {recipe}: {time.perf_counter() - t0:.1f} s", flush=True)
     peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"figure2: 4 invocations x (gd + zo) x {steps} steps: {time.perf_counter() - start:.1f} s in all, "
@@ -68,9 +68,10 @@ def main():
     parser.add_argument("--part", choices=["iteration", "figure2", "all"], default="all")
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--steps", type=int, default=10_000)
+    parser.add_argument("--out", default=str(REPO / "runs" / "bench"), help="where the figure2 runs go")
     args = parser.parse_args()
     if args.part in ("figure2", "all"):  # first, so the dense part's memory is not counted
-        part_figure2(args.steps)
+        part_figure2(args.steps, args.out)
     if args.part in ("iteration", "all"):
         part_iteration(args.iterations)
 

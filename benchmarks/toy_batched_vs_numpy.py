@@ -59,7 +59,7 @@ def time_zoflat(steps, seeds, out):
     flags = {"steps": steps, "seeds": seeds, "lambda": [0.1, 0.05, 0.01], "out": out, "name": "bench"}
     config = resolve(DEFAULTS, None, flags)
     start = time.perf_counter()
-    _, status = run_experiment(config, ToyProblem(config["dim"]), quiet=True)
+    _, status = run_experiment(config, lambda device, dtype: ToyProblem(config["dim"]), quiet=True)
     assert status == "completed"
     return time.perf_counter() - start
 

@@ -1,0 +1,23 @@
+"""The benchmark scripts still run (tiny settings; their timings are not asserted)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args):
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_toy_benchmark_runs():
+    out = run("benchmarks/toy_batched_vs_numpy.py", "--steps", "200", "--seeds", "1,2")
+    assert "ratio to numpy(1 seed)" in out and "(10 runs)" in out
+
+
+def test_convex_benchmark_runs(tmp_path):
+    out = run("benchmarks/convex_factored_vs_dense.py", "--part", "figure2", "--steps", "20", "--out", str(tmp_path))
+    assert "figure2: 4 invocations" in out and len(list((tmp_path / "convex").iterdir())) == 4
