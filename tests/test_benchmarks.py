@@ -15,7 +15,7 @@ def run(*args):
 
 def test_toy_benchmark_runs():
     out = run("benchmarks/toy_batched_vs_numpy.py", "--steps", "200", "--seeds", "1,2")
-    assert "ratio to numpy(1 seed)" in out and "(10 runs)" in out
+    assert "ratio to numpy(1 seed)" in out and "10 runs)" in out
 
 
 def test_convex_benchmark_runs(tmp_path):
