@@ -56,12 +56,20 @@ class Standardised:
         self.inv_s = 1 / scale
         self.shift = mean / scale
         self._dense = None
+        self._moments = None
 
     def dense(self) -> torch.Tensor:
         """Z0 = (A - m)/s as a dense (n, d) tensor (n x d is small: d is the raw feature count)."""
         if self._dense is None:
             self._dense = self.A.to_dense() * self.inv_s - self.shift
         return self._dense
+
+    def moments(self):
+        """Row mean and second-moment matrix Z0ᵀZ0/n of Z0, shared by every seed's features."""
+        if self._moments is None:
+            z = self.dense()
+            self._moments = (z.mean(0), z.T @ z / self.n)
+        return self._moments
 
     def matmul(self, q: torch.Tensor) -> torch.Tensor:
         """Z0 q for q (d, k): (n, k)."""
@@ -78,10 +86,9 @@ class RandomFeatures:
     def __init__(self, seed, n_features, train: Standardised, test: Standardised, dense: bool, dtype, device):
         gen = generator(seed, "features", CPU)
         W = torch.randn(train.inv_s.shape[0], n_features, generator=gen, dtype=torch.float64).to(dtype).to(device)
-        z_train = train.dense()
-        mean_z = z_train.mean(0)
+        mean_z, second_moment = train.moments()
         mu = mean_z @ W
-        second = ((z_train.T @ z_train / train.n) @ W * W).sum(0)  # E_i[(z_i W)_j²] = W_jᵀ C W_j
+        second = (second_moment @ W * W).sum(0)  # E_i[(z_i W)_j²] = W_jᵀ C W_j
         sigma = (second - mu.square()).clamp(min=0).sqrt()
         sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
         self.G, self.mu = W / sigma, mu / sigma
