@@ -176,7 +176,75 @@ def convex(
     _finish(path, status, quiet)
 
 
-data_app = typer.Typer(help="LIBSVM data sets: what is bundled or cached, and importing files.",
+@app.command()
+def finetune(
+    config: ConfigOpt = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="sst2, sst5 or trec.")] = None,
+    k: Annotated[Optional[int], typer.Option("--k", help="Training examples per label (K-shot).")] = None,
+    split_seed: Annotated[Optional[int], typer.Option(
+        "--split-seed", help="LM-BFF split seed (13, 21, 42, 87, 100 are the published ones).")] = None,
+    test_mode: Annotated[Optional[str], typer.Option(
+        "--test-mode", help="1k (LM-BFF k-shot-1k-test: at most 1,000 test rows) or full.")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(
+        "--data-dir", help="LM-BFF data/original layout (default: the bundled files).")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="Hub id (roberta-large), a local model folder, or minilm (offline).")] = None,
+    head: Annotated[Optional[str], typer.Option("--head", help="auto, prompt (MLM + label words) or linear.")] = None,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Tokens per example.")] = None,
+    micro_batch: Annotated[Optional[int], typer.Option(
+        "--micro-batch", help="Examples per forward pass (memory; the loss is the same).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        "--batch-size", help="Examples per step; 0 = the whole K-shot train set.")] = None,
+    steps: StepsOpt = None,
+    lr: LrOpt = None,
+    lam: LambdaOpt = None,
+    optimizer: Annotated[Optional[List[str]], typer.Option(
+        "--optimizer", "-o", help="gd (backprop SGD) and/or zo (in-place two-point ZO).")] = None,
+    seeds: SeedsOpt = None,
+    samples: SamplesOpt = None,
+    log_every: LogEveryOpt = None,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Test accuracy every N steps.")] = None,
+    trace: Annotated[Optional[str], typer.Option("--trace", help="hutchinson, fd or none.")] = None,
+    trace_every: Annotated[Optional[int], typer.Option("--trace-every", help="Hessian trace every N steps.")] = None,
+    trace_probes: Annotated[Optional[int], typer.Option("--trace-probes", help="Probes per trace estimate.")] = None,
+    trace_delta: Annotated[Optional[float], typer.Option("--trace-delta", help="δ of the fd estimator.")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(
+        "--checkpoint-every", help="Save parameters every N steps (0: only when a GD run stops).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(
+        "--resume", help="Continue the unfinished runs of this run folder (--steps may extend it).")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    out: OutOpt = None,
+    name: NameOpt = None,
+    quiet: QuietOpt = False,
+):
+    """Few-shot LM fine-tuning with GD or memory-efficient ZO, tracking the Hessian trace (Figures 3, 6)."""
+    from zoflat_cli.config import resolve
+    from zoflat_cli.finetune import run_finetune
+    from zoflat_cli.problems import lm
+
+    with user_errors():
+        flags = _flags(task=task, k=k, split_seed=split_seed, test_mode=test_mode,
+                       data_dir=str(data_dir) if data_dir else None, model=model, head=head,
+                       max_length=max_length, micro_batch=micro_batch, batch_size=batch_size, steps=steps,
+                       lr=lr, optimizer=optimizer, seeds=seeds, samples=samples, log_every=log_every,
+                       eval_every=eval_every, trace=trace, trace_every=trace_every, trace_probes=trace_probes,
+                       trace_delta=trace_delta, checkpoint_every=checkpoint_every, device=device, dtype=dtype,
+                       out=str(out) if out else None, name=name, **{"lambda": lam})
+        if resume is not None:
+            others = sorted(set(flags) - {"steps", "device"}) + (["--config"] if config else [])
+            if others:
+                raise ZoflatError(f"--resume continues the saved config; only --steps and --device may "
+                                  f"change it (got {', '.join(others)})")
+            if not (resume / "config.yaml").is_file():
+                raise ZoflatError(f"--resume {resume}: not a run folder (no config.yaml)")
+            config = resume / "config.yaml"
+        cfg = lm.validate(resolve(lm.DEFAULTS, config, flags))
+        path, status = run_finetune(cfg, quiet, resume)
+    _finish(path, status, quiet)
+
+
+data_app = typer.Typer(help="Data sets: LIBSVM files (bundled, cached, imported) and LM-BFF K-shot splits.",
                        no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
@@ -211,6 +279,25 @@ def data_import(
         if split not in ("train", "test"):
             raise ZoflatError(f"--split must be train or test, got {split!r}")
         typer.echo(f"imported {name} ({split}): {datasets.import_file(path, name, split)}")
+
+
+@data_app.command("kshot")
+def data_kshot(
+    task: Annotated[str, typer.Option("--task", help="sst2, sst5 or trec.")],
+    out: Annotated[Path, typer.Option("--out", help="Writes <out>/<task folder>/<k>-<seed>/.")],
+    k: Annotated[int, typer.Option("--k", help="Examples per label in train (and in dev).")] = 16,
+    seed: Annotated[Optional[List[int]], typer.Option(
+        "--seed", help="Split seeds (repeatable); default 13, 21, 42, 87, 100.")] = None,
+    test_mode: Annotated[str, typer.Option("--test-mode", help="1k or full.")] = "1k",
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="LM-BFF data/original layout.")] = None,
+):
+    """Write LM-BFF K-shot splits (train, dev, test) byte for byte as LM-BFF's generator does."""
+    from zoflat_cli.text_tasks import SPLIT_SEEDS, get_task, write_kshot
+
+    with user_errors():
+        spec = get_task(task)
+        for s in seed or SPLIT_SEEDS:
+            typer.echo(str(write_kshot(spec, k, s, out, data_dir, test_mode)))
 
 
 @app.command()

@@ -57,6 +57,14 @@ class RunFolder:
         self.path = Path(path)
         self.problem = problem
         (self.path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        self._csv_file = None
+        self._writer = None
+        self._last_summary = 0.0
+        summary_path = self.path / "summary.json"
+        if summary_path.is_file():  # a resumed run: keep what the first session recorded
+            self.summary = json.loads(summary_path.read_text())
+            self.summary.update(status="running", device=device, versions=versions())
+            return
         self.summary = {
             "command": config["command"],
             "name": config["name"],
@@ -67,11 +75,28 @@ class RunFolder:
             "versions": versions(),
             "references": {k: {"value": v, "label": lab} for k, (v, lab) in problem.references.items()},
             "problem": getattr(problem, "description", {}),
+            "panels": getattr(problem, "panels", None),
             "runs": {},
         }
-        self._csv_file = None
-        self._writer = None
-        self._last_summary = 0.0
+
+    def keep_rows(self, keep):
+        """Resuming: drop the logged rows for which keep(row) is false, append after the rest."""
+        path = self.path / "metrics.csv"
+        if not path.is_file():
+            return
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            fields, rows = reader.fieldnames, [r for r in reader if keep(r)]
+        tmp = path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+        if self._csv_file is not None:
+            self._csv_file.close()
+        self._csv_file = open(path, "a", newline="")
+        self._writer = csv.DictWriter(self._csv_file, fieldnames=fields)
 
     def on_log(self, step: int, rows: list, states: dict):
         if rows:
@@ -92,10 +117,13 @@ class RunFolder:
         )
         entry.update(status=state.status, steps_done=state.steps_done)
         metrics = {k: v for k, v in row.items() if k not in entry and k not in ("run_id", "step")}
-        entry["final"] = {"step": row["step"], **metrics}
+        final = entry.setdefault("final", {})
+        final.update({"step": row["step"], **{k: v for k, v in metrics.items() if v is not None}})
         best = entry.setdefault("best", {})
         for name, direction in self.problem.best.items():
             value = row[name]
+            if value is None:  # not evaluated at this step
+                continue
             old = best.get(name)
             if old is None or (value < old["value"] if direction == "min" else value > old["value"]):
                 best[name] = {"value": value, "step": row["step"]}

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-STREAM_IDS = {"init": 0, "directions": 1, "features": 2}
+STREAM_IDS = {"init": 0, "directions": 1, "features": 2, "batches": 3, "probes": 4}
 
 # Directions are drawn in float32 (about 4x faster than float64 on CPU) and cast to the run's
 # dtype. Each run draws chunks of a fixed number of steps for a given dimension (about
@@ -23,9 +23,10 @@ MIN_CHUNK_STEPS = 16
 _DRAWER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zoflat-directions")
 
 
-def stream_seed(seed: int, stream: str) -> int:
-    """A 63-bit seed for one named stream of a run, via numpy's SeedSequence hashing."""
-    state = np.random.SeedSequence([seed, STREAM_IDS[stream]]).generate_state(1, np.uint64)
+def stream_seed(seed: int, stream: str, *keys: int) -> int:
+    """A 63-bit seed for one named stream of a run (and, with keys, e.g. a step, one draw of it),
+    via numpy's SeedSequence hashing."""
+    state = np.random.SeedSequence([seed, STREAM_IDS[stream], *keys]).generate_state(1, np.uint64)
     return int(state[0] >> np.uint64(1))
 
 

@@ -1,0 +1,101 @@
+"""Zeroth-order steps for models too large to copy: parameters are perturbed in place.
+
+A direction z ~ N(0, I) over all trainable parameters is never stored. It is a function of a
+64-bit seed: the parameters are cut into fixed chunks, and chunk c of direction `seed` is drawn
+from a generator seeded with mix(seed, c). So z can be regenerated chunk by chunk, in any order
+and on several threads, and `add(terms)` computes params += Σ scale·z(seed) in one pass over the
+parameters with one chunk of scratch memory per thread.
+
+A two-point step makes three passes (MeZO makes four): +λz, evaluate f+; -2λz, evaluate f-;
+then restore and update together, +(λ - lr·c)z with c = (f+ - f-)/(2λ). Replaying the same
+passes from the logged (seed, c) pairs gives bit-identical parameters (see `replay_two_point`).
+"""
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+CHUNK = 1 << 21  # elements per chunk: 8 MiB of float32 scratch per thread
+_MASK64 = (1 << 64) - 1
+
+
+def mix(seed: int, index: int) -> int:
+    """splitmix64 of (seed, index): a well-spread 63-bit generator seed per chunk."""
+    z = (seed + 0x9E3779B97F4A7C15 * (index + 1)) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+class Directions:
+    """Seeded Gaussian directions over a fixed list of parameter tensors."""
+
+    def __init__(self, params):
+        self.params = [p for p in params]
+        device = self.params[0].device
+        self.device = device
+        self.chunks = []  # (flat view, start, stop): the same cut for every seed
+        for p in self.params:
+            flat = p.detach().view(-1)
+            for start in range(0, flat.numel(), CHUNK):
+                self.chunks.append((flat, start, min(start + CHUNK, flat.numel())))
+        self.n_params = sum(p.numel() for p in self.params)
+        # CPU: threads share the chunks (torch releases the GIL while it draws); CUDA: one stream
+        self.workers = torch.get_num_threads() if device.type == "cpu" else 1
+        self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
+        self._local = threading.local()
+
+    def _scratch(self):
+        if not hasattr(self._local, "buffer"):
+            self._local.buffer = torch.empty(CHUNK, dtype=torch.float32, device=self.device)
+            self._local.generator = torch.Generator(device=self.device)
+        return self._local.buffer, self._local.generator
+
+    def _add_chunk(self, index: int, terms):
+        flat, start, stop = self.chunks[index]
+        buffer, gen = self._scratch()
+        z = buffer[: stop - start]
+        target = flat[start:stop]
+        for seed, scale in terms:
+            gen.manual_seed(mix(seed, index))
+            z.normal_(generator=gen)
+            target.add_(z if target.dtype == z.dtype else z.to(target.dtype), alpha=scale)
+
+    @torch.no_grad()
+    def add(self, terms):
+        """params += Σ scale · z(seed) for (seed, scale) in terms, in one pass."""
+        terms = [(int(s), float(a)) for s, a in terms]
+        if self._pool is None:
+            for i in range(len(self.chunks)):
+                self._add_chunk(i, terms)
+        else:
+            list(self._pool.map(lambda i: self._add_chunk(i, terms), range(len(self.chunks))))
+
+    def draw(self, seed: int) -> list:
+        """z(seed) materialised, shaped like the parameters (tests and small models only)."""
+        saved = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p in self.params:
+                p.zero_()
+            self.add([(seed, 1.0)])
+            z = [p.detach().clone() for p in self.params]
+            for p, s in zip(self.params, saved):
+                p.copy_(s)
+        return z
+
+
+def two_point_step(directions: Directions, loss, seeds, lam: float, lr: float, coefs=None) -> list:
+    """One n-SPSA step (n = len(seeds)): per direction +λz, f+; -2λz, f-; +(λ - lr·c/n)z.
+    Returns the projected gradients c = (f+ - f-)/(2λ). With `coefs` given (a replay), no loss
+    is evaluated and the same three passes are made, so the parameters come out bit-identical."""
+    n = len(seeds)
+    out = []
+    for i, seed in enumerate(seeds):
+        directions.add([(seed, lam)])
+        f_plus = loss() if coefs is None else None
+        directions.add([(seed, -2 * lam)])
+        c = (f_plus - loss()) / (2 * lam) if coefs is None else coefs[i]
+        directions.add([(seed, lam - lr * c / n)])
+        out.append(c)
+    return out
