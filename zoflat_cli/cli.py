@@ -239,7 +239,7 @@ def finetune(
             if not (resume / "config.yaml").is_file():
                 raise ZoflatError(f"--resume {resume}: not a run folder (no config.yaml)")
             config = resume / "config.yaml"
-        cfg = lm.validate(resolve(lm.DEFAULTS, config, flags))
+        cfg = resolve(lm.DEFAULTS, config, flags, check=lm.validate)
         path, status = run_finetune(cfg, quiet, resume)
     _finish(path, status, quiet)
 

@@ -111,8 +111,9 @@ def merge(base: dict, override: dict, source: str) -> dict:
     return merged
 
 
-def resolve(defaults: dict, recipe_path, flags: dict) -> dict:
-    """The full config for one invocation: defaults, then the recipe, then the given flags."""
+def resolve(defaults: dict, recipe_path, flags: dict, check=None) -> dict:
+    """The full config for one invocation: defaults, then the recipe, then the given flags.
+    `check(config)`, if given, validates a command's own settings before the shared ones."""
     config = dict(defaults)
     if recipe_path is not None:
         recipe = load_recipe(recipe_path)
@@ -121,7 +122,7 @@ def resolve(defaults: dict, recipe_path, flags: dict) -> dict:
             raise ZoflatError(f"recipe {recipe_path} is for `zoflat {command}`, not `zoflat {defaults['command']}`")
         config = merge(config, recipe, str(recipe_path))
     config = merge(config, {k: v for k, v in flags.items() if v is not None}, "command line")
-    return validate(config)
+    return validate(check(config) if check else config)
 
 
 # ---------------------------------------------------------------- validation and expansion

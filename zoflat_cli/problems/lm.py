@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 import torch
 import torch.nn.functional as F
 
+from zoflat_cli.config import parse_list
 from zoflat_cli.errors import ZoflatError
 from zoflat_cli.streams import stream_seed
 from zoflat_cli.text_tasks import SPLIT_SEEDS, Task
@@ -67,8 +68,8 @@ INTEGER_KEYS = ("k", "split_seed", "max_length", "micro_batch", "batch_size", "e
 
 
 def validate(config: dict) -> dict:
-    """Checks beyond config.validate: the settings only `finetune` has."""
-    unsupported = [o for o in config["optimizer"] if o not in OPTIMIZERS]
+    """The settings only `finetune` has (run by config.resolve before the shared checks)."""
+    unsupported = [o for o in parse_list(config["optimizer"]) if o not in OPTIMIZERS]
     if unsupported:
         raise ZoflatError(f"finetune supports the optimizers {', '.join(OPTIMIZERS)}, not {', '.join(unsupported)}")
     for key in INTEGER_KEYS:
@@ -324,7 +325,7 @@ class LMProblem:
         batch = self.tokenizer(words, padding=True, return_tensors="pt")
         probe = LinearClassifier(encoder, torch.zeros(len(words), encoder.config.hidden_size))
         with torch.no_grad():
-            return probe.features(batch["input_ids"], batch["attention_mask"]).float()
+            return probe.features(batch["input_ids"], batch["attention_mask"])
 
     def _count(self, split: str, batch):
         if split in ("train", "batch"):
@@ -336,8 +337,8 @@ class LMProblem:
         for batch in batches.batches:
             ids, mask, mask_pos, y = batch
             self._count(split, batch)
-            logits = self.model(ids, mask, mask_pos)
-            yield F.cross_entropy(logits.float(), y, reduction="sum") / batches.size
+            logits = _at_least_float32(self.model(ids, mask, mask_pos))
+            yield F.cross_entropy(logits, y, reduction="sum") / batches.size
 
     @torch.inference_mode()
     def loss(self, split: str = "train") -> float:
@@ -351,7 +352,7 @@ class LMProblem:
         for batch in batches.batches:
             ids, mask, mask_pos, y = batch
             self._count(split, batch)
-            logits = self.model(ids, mask, mask_pos).float()
+            logits = _at_least_float32(self.model(ids, mask, mask_pos))
             total += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(-1) == y).sum())
         return total / batches.size, correct / batches.size
@@ -371,6 +372,10 @@ class LMProblem:
         with torch.no_grad():
             for n, p in self.model.named_parameters():
                 p.copy_(state[n])
+
+
+def _at_least_float32(logits):
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
 def peak_memory_mib(device) -> float:

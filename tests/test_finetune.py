@@ -1,0 +1,286 @@
+"""`zoflat finetune` on tiny random RoBERTa models (offline): heads, in-place ZO, traces, resume."""
+
+import csv
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from zoflat_cli import finetune as ft
+from zoflat_cli.cli import app
+from zoflat_cli.config import resolve
+from zoflat_cli.errors import ZoflatError
+from zoflat_cli.hessian import finite_difference, hutchinson
+from zoflat_cli.inplace import Directions, two_point_step
+from zoflat_cli.problems import lm
+from zoflat_cli.text_tasks import TASKS, kshot
+
+runner = CliRunner()
+
+
+def make_problem(model, dtype=torch.float64, task="sst2", k=8, head="auto", **extra):
+    config = resolve(lm.DEFAULTS, None, {"model": model, "task": task, "k": k, "head": head, **extra}, lm.validate)
+    train, _, test = kshot(TASKS[task], k, 13)
+    return lm.LMProblem(config, TASKS[task], {"train": train.examples(), "test": test.examples()[:40]},
+                        torch.device("cpu"), dtype)
+
+
+def flat(params):
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
+# ---------------------------------------------------------------- heads and encoding
+
+def test_prompt_encoding_places_template_and_mask(tiny_mlm):
+    problem = make_problem(tiny_mlm)
+    tok = problem.tokenizer
+    ids, pos = lm.encode_prompt(TASKS["sst2"], tok, "a fine film", 128)
+    assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id and ids[pos] == tok.mask_token_id
+    assert tok.decode(ids[1:pos]) == "a fine film It was" and tok.decode(ids[pos + 1:-1]) == "."
+    ids, pos = lm.encode_prompt(TASKS["trec"], tok, "Who won ?", 128)
+    assert pos == 1 and tok.decode(ids[2:-1]) == ": Who won ?"
+    short, pos = lm.encode_prompt(TASKS["sst2"], tok, "word " * 200, 20)
+    assert len(short) == 20 and short[pos] == tok.mask_token_id and tok.decode(short[pos + 1:-1]) == "."
+
+
+def test_prompt_logits_are_mlm_logits_at_mask_on_label_words(tiny_mlm):
+    from transformers import AutoModelForMaskedLM
+
+    problem = make_problem(tiny_mlm)
+    reference = AutoModelForMaskedLM.from_pretrained(tiny_mlm, dtype=torch.float64).eval()
+    ids, mask, mask_pos, _ = problem.splits["train"].batches[0]
+    with torch.no_grad():
+        full = reference(input_ids=ids, attention_mask=mask).logits
+        ours = problem.model(ids, mask, mask_pos)
+    words = [problem.tokenizer.convert_tokens_to_ids("Ġ" + w) for w in ("terrible", "great")]
+    torch.testing.assert_close(ours, full[torch.arange(len(ids)), mask_pos][:, words])
+
+
+def test_linear_head_starts_from_label_word_embeddings(tiny_encoder):
+    problem = make_problem(tiny_encoder)
+    assert problem.head == "linear"
+    w = problem.model.weight.detach()
+    torch.testing.assert_close(w.norm(dim=-1), torch.ones(2, dtype=w.dtype))
+    loss, accuracy = problem.evaluate("train")
+    assert 0 < loss < 10 and 0 <= accuracy <= 1
+
+
+def test_prompt_head_needs_an_mlm_head(tiny_encoder):
+    with pytest.raises(ZoflatError, match="has no MLM head.*--head linear"):
+        make_problem(tiny_encoder, head="prompt")
+
+
+def test_unknown_hub_model_offline_is_one_clear_line():
+    with pytest.raises(ZoflatError, match="not in the Hugging Face cache.*--model minilm"):
+        make_problem("roberta-large")
+
+
+# ---------------------------------------------------------------- in-place directions and ZO
+
+def test_directions_are_standard_normal_and_thread_independent(tiny_mlm, monkeypatch):
+    problem = make_problem(tiny_mlm, dtype=torch.float32)
+    monkeypatch.setattr("zoflat_cli.inplace.CHUNK", 1000)  # many chunks
+    d = Directions(problem.params)
+    z = flat(d.draw(123))
+    assert abs(z.mean()) < 0.03 and abs(z.std() - 1) < 0.03
+    assert torch.equal(z, flat(d.draw(123))) and not torch.equal(z, flat(d.draw(124)))
+    d._pool = None  # one thread: same numbers
+    assert torch.equal(z, flat(d.draw(123)))
+
+
+def test_zo_step_estimates_directional_derivative_and_restores(tiny_mlm):
+    problem = make_problem(tiny_mlm)
+    d = Directions(problem.params)
+    before = flat(problem.params).clone()
+    problem.model.zero_grad()
+    problem.backward()
+    grad = torch.cat([p.grad.reshape(-1) for p in problem.params])
+    z = flat(d.draw(7))
+    lam = 1e-6
+    (c,) = two_point_step(d, problem.loss, [7], lam, lr=0.0)
+    assert c == pytest.approx(float(z @ grad), rel=1e-6)  # central difference: error O(λ²)
+    restored = flat(problem.params)
+    # in place, restoring is exact up to one rounding of (x + λz) - λz per parameter
+    assert (restored - before).abs().max() <= 4 * torch.finfo(torch.float64).eps * (before.abs() + lam * z.abs()).max()
+    (c,) = two_point_step(d, problem.loss, [7], lam, lr=0.5)
+    torch.testing.assert_close(flat(problem.params), before - 0.5 * c * z)
+
+
+def test_replaying_the_update_log_is_bit_identical(tiny_mlm):
+    problem = make_problem(tiny_mlm, dtype=torch.float32)
+    d = Directions(problem.params)
+    log = []
+    for step in range(5):
+        seeds = [1000 + step, 2000 + step]
+        log.append((seeds, two_point_step(d, problem.loss, seeds, 1e-3, 1e-2)))
+    trained = flat(problem.params).clone()
+    problem.load_base()
+    d = Directions(problem.params)
+    for seeds, coefs in log:
+        two_point_step(d, None, seeds, 1e-3, 1e-2, coefs=coefs)
+    assert torch.equal(flat(problem.params), trained)
+
+
+# ---------------------------------------------------------------- Hessian traces vs the exact Hessian
+
+def _few_params_problem(tiny_mlm):
+    """Only the last LayerNorm and the MLM head's bias train: a Hessian small enough to form."""
+    problem = make_problem(tiny_mlm)
+    head = problem.model.mlm_head
+    problem.params = [head.layer_norm.weight, head.layer_norm.bias, head.dense.bias]
+    return problem
+
+
+def _exact_hessian(problem):
+    """Row by row with autograd: H[i] = ∂(∂f/∂x_i)/∂x."""
+    with problem.double_backward():
+        loss = sum(problem.loss_terms())
+        grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, problem.params, create_graph=True)])
+        rows = [torch.autograd.grad(grad[i], problem.params, retain_graph=True) for i in range(len(grad))]
+    return torch.stack([torch.cat([r.reshape(-1) for r in row]) for row in rows])
+
+
+def test_hutchinson_and_fd_match_the_exact_hessian(tiny_mlm):
+    problem = _few_params_problem(tiny_mlm)
+    H = _exact_hessian(problem)
+    torch.testing.assert_close(H, H.T)
+    exact = torch.trace(H).item()
+    # one probe: vᵀHv exactly, for the same Rademacher v
+    gen = torch.Generator().manual_seed(5)
+    with problem.double_backward():
+        one, _ = hutchinson(problem.params, problem.loss_terms, 1, gen)
+    gen = torch.Generator().manual_seed(5)
+    v = torch.cat([torch.randint(0, 2, p.shape, generator=gen).to(p.dtype) * 2 - 1 for p in problem.params])
+    assert one == pytest.approx(float(v @ H @ v), rel=1e-8)
+    # fd: uᵀHu up to O(δ²), for the same Gaussian u
+    d = Directions(problem.params)
+    u = flat(d.draw(11))
+    fd_one, _ = finite_difference(d, problem.loss, [11], 1e-4)
+    assert fd_one == pytest.approx(float(u @ H @ u), rel=1e-4)
+    # both unbiased: many probes land within 4 standard errors of the exact trace
+    with problem.double_backward():
+        mean, stderr = hutchinson(problem.params, problem.loss_terms, 200, torch.Generator().manual_seed(1))
+    assert abs(mean - exact) < 4 * stderr and stderr < 0.2 * abs(exact)
+    mean, stderr = finite_difference(d, problem.loss, list(range(200)), 1e-4)
+    assert abs(mean - exact) < 4 * stderr and stderr < 0.3 * abs(exact)
+
+
+def test_fd_trace_leaves_parameters_bit_identical(tiny_mlm):
+    problem = make_problem(tiny_mlm, dtype=torch.float32)
+    before = flat(problem.params).clone()
+    finite_difference(Directions(problem.params), problem.loss, [1, 2, 3], 1e-3)
+    assert torch.equal(flat(problem.params), before)
+
+
+# ---------------------------------------------------------------- the command line, end to end
+
+def _invoke(*args):
+    return runner.invoke(app, ["finetune", *map(str, args)], catch_exceptions=False)
+
+
+def _rows(path: Path) -> list:
+    with open(path / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+COMMON = ["--task", "sst2", "--k", "8", "--steps", "8", "--log-every", "2", "--eval-every", "4",
+          "--trace-every", "4", "--trace-probes", "2", "--lr", "gd=0.05", "--lr", "zo=0.01", "--quiet"]
+MODEL_COLUMNS = ("loss", "accuracy", "test_loss", "test_accuracy", "hessian_trace", "hessian_trace_stderr")
+
+
+def test_finetune_cli_end_to_end(tiny_mlm, tmp_path):
+    result = _invoke("--model", tiny_mlm, "-o", "gd,zo", "--out", tmp_path, *COMMON)
+    assert result.exit_code == 0, result.output
+    path = Path(result.output.strip())
+    rows = _rows(path)
+    assert {r["run_id"] for r in rows} == {"gd-lr0.05-s0", "zo-lam0.002-lr0.01-s0"}
+    zo = [r for r in rows if r["optimizer"] == "zo"]
+    assert [int(r["step"]) for r in zo] == [0, 2, 4, 6, 8]
+    assert [r["test_accuracy"] != "" for r in zo] == [True, False, True, False, True]
+    assert float(zo[-1]["n_evals"]) == 16 and float(zo[-1]["forward_passes"]) >= 16
+    assert float(zo[-1]["peak_memory_mib"]) > 0
+    assert zo[0]["loss"] != zo[-1]["loss"]
+    assert (path / "updates" / "zo-lam0.002-lr0.01-s0.bin").stat().st_size == 8 * (8 + 16)
+    summary = json.loads((path / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["panels"] == ["loss", "test_accuracy", "hessian_trace"]
+    assert summary["problem"]["head"] == "prompt" and summary["problem"]["train_examples"] == 16
+    # the saved config re-runs to the same numbers
+    again = _invoke("--config", path / "config.yaml", "--out", tmp_path / "again", "--quiet")
+    rerun = _rows(Path(again.output.strip()))
+    assert [[r[c] for c in MODEL_COLUMNS] for r in rerun] == [[r[c] for c in MODEL_COLUMNS] for r in rows]
+    plotted = runner.invoke(app, ["plot", str(path)])
+    assert plotted.exit_code == 0 and (path / "figure.png").is_file()
+
+
+def test_finetune_linear_head_with_fd_trace(tiny_encoder, tmp_path):
+    result = _invoke("--model", tiny_encoder, "-o", "zo", "--trace", "fd", "--out", tmp_path, *COMMON)
+    assert result.exit_code == 0, result.output
+    rows = _rows(Path(result.output.strip()))
+    assert rows[0]["hessian_trace"] != "" and rows[0]["hessian_trace_stderr"] != ""
+
+
+def test_interrupted_runs_resume_to_the_uninterrupted_result(tiny_mlm, tmp_path, monkeypatch):
+    straight = _invoke("--model", tiny_mlm, "-o", "gd,zo", "--out", tmp_path / "a", *COMMON)
+    reference = _rows(Path(straight.output.strip()))
+
+    original = ft.RunFolder.on_log
+
+    def interrupt_at_step_4(self, step, rows, states):  # Ctrl-C while the first run logs step 4
+        original(self, step, rows, states)
+        if step == 4 and rows[0]["optimizer"] == "gd" and not os.environ.get("RESUMED"):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(ft.RunFolder, "on_log", interrupt_at_step_4)
+    stopped = _invoke("--model", tiny_mlm, "-o", "gd,zo", "--out", tmp_path / "b", *COMMON)
+    assert stopped.exit_code == 130
+    path = Path(stopped.output.strip().splitlines()[0])
+    assert json.loads((path / "summary.json").read_text())["status"] == "interrupted"
+    assert (path / "checkpoints" / "gd-lr0.05-s0.pt").is_file()  # GD cannot be replayed
+    monkeypatch.setenv("RESUMED", "1")
+    resumed = _invoke("--resume", path, "--quiet")
+    assert resumed.exit_code == 0, resumed.output
+    rows = _rows(path)
+    key = lambda r: (r["run_id"], int(r["step"]))  # noqa: E731
+    assert sorted(map(key, rows)) == sorted(map(key, reference))
+    got = {key(r): [r[c] for c in MODEL_COLUMNS] for r in rows}
+    assert got == {key(r): [r[c] for c in MODEL_COLUMNS] for r in reference}
+
+
+def test_zo_resume_after_a_kill_replays_the_log(tiny_mlm, tmp_path):
+    """A killed ZO run (no checkpoint) is rebuilt from its update log, bit for bit."""
+    args = ["--model", tiny_mlm, "-o", "zo", *COMMON]
+    full = _rows(Path(_invoke(*args, "--out", tmp_path / "a").output.strip()))
+    short = Path(_invoke(*args, "--out", tmp_path / "b").output.strip())
+    # pretend the process died after step 5: log holds 5 records, metrics rows up to step 6
+    log = short / "updates" / "zo-lam0.002-lr0.01-s0.bin"
+    log.write_bytes(log.read_bytes()[: 5 * 24 + 7])  # and a torn sixth record
+    summary = json.loads((short / "summary.json").read_text())
+    summary["runs"]["zo-lam0.002-lr0.01-s0"]["status"] = "running"
+    (short / "summary.json").write_text(json.dumps(summary))
+    assert _invoke("--resume", short, "--quiet").exit_code == 0
+    assert [[r[c] for c in MODEL_COLUMNS] for r in _rows(short)] == [[r[c] for c in MODEL_COLUMNS] for r in full]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "mnli"], "unknown task 'mnli'"),
+    (["--head", "mlp"], "head must be one of"),
+    (["--task", "trec", "--k", "50"], "fewer than 2K = 100"),
+    (["--data-dir", "/nonexistent"], "is not a directory"),
+    (["-o", "dd"], "finetune supports the optimizers gd, zo"),
+    (["--model", "roberta-large"], "not in the Hugging Face cache"),
+    (["--model", "/nonexistent/model"], "no config.json"),
+])
+def test_finetune_bad_input_is_one_line(tiny_mlm, tmp_path, args, message):
+    base = ["--model", tiny_mlm, "--steps", "1", "--out", tmp_path]
+    result = runner.invoke(app, ["finetune", *map(str, base + args)])
+    assert result.exit_code == 2 and message in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_resume_refuses_other_flags(tmp_path):
+    result = runner.invoke(app, ["finetune", "--resume", str(tmp_path), "--lr", "0.1"])
+    assert result.exit_code == 2 and "only --steps and --device" in result.output
