@@ -21,3 +21,8 @@ def test_toy_benchmark_runs():
 def test_convex_benchmark_runs(tmp_path):
     out = run("benchmarks/convex_factored_vs_dense.py", "--part", "figure2", "--steps", "20", "--out", str(tmp_path))
     assert "figure2: 4 invocations" in out and len(list((tmp_path / "convex").iterdir())) == 4
+
+
+def test_finetune_benchmark_runs():
+    out = run("benchmarks/finetune_zo_step.py", "--models", "roberta-small", "--repeats", "1")
+    assert "zoflat ZO step (3 passes)" in out and "peak memory, zo" in out

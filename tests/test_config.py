@@ -6,7 +6,7 @@ import pytest
 
 from zoflat_cli.config import load_recipe, parse_flag, parse_seeds, resolve, runs_from
 from zoflat_cli.errors import ZoflatError
-from zoflat_cli.problems import convex
+from zoflat_cli.problems import convex, lm
 from zoflat_cli.problems.toy import DEFAULTS
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
@@ -77,5 +77,8 @@ def test_bad_recipes(tmp_path, recipe, message):
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_shipped_recipes_are_valid(recipe):
     command = load_recipe(recipe)["command"]
+    if command == "finetune":
+        assert runs_from(resolve(lm.DEFAULTS, recipe, {}, check=lm.validate))
+        return
     defaults = {"toy": DEFAULTS, "convex": convex.defaults(load_recipe(recipe))}[command]
     assert runs_from(resolve(defaults, recipe, {}))

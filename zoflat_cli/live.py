@@ -15,6 +15,8 @@ HIDDEN = {"run_id", "optimizer", *HYPERPARAMETERS, "lr", "seed", "samples", "wal
 
 
 def _fmt(value) -> str:
+    if value is None:  # not evaluated at this step
+        return "·"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 

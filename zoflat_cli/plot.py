@@ -60,7 +60,8 @@ def plot_run(folder: Path, out_dir: Path = None) -> list:
         raise ZoflatError(f"{folder / 'metrics.csv'} has no rows or is not a zoflat metrics file")
     summary_path = folder / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    metrics = [c for c in df.columns if c not in NOT_PLOTTED and not c.endswith("_theory")]
+    metrics = summary.get("panels") or [
+        c for c in df.columns if c not in NOT_PLOTTED and not c.endswith(("_theory", "_stderr"))]
     df["method"] = df.apply(method_label, axis=1)
     methods = list(dict.fromkeys(df["method"]))
     colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
@@ -73,13 +74,18 @@ def plot_run(folder: Path, out_dir: Path = None) -> list:
         ax.set_visible(False)
     for ax, metric in zip(axes.flat, metrics):
         for method in methods:
-            per_step = df[df["method"] == method].groupby("step")
+            per_step = df[df["method"] == method].dropna(subset=[metric]).groupby("step")
             stats = per_step[metric].agg(["mean", "min", "max"])
             n_seeds = int(seeds[method])
             label = f"{method} ({n_seeds} seed{'s' if n_seeds > 1 else ''})"
-            ax.plot(stats.index, stats["mean"], color=colours[method], lw=1.5, label=label)
+            ax.plot(stats.index, stats["mean"], color=colours[method], lw=1.5, label=label,
+                    marker="o" if len(stats) < 30 else None, ms=3)
             if n_seeds > 1:
                 ax.fill_between(stats.index, stats["min"], stats["max"], color=colours[method], alpha=0.2)
+            elif f"{metric}_stderr" in df.columns:  # an estimate: error bars of ± one standard error
+                err = per_step[f"{metric}_stderr"].mean()
+                ax.errorbar(stats.index, stats["mean"], yerr=err, color=colours[method], fmt="none",
+                            capsize=2, lw=0.8)
             theory = f"{metric}_theory"
             if theory in df.columns:
                 ax.plot(stats.index, per_step[theory].mean(), color=colours[method], ls="--", lw=1,
@@ -98,7 +104,8 @@ def plot_run(folder: Path, out_dir: Path = None) -> list:
             handles.setdefault(lab, h)
     fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(4, len(handles)),
                fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.0))
-    fig.suptitle(f"zoflat {summary.get('command', '')}: {folder.name}  (band: min–max over seeds)", fontsize=10)
+    fig.suptitle(f"zoflat {summary.get('command', '')}: {folder.name}  (band: min–max over seeds; "
+                 f"bars: ± standard error of an estimate)", fontsize=10)
     legend_rows = -(-len(handles) // 4)
     fig.tight_layout(rect=(0, min(0.4, 0.05 * legend_rows / n_rows + 0.02), 1, 1))
 

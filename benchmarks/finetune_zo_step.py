@@ -1,0 +1,137 @@
+"""ZO step cost and memory for `zoflat finetune`, side by side on the same model and batch.
+
+For each model (MiniLM, a small random RoBERTa with an MLM head) on the SST-2 K=32 training set
+(64 examples, full batch), prints:
+  time   one forward pass, zoflat's ZO step (3 threaded passes over the parameters), a MeZO-style
+         step (4 passes, z regenerated with torch.manual_seed + torch.normal per tensor), as ratios
+         to the forward pass; and one Hutchinson / fd probe in forward-pass equivalents
+  memory peak resident memory of a fresh process doing only inference, only ZO steps, only GD
+         steps (each in its own subprocess, so the high-water marks do not mix)
+
+    python benchmarks/finetune_zo_step.py [--repeats 5] [--models minilm,roberta-small]
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from zoflat_cli.config import resolve
+from zoflat_cli.hessian import finite_difference, hutchinson
+from zoflat_cli.inplace import Directions, two_point_step
+from zoflat_cli.problems import lm
+from zoflat_cli.problems.lm import peak_memory_mib
+from zoflat_cli.testing import save_tiny_roberta
+from zoflat_cli.text_tasks import TASKS, kshot
+
+LAM, LR = 1e-3, 1e-6
+
+
+def load(model: str):
+    config = resolve(lm.DEFAULTS, None, {"model": model, "k": 32, "micro_batch": 64}, lm.validate)
+    train, _, _ = kshot(TASKS["sst2"], 32, 13)
+    return lm.LMProblem(config, TASKS["sst2"], {"train": train.examples()}, torch.device("cpu"), torch.float32)
+
+
+def mezo_step(params, loss, seed):
+    """MeZO's reference step: perturb, perturb, restore, update: four regenerations of z."""
+    def perturb(scale):
+        torch.manual_seed(seed)
+        for p in params:
+            z = torch.normal(mean=0, std=1, size=p.shape, dtype=p.dtype)
+            p.data.add_(z, alpha=scale)
+
+    perturb(LAM)
+    f_plus = loss()
+    perturb(-2 * LAM)
+    f_minus = loss()
+    perturb(LAM)
+    perturb(-LR * (f_plus - f_minus) / (2 * LAM))
+
+
+def timed(fn, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def child(model: str, mode: str, steps: int):
+    """One mode in a fresh process; prints its peak resident memory."""
+    problem = load(model)
+    base = peak_memory_mib(torch.device("cpu"))
+    directions = Directions(problem.params)
+    for step in range(steps):
+        if mode == "inference":
+            problem.loss()
+        elif mode == "zo":
+            two_point_step(directions, problem.loss, [step], LAM, LR)
+        else:
+            problem.backward()
+            with torch.no_grad():
+                for p in problem.params:
+                    p.add_(p.grad, alpha=-LR)
+                    p.grad = None
+    print(json.dumps({"loaded_mib": base, "peak_mib": peak_memory_mib(torch.device("cpu"))}))
+
+
+def measure(model: str, repeats: int):
+    problem = load(model)
+    d = Directions(problem.params)
+    forward = timed(problem.loss, repeats)
+    zo = timed(lambda: two_point_step(d, problem.loss, [1], LAM, LR), repeats)
+    mezo = timed(lambda: mezo_step(problem.params, problem.loss, 1), repeats)
+    gen = torch.Generator().manual_seed(0)
+    with problem.double_backward():
+        hutch = timed(lambda: hutchinson(problem.params, problem.loss_terms, 1, gen), max(1, repeats // 2))
+    fd = timed(lambda: finite_difference(d, problem.loss, [3], 1e-3), max(1, repeats // 2))
+    print(f"\n{model}: {problem.n_params / 1e6:.1f}M parameters, head {problem.head}, "
+          f"batch {problem.splits['train'].size} examples, {torch.get_num_threads()} threads")
+    print(f"  forward pass              {forward * 1e3:8.1f} ms   1.00x")
+    print(f"  zoflat ZO step (3 passes) {zo * 1e3:8.1f} ms   {zo / forward:.2f}x forward   (target <= 2.2x)")
+    print(f"  MeZO-style step (4 pass.) {mezo * 1e3:8.1f} ms   {mezo / forward:.2f}x forward   "
+          f"(zoflat / MeZO = {zo / mezo:.2f})")
+    print(f"  Hutchinson, one probe     {hutch * 1e3:8.1f} ms   {hutch / forward:.1f} forward equivalents")
+    print(f"  fd, one probe (+ f(x))    {fd * 1e3:8.1f} ms   {fd / forward:.1f} forward equivalents")
+    peaks = {}
+    for mode in ("inference", "zo", "gd"):
+        out = subprocess.run([sys.executable, __file__, "--child", mode, "--models", model],
+                             capture_output=True, text=True, check=True).stdout
+        peaks[mode] = json.loads(out.strip().splitlines()[-1])
+    inference = peaks["inference"]["peak_mib"]
+    for mode in ("inference", "zo", "gd"):
+        peak, loaded = peaks[mode]["peak_mib"], peaks[mode]["loaded_mib"]
+        print(f"  peak memory, {mode:9s}    {peak:8.0f} MiB  {peak / inference:.2f}x inference   "
+              f"(+{peak - loaded:.0f} MiB over the loaded model)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="minilm,roberta-small")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        models = []
+        for name in args.models.split(","):
+            if name == "roberta-small":  # random weights, RoBERTa layout with an MLM head
+                name = save_tiny_roberta(Path(tmp) / "roberta-small", hidden=256, layers=4, vocab_size=4000)
+            models.append(name)
+        if args.child:
+            child(models[0], args.child, steps=3)
+            return
+        for model in models:
+            measure(model, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
