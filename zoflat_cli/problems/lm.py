@@ -379,6 +379,12 @@ def _at_least_float32(logits):
 
 
 def peak_memory_mib(device) -> float:
+    """CUDA: peak allocated. CPU: the process's resident high-water mark (Linux VmHWM, which,
+    unlike ru_maxrss, is not inherited across exec)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
