@@ -57,7 +57,7 @@ LambdaOpt = Annotated[Optional[List[str]], typer.Option(
 RhoOpt = Annotated[Optional[List[str]], typer.Option(
     "--rho", help="SAM's ascent radius ρ: 0.05, a sweep, or sam=0.05 (repeatable).")]
 OptimizerOpt = Annotated[Optional[List[str]], typer.Option(
-    "--optimizer", "-o", help="Optimizers (repeatable or comma-separated): gd, zo, dd, sam.")]
+    "--optimizer", "-o", help="Optimizers (repeatable or comma-separated): gd, zo, dd, sam, zest.")]
 SeedsOpt = Annotated[Optional[str], typer.Option(
     "--seeds", help="A count n (seeds 0..n-1) or a list 13,21,42 (one seed: 13,).")]
 SamplesOpt = Annotated[Optional[List[str]], typer.Option(
@@ -68,10 +68,14 @@ DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="float64 or flo
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Parent folder of run folders.")]
 NameOpt = Annotated[Optional[str], typer.Option("--name", help="Suffix of the run folder's name.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the run folder.")]
+TiltOpt = Annotated[Optional[List[str]], typer.Option(
+    "--tilt", help="ZEST's tilt t >= 0 (0: plain smoothed loss; large: toward SAM), or a sweep 0.1,1,10.")]
+PairsOpt = Annotated[Optional[int], typer.Option("--pairs", help="ZEST's antithetic pairs n per step.")]
 
 
-def _flags(**given) -> dict:
-    """Flags as config values; options not given (None or empty) are left to the recipe."""
+def _flags(pairs: Optional[int] = None, **given) -> dict:
+    """Flags as config values; options not given (None or empty) are left to the recipe.
+    --pairs n is ZEST's sample count: samples {zest: n}."""
     from zoflat_cli.config import PER_OPTIMIZER, parse_flag
 
     flags = {}
@@ -79,6 +83,10 @@ def _flags(**given) -> dict:
         if value is None or value == []:
             continue
         flags[key] = parse_flag(key, value) if key in PER_OPTIMIZER else value
+    if pairs is not None:
+        samples = flags.get("samples", {})
+        flags["samples"] = {**(samples if isinstance(samples, dict) else {"zo": samples, "dd": samples}),
+                            "zest": pairs}
     return flags
 
 
@@ -99,6 +107,8 @@ def toy(
     lr: LrOpt = None,
     lam: LambdaOpt = None,
     rho: RhoOpt = None,
+    tilt: TiltOpt = None,
+    pairs: PairsOpt = None,
     optimizer: OptimizerOpt = None,
     seeds: SeedsOpt = None,
     samples: SamplesOpt = None,
@@ -115,7 +125,7 @@ def toy(
     from zoflat_cli.problems.toy import DEFAULTS, ToyProblem
 
     with user_errors():
-        flags = _flags(dim=dim, steps=steps, lr=lr, rho=rho, optimizer=optimizer, seeds=seeds,
+        flags = _flags(dim=dim, steps=steps, lr=lr, rho=rho, tilt=tilt, pairs=pairs, optimizer=optimizer, seeds=seeds,
                        samples=samples, log_every=log_every, device=device, dtype=dtype,
                        out=str(out) if out else None, name=name, **{"lambda": lam})
         cfg = resolve(DEFAULTS, config, flags)
@@ -141,6 +151,8 @@ def convex(
     lr: LrOpt = None,
     lam: LambdaOpt = None,
     rho: RhoOpt = None,
+    tilt: TiltOpt = None,
+    pairs: PairsOpt = None,
     optimizer: OptimizerOpt = None,
     seeds: SeedsOpt = None,
     samples: SamplesOpt = None,
@@ -161,7 +173,7 @@ def convex(
         flags = _flags(dataset=dataset, data_file=str(data_file) if data_file else None,
                        test_file=str(test_file) if test_file else None, train_size=train_size,
                        split_seed=split_seed, model=model, features=features, dense=dense, steps=steps,
-                       lr=lr, rho=rho, optimizer=optimizer, seeds=seeds, samples=samples,
+                       lr=lr, rho=rho, tilt=tilt, pairs=pairs, optimizer=optimizer, seeds=seeds, samples=samples,
                        log_every=log_every, device=device, dtype=dtype,
                        out=str(out) if out else None, name=name, **{"lambda": lam})
         chosen = {**(load_recipe(config) if config else {}), **flags}

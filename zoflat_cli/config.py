@@ -139,12 +139,13 @@ def values_for(config: dict, key: str, optimizer: str) -> list:
     return list(dict.fromkeys(values))
 
 
-def _check_positive(key: str, value, integer=False):
+def _check_positive(key: str, value, integer=False, zero_ok=False):
     kind = "an integer" if integer else "a number"
+    bound = ">= 0" if zero_ok else "> 0"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and value != int(value)):
-        raise ZoflatError(f"{key} must be {kind} > 0, got {value!r}")
-    if not value > 0:
-        raise ZoflatError(f"{key} must be > 0, got {value!r}")
+        raise ZoflatError(f"{key} must be {kind} {bound}, got {value!r}")
+    if not (value >= 0 if zero_ok else value > 0):
+        raise ZoflatError(f"{key} must be {bound}, got {value!r}")
 
 
 def validate(config: dict) -> dict:
@@ -170,7 +171,7 @@ def validate(config: dict) -> dict:
         for v in itertools.chain.from_iterable(
             x if isinstance(x, list) else [x] for x in (value.values() if isinstance(value, dict) else [value])
         ):
-            _check_positive(key, v, integer=(key == "samples"))
+            _check_positive(key, v, integer=(key == "samples"), zero_ok=(key == "tilt"))
         relevant = [e.name for e in estimators if _uses(e, key)]
         resolved = {}
         for name in relevant:

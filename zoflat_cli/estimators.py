@@ -15,7 +15,9 @@ from zoflat_cli.errors import ZoflatError
 
 
 # Per-run hyperparameters an estimator may take, with the short tag used in run ids.
-HYPERPARAMETERS = {"lambda": "lam", "rho": "rho"}
+HYPERPARAMETERS = {"lambda": "lam", "rho": "rho", "tilt": "t"}
+# Default directions per step (`--samples`; ZEST's `--pairs`): ZEST needs several pairs to tilt.
+SAMPLES = {"zo": 1, "dd": 1, "zest": 4}
 
 
 class Estimator(NamedTuple):
@@ -59,6 +61,33 @@ def sharpness_aware(problem, x, u, hyper):
     return problem.grad(x + step * g)
 
 
+def sinhc(x: torch.Tensor) -> torch.Tensor:
+    """sinh(x)/x, 1 at 0 (series below |x| = 1e-3, where the quotient loses digits)."""
+    small = x.abs() < 1e-3
+    safe = torch.where(small, torch.ones_like(x), x)
+    return torch.where(small, 1 + x.square() / 6, torch.sinh(safe) / safe)
+
+
+def tilted_coefficients(f_plus: torch.Tensor, f_minus: torch.Tensor, lam, tilt) -> torch.Tensor:
+    """ZEST's ĝ = Σ_i c_i u_i over n antithetic pairs (dim 0): c_i = (w_i⁺ - w_i⁻)/(tλ), w the
+    softmax of t·f over all 2n values. Written as c_i = (Δ_i/λ) · sinhc(tΔ_i/2) ·
+    exp((a_i⁺ + a_i⁻)/2 - logsumexp(a)), Δ = f⁺ - f⁻, a = t·f, which is exact at t = 0 (the mean
+    of the n two-point estimates), has no 0/0, and for n = 1 equals tanh(tΔ/2)/(tλ)."""
+    delta = f_plus - f_minus
+    a_plus, a_minus = tilt * f_plus, tilt * f_minus
+    log_z = torch.logsumexp(torch.cat((a_plus, a_minus)), dim=0)  # max-subtracted internally
+    weight = torch.exp((a_plus + a_minus) / 2 - log_z)
+    return delta / lam * sinhc(tilt * delta / 2) * weight
+
+
+def zest(problem, x, u, hyper):
+    """ZEST (arXiv 2510.16157): gradient of the tilted smoothed loss (1/t) log E exp(t f(x+λu))."""
+    lam = hyper["lambda"]
+    signed = torch.stack((lam, -lam)).unsqueeze(1)  # (2, 1, runs, 1)
+    f_plus, f_minus = problem.loss(torch.addcmul(x, signed, u)).unsqueeze(-1)  # (pairs, runs, 1) each
+    return (tilted_coefficients(f_plus, f_minus, lam, hyper["tilt"]) * u).sum(0)
+
+
 ESTIMATORS = {
     e.name: e
     for e in (
@@ -67,6 +96,8 @@ ESTIMATORS = {
         Estimator("dd", "directional derivative (uᵀ∇f)u", directional, (), True, 1),
         Estimator("sam", "sharpness-aware minimisation (gradient at x + ρ g/‖g‖)", sharpness_aware,
                   ("rho",), False, 2),
+        Estimator("zest", "ZEST: tilted two-point ZO over n antithetic pairs (--pairs, --tilt)", zest,
+                  ("lambda", "tilt"), True, 2),
     )
 }
 

@@ -33,7 +33,7 @@ def find_run_folders(paths) -> list:
 
 def method_label(row) -> str:
     parts = [row["optimizer"]]
-    for name, symbol in (("lambda", "λ"), ("rho", "ρ")):
+    for name, symbol in (("lambda", "λ"), ("rho", "ρ"), ("tilt", "t")):
         if pd.notna(row.get(name)):
             parts.append(f"{symbol}={row[name]:g}")
     parts.append(f"lr={row['lr']:g}")

@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import torch
 
+from zoflat_cli.estimators import SAMPLES
 from zoflat_cli.errors import ZoflatError
 from zoflat_cli.streams import generator
 
@@ -226,8 +227,8 @@ class BoundConvex:
 # (SVM 1e-4, logistic 0.01); GD/SAM step sizes are ones that converge on both data sets
 # (measured: see README); DD uses ZO's.
 _MODEL_DEFAULTS = {
-    "svm": {"lambda": 0.005, "lr": {"gd": 1e-3, "zo": 1e-4, "dd": 1e-4, "sam": 1e-3}},
-    "logreg": {"lambda": 0.01, "lr": {"gd": 0.1, "zo": 0.01, "dd": 0.01, "sam": 0.1}},
+    "svm": {"lambda": 0.005, "lr": {"gd": 1e-3, "zo": 1e-4, "dd": 1e-4, "sam": 1e-3, "zest": 1e-4}},
+    "logreg": {"lambda": 0.01, "lr": {"gd": 0.1, "zo": 0.01, "dd": 0.01, "sam": 0.1, "zest": 0.01}},
 }
 
 
@@ -257,6 +258,7 @@ def defaults(chosen: dict) -> dict:
         "seeds": [29],
         "optimizer": ["gd", "zo"],
         "rho": 0.05,
-        "samples": 1,
+        "tilt": 1.0,
+        "samples": SAMPLES,
         **_MODEL_DEFAULTS[model],
     }

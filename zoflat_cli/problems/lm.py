@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from zoflat_cli.config import parse_list
 from zoflat_cli.errors import ZoflatError
+from zoflat_cli.estimators import SAMPLES
 from zoflat_cli.streams import stream_seed
 from zoflat_cli.text_tasks import SPLIT_SEEDS, Task
 
@@ -46,10 +47,11 @@ DEFAULTS = {
     "batch_size": 0,  # 0: the whole K-shot training set (full-batch, as in the paper)
     "steps": 100_000,
     "optimizer": ["zo"],
-    "lr": {"gd": 5e-5, "zo": 1e-5},
+    "lr": {"gd": 5e-5, "zo": 1e-5, "sam": 5e-5, "zest": 1e-5},
     "lambda": 2e-3,
     "rho": 0.05,
-    "samples": 1,
+    "tilt": 1.0,
+    "samples": SAMPLES,
     "seeds": [0],
     "log_every": 100,
     "eval_every": 1000,

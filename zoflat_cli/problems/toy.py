@@ -8,12 +8,15 @@ ZO descends the smoothed loss f + λ²(‖y‖² + ‖z‖²)/2 + const, under w
 
 import torch
 
+from zoflat_cli.estimators import SAMPLES
+
 
 class ToyProblem:
     command = "toy"
     # Metrics whose best value over a run goes in summary.json, and which way is better.
     best = {"loss": "min", "hessian_trace": "min"}
-    references = {"hessian_trace": (2.0, "flat minimum (trace 2)")}
+    references = {"hessian_trace": (2.0, "flat minimum (trace 2)"),
+                  "lambda_max": (2.0, "flat minimum (λ_max 2)")}
 
     def __init__(self, dim: int):
         self.dim = dim
@@ -40,12 +43,39 @@ class ToyProblem:
         residual = torch.linalg.vecdot(y, z) - 1
         return torch.cat((z, y), dim=-1) * residual.unsqueeze(-1)
 
+    def hvp(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """∇²f(x) v for v (..., 2d, k): ∇²f = [[zzᵀ, rI + zyᵀ], [rI + yzᵀ, yyᵀ]], r = yᵀz - 1."""
+        y, z = self._split(x)
+        a, b = v[..., : self.dim, :], v[..., self.dim :, :]
+        r = (torch.linalg.vecdot(y, z) - 1)[..., None, None]
+        za = (z.unsqueeze(-1) * a).sum(-2, keepdim=True)  # zᵀa, (..., 1, k)
+        yb = (y.unsqueeze(-1) * b).sum(-2, keepdim=True)
+        return torch.cat((z.unsqueeze(-1) * (za + yb) + r * b, y.unsqueeze(-1) * (za + yb) + r * a), dim=-2)
+
+    def lambda_max(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact top Hessian eigenvalue. span{(y,0), (z,0), (0,y), (0,z)} is invariant; on its
+        orthogonal complement ∇²f(a, b) = r(b, a), eigenvalues ±r. So λ_max = max(top eigenvalue
+        of the 4x4 restriction, |r|)."""
+        finite = torch.isfinite(x).all(-1)
+        x = torch.where(finite.unsqueeze(-1), x, torch.zeros_like(x))  # a diverged run: NaN, not an error
+        y, z = self._split(x)
+        zero = torch.zeros_like(y)
+        basis = torch.stack((torch.cat((y, zero), -1), torch.cat((z, zero), -1),
+                             torch.cat((zero, y), -1), torch.cat((zero, z), -1)), dim=-1)
+        q, _ = torch.linalg.qr(basis)
+        restricted = q.transpose(-1, -2) @ self.hvp(x, q)
+        top = torch.linalg.eigvalsh((restricted + restricted.transpose(-1, -2)) / 2)[..., -1]
+        top = torch.maximum(top, (torch.linalg.vecdot(y, z) - 1).abs())
+        return torch.where(finite, top, torch.full_like(top, float("nan")))
+
     def metrics(self, x: torch.Tensor) -> dict:
         y, z = self._split(x)
         yy, zz = torch.linalg.vecdot(y, y), torch.linalg.vecdot(z, z)
         return {
             "loss": self.loss(x),
             "hessian_trace": yy + zz,  # exact: tr ∇²f = ‖z‖² + ‖y‖²
+            "lambda_max": self.lambda_max(x),
+            "grad_norm": torch.linalg.vector_norm(self.grad(x), dim=-1),
             "balance": (yy - zz) / 2,
         }
 
@@ -67,8 +97,9 @@ DEFAULTS = {
     "log_every": 100,
     "seeds": [13],
     "optimizer": ["gd", "zo", "dd"],
-    "lr": {"gd": 0.01, "zo": 0.001, "dd": 0.001, "sam": 0.01},
+    "lr": {"gd": 0.01, "zo": 0.001, "dd": 0.001, "sam": 0.01, "zest": 0.001},
     "lambda": 0.1,
     "rho": 0.05,
-    "samples": 1,
+    "tilt": 1.0,
+    "samples": SAMPLES,
 }
