@@ -57,6 +57,22 @@ def test_hessian_trace_matches_torch_func_hessian(model, scale):
 
 
 @pytest.mark.parametrize("model", ["svm", "logreg"])
+@pytest.mark.parametrize("scale", [0.05, 3.0])
+def test_lambda_max_and_grad_norm_match_torch_func(model, scale):
+    """λ_max from a (d+1)-square matrix of the factored features equals the top eigenvalue of the
+    full (D+1)-square Hessian, with the test using the dense features."""
+    prob = problem(model, dense=True, n_features=20)
+    bound = prob.bind([RunSpec("gd", 0.1, 0), RunSpec("gd", 0.1, 0)])
+    w = scale * torch.randn(2, prob.n_params, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    metrics = bound.metrics(w)
+    f = dense_loss(prob, 0)
+    for i in range(2):
+        top = torch.linalg.eigvalsh(torch.func.hessian(f)(w[i]))[-1].item()
+        assert metrics["lambda_max"][i].item() == pytest.approx(top, rel=1e-9)
+        assert metrics["grad_norm"][i].item() == pytest.approx(torch.func.grad(f)(w[i]).norm().item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("model", ["svm", "logreg"])
 def test_factored_equals_dense(model):
     factored, dense = problem(model), problem(model, dense=True)
     runs = [RunSpec("gd", 0.1, 3), RunSpec("gd", 0.1, 4)]  # two seeds: two feature maps in one group

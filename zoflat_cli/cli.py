@@ -147,6 +147,8 @@ def convex(
     features: Annotated[Optional[int], typer.Option("--features", help="D, the random features.")] = None,
     dense: Annotated[Optional[bool], typer.Option(
         "--dense/--factored", help="Materialise the N x D features (reference path).")] = None,
+    eig_every: Annotated[Optional[int], typer.Option(
+        "--eig-every", help="Top Hessian eigenvalue every N steps (a multiple of --log-every; 0: never).")] = None,
     steps: StepsOpt = None,
     lr: LrOpt = None,
     lam: LambdaOpt = None,
@@ -172,7 +174,8 @@ def convex(
     with user_errors():
         flags = _flags(dataset=dataset, data_file=str(data_file) if data_file else None,
                        test_file=str(test_file) if test_file else None, train_size=train_size,
-                       split_seed=split_seed, model=model, features=features, dense=dense, steps=steps,
+                       split_seed=split_seed, model=model, features=features, dense=dense, eig_every=eig_every,
+                       steps=steps,
                        lr=lr, rho=rho, tilt=tilt, pairs=pairs, optimizer=optimizer, seeds=seeds, samples=samples,
                        log_every=log_every, device=device, dtype=dtype,
                        out=str(out) if out else None, name=name, **{"lambda": lam})
@@ -182,7 +185,7 @@ def convex(
 
         def make_problem(device, dtype):
             return problem.ConvexProblem(train, test, cfg["model"], cfg["features"], cfg["dense"],
-                                         dtype, device, description)
+                                         dtype, device, description, cfg["eig_every"])
 
         path, status = run_experiment(cfg, make_problem, quiet)
     _finish(path, status, quiet)

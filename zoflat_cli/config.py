@@ -155,9 +155,9 @@ def validate(config: dict) -> dict:
         raise ZoflatError("optimizer: give at least one optimizer")
     estimators = [get_estimator(o) for o in config["optimizer"]]
     config["seeds"] = parse_seeds(config["seeds"])
-    for key in ("steps", "log_every", "dim", "features", "train_size"):
+    for key in ("steps", "log_every", "dim", "features", "train_size", "eig_every"):
         if config.get(key) is not None:
-            _check_positive(key, config[key], integer=True)
+            _check_positive(key, config[key], integer=True, zero_ok=(key == "eig_every"))
             config[key] = int(config[key])
     if config["dtype"] not in DTYPES:
         raise ZoflatError(f"dtype must be one of {', '.join(DTYPES)}, got {config['dtype']!r}")

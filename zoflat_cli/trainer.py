@@ -80,7 +80,7 @@ class Group:
         self.update.apply(self.x, g, self.lr, self.state)
 
     def metrics(self, step: int) -> dict:
-        values = self.problem.metrics(self.x)
+        values = self.problem.metrics(self.x, step)
         if self.initial_metrics is None:
             self.initial_metrics = values
         if hasattr(self.problem, "theory"):
@@ -143,7 +143,8 @@ class Trainer:
             metrics = group.metrics(step)
             names = list(metrics)
             table = torch.stack([metrics[n].reshape(-1) for n in names])
-            finite = torch.isfinite(table).all(0) & torch.isfinite(group.x).all(-1)
+            # diverged: loss or parameters NaN/Inf (other metrics may be NaN when not computed)
+            finite = torch.isfinite(metrics["loss"].reshape(-1)) & torch.isfinite(group.x).all(-1)
             table, finite = table.cpu().tolist(), finite.cpu().tolist()
             for i, run in enumerate(group.runs):
                 state = states[run.run_id]

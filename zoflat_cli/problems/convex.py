@@ -96,6 +96,31 @@ class RandomFeatures:
         self.splits = {"train": train, "test": test}
         self.dense_X = {k: self._build_dense(k) for k in self.splits} if dense else None
         self.row_norms = {k: self._row_norms(k) for k in self.splits}
+        self._root_gram = None
+
+    def root_gram(self) -> torch.Tensor:
+        """S = (Ĝ Ĝᵀ)^½ for X = [1, Z0] Ĝ, Ĝ = [[1, -μᵀ], [0, G]]: (d + 1, d + 1)."""
+        if self._root_gram is None:
+            d = self.G.shape[0]
+            top = torch.cat((torch.ones(1, 1, dtype=self.G.dtype, device=self.G.device), -self.mu[None]), 1)
+            rest = torch.cat((torch.zeros(d, 1, dtype=self.G.dtype, device=self.G.device), self.G), 1)
+            g_hat = torch.cat((top, rest), 0)
+            vals, vecs = torch.linalg.eigh(g_hat @ g_hat.T)
+            self._root_gram = (vecs * vals.clamp(min=0).sqrt()) @ vecs.T
+        return self._root_gram
+
+    def lambda_max(self, curvature: torch.Tensor) -> torch.Tensor:
+        """Top eigenvalue of the train Hessian (1/n) Xᵀ diag(c) X for each column c of curvature
+        (n, k), without X: its nonzero eigenvalues are those of S C S with C = [1, Z0]ᵀ diag(c)
+        [1, Z0] / n, a (d + 1)-square matrix (d = raw features)."""
+        z = self.splits["train"].dense()
+        z1 = torch.cat((torch.ones_like(z[:, :1]), z), 1)
+        root = self.root_gram()
+        tops = []
+        for c in curvature.T:
+            small = root @ ((z1 * c[:, None]).T @ z1 / z1.shape[0]) @ root
+            tops.append(torch.linalg.eigvalsh((small + small.T) / 2)[-1])
+        return torch.stack(tops)
 
     def _build_dense(self, split: str) -> torch.Tensor:
         features = self.splits[split].dense() @ self.G - self.mu
@@ -133,7 +158,8 @@ class ConvexProblem:
     best = {"loss": "min", "hessian_trace": "min", "test_accuracy": "max"}
     references = {}
 
-    def __init__(self, train, test, model: str, n_features: int, dense: bool, dtype, device, data: str = ""):
+    def __init__(self, train, test, model: str, n_features: int, dense: bool, dtype, device, data: str = "",
+                 eig_every: int = 100):
         self.description = {"data": data, "model": model, "train_rows": train.X.shape[0],
                             "test_rows": test.X.shape[0], "raw_features": train.X.shape[1],
                             "parameters": n_features + 1, "features": "dense" if dense else "factored"}
@@ -147,6 +173,7 @@ class ConvexProblem:
         self.model, self.phi = model, MODELS[model]
         self.n_features, self.dense, self.dtype, self.device = n_features, dense, dtype, device
         self.n_params = n_features + 1
+        self.eig_every = eig_every
         self._features = {}
 
     def features(self, seed: int) -> RandomFeatures:
@@ -205,21 +232,30 @@ class BoundConvex:
             return feats.backprop(dphi * data.y[:, None] / data.n, "train")
         return self._per_seed(x, fn)
 
-    def metrics(self, x: torch.Tensor) -> dict:
+    def metrics(self, x: torch.Tensor, step: int = None) -> dict:
+        """Train and test loss, accuracy, exact Hessian trace; λ_max (at steps that are multiples
+        of eig_every, NaN at the others: it costs about as much as 20 gradients) and ‖∇f‖."""
         names = ("loss", "accuracy", "hessian_trace")
+        every = self.problem.eig_every
+        want_eig = step is None or (every > 0 and step % every == 0)
 
         def fn(feats, w):
             q = None if feats.dense_X is not None else feats.G @ w[:, 1:].T  # shared by both splits
             values = []
             for split in ("train", "test"):
-                t, data, phi, _, ddphi = self._stats(feats, w, split, q)
+                t, data, phi, dphi, ddphi = self._stats(feats, w, split, q)
                 correct = (t > 0) | ((t == 0) & (data.y[:, None] > 0))  # predict +1 where Xw >= 0
                 trace = (ddphi * feats.row_norms[split][:, None]).mean(0)
                 values += [phi.mean(0), correct.to(t.dtype).mean(0), trace]
-            return torch.stack(values, dim=-1)
+                if split == "train":
+                    grad = feats.backprop(dphi * data.y[:, None] / data.n, "train")
+                    top = (feats.lambda_max(torch.nan_to_num(ddphi)) if want_eig
+                           else torch.full_like(phi[0], float("nan")))
+                    sharp = [top, torch.linalg.vector_norm(grad, dim=-1)]
+            return torch.stack(values + sharp, dim=-1)
 
         values = self._per_seed(x, fn)
-        columns = [*names, *(f"test_{n}" for n in names)]
+        columns = [*names, *(f"test_{n}" for n in names), "lambda_max", "grad_norm"]
         return {name: values[..., i] for i, name in enumerate(columns)}
 
 
@@ -260,5 +296,6 @@ def defaults(chosen: dict) -> dict:
         "rho": 0.05,
         "tilt": 1.0,
         "samples": SAMPLES,
+        "eig_every": 100,
         **_MODEL_DEFAULTS[model],
     }

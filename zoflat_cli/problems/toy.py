@@ -68,7 +68,7 @@ class ToyProblem:
         top = torch.maximum(top, (torch.linalg.vecdot(y, z) - 1).abs())
         return torch.where(finite, top, torch.full_like(top, float("nan")))
 
-    def metrics(self, x: torch.Tensor) -> dict:
+    def metrics(self, x: torch.Tensor, step: int = None) -> dict:
         y, z = self._split(x)
         yy, zz = torch.linalg.vecdot(y, y), torch.linalg.vecdot(z, z)
         return {
