@@ -24,7 +24,7 @@ import torch
 
 from zoflat_cli.config import resolve
 from zoflat_cli.hessian import finite_difference, hutchinson
-from zoflat_cli.inplace import Directions, two_point_step
+from zoflat_cli.inplace import Directions, in_place_step, two_point_coefficients
 from zoflat_cli.problems import lm
 from zoflat_cli.problems.lm import peak_memory_mib
 from zoflat_cli.testing import save_tiny_roberta
@@ -77,14 +77,11 @@ def child(model: str, mode: str, steps: int):
         if mode == "inference":
             problem.loss()
         elif mode == "zo":
-            two_point_step(directions, problem.loss, [step], LAM, LR)
+            in_place_step(directions, problem.loss, [step], LAM, LR, two_point_coefficients(LAM))
         else:
-            problem.backward()
             with torch.no_grad():
-                for p in problem.params:
-                    if p.grad is not None:  # e.g. MiniLM's unused pooler
-                        p.add_(p.grad, alpha=-LR)
-                    p.grad = None
+                for p, g in zip(problem.params, problem.gradient()):
+                    p.add_(g, alpha=-LR)
     print(json.dumps({"loaded_mib": base, "peak_mib": peak_memory_mib(torch.device("cpu"))}))
 
 
@@ -92,7 +89,7 @@ def measure(model: str, repeats: int):
     problem = load(model)
     d = Directions(problem.params)
     forward = timed(problem.loss, repeats)
-    zo = timed(lambda: two_point_step(d, problem.loss, [1], LAM, LR), repeats)
+    zo = timed(lambda: in_place_step(d, problem.loss, [1], LAM, LR, two_point_coefficients(LAM)), repeats)
     mezo = timed(lambda: mezo_step(problem.params, problem.loss, 1), repeats)
     gen = torch.Generator().manual_seed(0)
     with problem.double_backward():

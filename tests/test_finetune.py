@@ -15,7 +15,7 @@ from zoflat_cli.cli import app
 from zoflat_cli.config import resolve
 from zoflat_cli.errors import ZoflatError
 from zoflat_cli.hessian import finite_difference, hutchinson
-from zoflat_cli.inplace import Directions, two_point_step
+from zoflat_cli.inplace import Directions, in_place_step, two_point_coefficients
 from zoflat_cli.problems import lm
 from zoflat_cli.text_tasks import TASKS, kshot
 
@@ -96,17 +96,15 @@ def test_zo_step_estimates_directional_derivative_and_restores(tiny_mlm):
     problem = make_problem(tiny_mlm)
     d = Directions(problem.params)
     before = flat(problem.params).clone()
-    problem.model.zero_grad()
-    problem.backward()
-    grad = torch.cat([p.grad.reshape(-1) for p in problem.params])
+    grad = flat(problem.gradient())
     z = flat(d.draw(7))
     lam = 1e-6
-    (c,) = two_point_step(d, problem.loss, [7], lam, lr=0.0)
+    (c,) = in_place_step(d, problem.loss, [7], lam, 0.0, two_point_coefficients(lam))
     assert c == pytest.approx(float(z @ grad), rel=1e-6)  # central difference: error O(λ²)
     restored = flat(problem.params)
     # in place, restoring is exact up to one rounding of (x + λz) - λz per parameter
     assert (restored - before).abs().max() <= 4 * torch.finfo(torch.float64).eps * (before.abs() + lam * z.abs()).max()
-    (c,) = two_point_step(d, problem.loss, [7], lam, lr=0.5)
+    (c,) = in_place_step(d, problem.loss, [7], lam, 0.5, two_point_coefficients(lam))
     torch.testing.assert_close(flat(problem.params), before - 0.5 * c * z)
 
 
@@ -116,13 +114,58 @@ def test_replaying_the_update_log_is_bit_identical(tiny_mlm):
     log = []
     for step in range(5):
         seeds = [1000 + step, 2000 + step]
-        log.append((seeds, two_point_step(d, problem.loss, seeds, 1e-3, 1e-2)))
+        log.append((seeds, in_place_step(d, problem.loss, seeds, 1e-3, 1e-2, two_point_coefficients(1e-3))))
     trained = flat(problem.params).clone()
     problem.load_base()
     d = Directions(problem.params)
     for seeds, coefs in log:
-        two_point_step(d, None, seeds, 1e-3, 1e-2, coefs=coefs)
+        in_place_step(d, None, seeds, 1e-3, 1e-2, None, coefs=coefs)
     assert torch.equal(flat(problem.params), trained)
+
+
+def test_zest_in_place_uses_the_tilted_weights_and_replays_bit_identically(tiny_mlm):
+    from zoflat_cli.estimators import tilted_coefficients
+    from zoflat_cli.inplace import tilted_coefficients_for
+
+    problem = make_problem(tiny_mlm)
+    d = Directions(problem.params)
+    before = flat(problem.params).clone()
+    seeds, lam, t, lr = [3, 4, 5], 1e-3, 10.0, 0.1
+    evaluated = []
+
+    def loss():
+        evaluated.append(problem.loss())
+        return evaluated[-1]
+
+    coefs = in_place_step(d, loss, seeds, lam, lr, tilted_coefficients_for(lam, t))
+    f_plus, f_minus = torch.tensor(evaluated[0::2]), torch.tensor(evaluated[1::2])
+    torch.testing.assert_close(torch.tensor(coefs), tilted_coefficients(f_plus, f_minus, lam, torch.tensor(t)))
+    z = [flat(d.draw(s)) for s in seeds]
+    update = sum(c * zi for c, zi in zip(coefs, z))
+    torch.testing.assert_close(flat(problem.params), before - lr * update)
+    trained = flat(problem.params).clone()
+    problem.load_base()
+    in_place_step(Directions(problem.params), None, seeds, lam, lr, None, coefs=coefs)
+    assert torch.equal(flat(problem.params), trained)
+
+
+def test_sam_step_is_gd_at_the_ascent_point(tiny_mlm, tmp_path):
+    problem = make_problem(tiny_mlm)
+    x0 = flat(problem.params).clone()
+    g = flat(problem.gradient())
+    rho, lr = 0.05, 0.1
+    ascent = x0 + rho * g / g.norm()
+    with torch.no_grad():  # by hand: the gradient at the ascent point
+        torch.nn.utils.vector_to_parameters(ascent, problem.params)
+    expected = x0 - lr * flat(problem.gradient())
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(x0, problem.params)
+    from zoflat_cli.trainer import RunSpec
+
+    trainer = ft.RunTrainer.__new__(ft.RunTrainer)
+    trainer.problem, trainer.run = problem, RunSpec("sam", lr, 0, 1, (("rho", rho),))
+    trainer.step(0)
+    torch.testing.assert_close(flat(problem.params), expected)
 
 
 # ---------------------------------------------------------------- Hessian traces vs the exact Hessian
@@ -167,6 +210,17 @@ def test_hutchinson_and_fd_match_the_exact_hessian(tiny_mlm):
     assert abs(mean - exact) < 4 * stderr and stderr < 0.2 * abs(exact)
     mean, stderr = finite_difference(d, problem.loss, list(range(200)), 1e-4)
     assert abs(mean - exact) < 4 * stderr and stderr < 0.3 * abs(exact)
+
+
+def test_power_iteration_finds_the_top_eigenvalue(tiny_mlm):
+    from zoflat_cli.hessian import top_eigenvalue
+
+    problem = _few_params_problem(tiny_mlm)
+    eigenvalues = torch.linalg.eigvalsh(_exact_hessian(problem))
+    assert eigenvalues[-1] > abs(eigenvalues[0])  # λ_max dominates here
+    with problem.double_backward():
+        top = top_eigenvalue(problem.params, problem.loss_terms, 200, torch.Generator().manual_seed(0))
+    assert top == pytest.approx(eigenvalues[-1].item(), rel=1e-6)
 
 
 def test_fd_trace_leaves_parameters_bit_identical(tiny_mlm):
@@ -214,6 +268,20 @@ def test_finetune_cli_end_to_end(tiny_mlm, tmp_path):
     assert [[r[c] for c in MODEL_COLUMNS] for r in rerun] == [[r[c] for c in MODEL_COLUMNS] for r in rows]
     plotted = runner.invoke(app, ["plot", str(path)])
     assert plotted.exit_code == 0 and (path / "figure.png").is_file()
+
+
+def test_finetune_sam_and_zest_with_sharpness_columns(tiny_mlm, tmp_path):
+    result = _invoke("--model", tiny_mlm, "-o", "sam,zest", "--tilt", "1", "--pairs", "2", "--eig-every", "8",
+                     "--eig-iters", "3", "--out", tmp_path, *COMMON[:-5], "--quiet")
+    assert result.exit_code == 0, result.output
+    path = Path(result.output.strip())
+    rows = _rows(path)
+    zest = [r for r in rows if r["optimizer"] == "zest"]
+    assert zest[-1]["n_evals"] == "32" and zest[-1]["samples"] == "2" and zest[-1]["tilt"] == "1.0"
+    assert [r["lambda_max"] != "" for r in zest] == [True, False, False, False, True]
+    assert all(r["grad_norm"] != "" for r in zest if r["test_accuracy"] != "")
+    assert (path / "updates" / f"{zest[0]['run_id']}.bin").stat().st_size == 8 * (8 + 2 * 16)
+    assert {r["optimizer"] for r in rows} == {"sam", "zest"}
 
 
 def test_finetune_linear_head_with_fd_trace(tiny_encoder, tmp_path):
@@ -270,7 +338,7 @@ def test_zo_resume_after_a_kill_replays_the_log(tiny_mlm, tmp_path):
     (["--head", "mlp"], "head must be one of"),
     (["--task", "trec", "--k", "50"], "fewer than 2K = 100"),
     (["--data-dir", "/nonexistent"], "is not a directory"),
-    (["-o", "dd"], "finetune supports the optimizers gd, zo"),
+    (["-o", "dd"], "finetune supports the optimizers gd, zo, sam, zest"),
     (["--model", "roberta-large"], "not in the Hugging Face cache"),
     (["--model", "/nonexistent/model"], "no config.json"),
 ])

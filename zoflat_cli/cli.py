@@ -213,8 +213,11 @@ def finetune(
     steps: StepsOpt = None,
     lr: LrOpt = None,
     lam: LambdaOpt = None,
+    rho: RhoOpt = None,
+    tilt: TiltOpt = None,
+    pairs: PairsOpt = None,
     optimizer: Annotated[Optional[List[str]], typer.Option(
-        "--optimizer", "-o", help="gd (backprop SGD) and/or zo (in-place two-point ZO).")] = None,
+        "--optimizer", "-o", help="gd (backprop SGD), sam, zo (in-place two-point ZO), zest (in-place).")] = None,
     seeds: SeedsOpt = None,
     samples: SamplesOpt = None,
     log_every: LogEveryOpt = None,
@@ -223,6 +226,9 @@ def finetune(
     trace_every: Annotated[Optional[int], typer.Option("--trace-every", help="Hessian trace every N steps.")] = None,
     trace_probes: Annotated[Optional[int], typer.Option("--trace-probes", help="Probes per trace estimate.")] = None,
     trace_delta: Annotated[Optional[float], typer.Option("--trace-delta", help="δ of the fd estimator.")] = None,
+    eig_every: Annotated[Optional[int], typer.Option(
+        "--eig-every", help="λ_max by power iteration every N steps (0: never).")] = None,
+    eig_iters: Annotated[Optional[int], typer.Option("--eig-iters", help="Power-iteration steps.")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(
         "--checkpoint-every", help="Save parameters every N steps (0: only when a GD run stops).")] = None,
     resume: Annotated[Optional[Path], typer.Option(
@@ -242,9 +248,10 @@ def finetune(
         flags = _flags(task=task, k=k, split_seed=split_seed, test_mode=test_mode,
                        data_dir=str(data_dir) if data_dir else None, model=model, head=head,
                        max_length=max_length, micro_batch=micro_batch, batch_size=batch_size, steps=steps,
-                       lr=lr, optimizer=optimizer, seeds=seeds, samples=samples, log_every=log_every,
-                       eval_every=eval_every, trace=trace, trace_every=trace_every, trace_probes=trace_probes,
-                       trace_delta=trace_delta, checkpoint_every=checkpoint_every, device=device, dtype=dtype,
+                       lr=lr, rho=rho, tilt=tilt, pairs=pairs, optimizer=optimizer, seeds=seeds, samples=samples,
+                       log_every=log_every, eval_every=eval_every, trace=trace, trace_every=trace_every,
+                       trace_probes=trace_probes, trace_delta=trace_delta, eig_every=eig_every, eig_iters=eig_iters,
+                       checkpoint_every=checkpoint_every, device=device, dtype=dtype,
                        out=str(out) if out else None, name=name, **{"lambda": lam})
         if resume is not None:
             others = sorted(set(flags) - {"steps", "device"}) + (["--config"] if config else [])

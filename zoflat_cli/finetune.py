@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from zoflat_cli.config import DTYPES, resolve_device, runs_from
-from zoflat_cli.hessian import finite_difference, hutchinson
-from zoflat_cli.inplace import Directions, two_point_step
+from zoflat_cli.hessian import finite_difference, hutchinson, top_eigenvalue
+from zoflat_cli.inplace import Directions, in_place_step, tilted_coefficients_for, two_point_coefficients
 from zoflat_cli.live import LiveView
 from zoflat_cli.problems.lm import LMProblem, peak_memory_mib
 from zoflat_cli.runfolder import RunFolder, create_run_dir
@@ -27,7 +27,14 @@ from zoflat_cli.streams import generator, stream_seed
 from zoflat_cli.text_tasks import get_task, kshot
 from zoflat_cli.trainer import RunState
 
-REPLAYABLE = ("zo",)  # optimizers whose steps the update log can replay
+REPLAYABLE = ("zo", "zest")  # optimizers whose steps the update log can replay
+
+
+def coefficients_of(run):
+    """The in-place estimator of a ZO-type run: f⁺, f⁻ lists -> coefficients of its directions."""
+    if run.optimizer == "zest":
+        return tilted_coefficients_for(run.value("lambda"), run.value("tilt"))
+    return two_point_coefficients(run.value("lambda"))
 
 
 class UpdateLog:
@@ -107,7 +114,7 @@ class RunTrainer:
         self.state, self.on_log = state, on_log
         self.directions = Directions(problem.params)
         self.log = UpdateLog(folder.path / "updates" / f"{run.run_id}.bin", run.samples)
-        self.evals_per_step = 2 * run.samples if run.optimizer == "zo" else 1
+        self.evals_per_step = {"gd": 1, "sam": 2}.get(run.optimizer, 2 * run.samples)
         self.wall_offset = 0.0
         self.passes_offset = 0.0
 
@@ -130,7 +137,7 @@ class RunTrainer:
                     if rec_step < done:
                         continue
                     break  # a gap: the log ends being usable here
-                two_point_step(self.directions, None, seeds, lam, self.run.lr, coefs=coefs)
+                in_place_step(self.directions, None, seeds, lam, self.run.lr, None, coefs=coefs)
                 done += 1
             step = done
             self.log.truncate(sum(1 for r in records if r[0] < step))
@@ -146,20 +153,27 @@ class RunTrainer:
 
     def step(self, step: int):
         run, problem = self.run, self.problem
-        if run.optimizer == "zo":
+        if run.optimizer in REPLAYABLE:
             seeds = direction_seeds(run, step)
-            coefs = two_point_step(self.directions, lambda: problem.loss("batch"), seeds, run.value("lambda"),
-                                   run.lr)
+            coefs = in_place_step(self.directions, lambda: problem.loss("batch"), seeds, run.value("lambda"),
+                                  run.lr, coefficients_of(run))
             self.log.append(step, seeds, coefs)
-        else:  # gd: full-batch gradient descent
-            for p in problem.params:
-                p.grad = None
-            problem.backward()
+            return
+        grads = problem.gradient()
+        if run.optimizer == "sam":  # the gradient at the ascent point x + ρ g/‖g‖ (Foret et al.)
+            norm = torch.sqrt(sum(g.double().square().sum() for g in grads)).item()
+            scale = run.value("rho") / norm if norm > 0 else 0.0
             with torch.no_grad():
-                for p in problem.params:
-                    if p.grad is not None:
-                        p.add_(p.grad, alpha=-run.lr)
-                    p.grad = None
+                for p, g in zip(problem.params, grads):
+                    p.add_(g, alpha=scale)
+            ascent = problem.gradient()
+            with torch.no_grad():
+                for p, g in zip(problem.params, grads):
+                    p.sub_(g, alpha=scale)
+            grads = ascent
+        with torch.no_grad():
+            for p, g in zip(problem.params, grads):
+                p.add_(g, alpha=-run.lr)
 
     # -- metrics
 
@@ -170,9 +184,15 @@ class RunTrainer:
         cfg, problem = self.config, self.problem
         loss, accuracy = problem.evaluate("train")
         row = {"loss": loss, "accuracy": accuracy, "test_loss": None, "test_accuracy": None,
-               "hessian_trace": None, "hessian_trace_stderr": None}
+               "hessian_trace": None, "hessian_trace_stderr": None, "lambda_max": None, "grad_norm": None}
         if self._due(step, cfg["eval_every"]):
             row["test_loss"], row["test_accuracy"] = problem.evaluate("test")
+            row["grad_norm"] = torch.sqrt(sum(g.double().square().sum() for g in problem.gradient("train"))).item()
+        if cfg["eig_every"] and self._due(step, cfg["eig_every"]):
+            gen = generator(self.run.seed, "probes", problem.params[0].device)
+            gen.manual_seed(stream_seed(self.run.seed, "probes", step, 1))  # not the trace probes
+            with problem.double_backward():
+                row["lambda_max"] = top_eigenvalue(problem.params, problem.loss_terms, cfg["eig_iters"], gen)
         if cfg["trace"] != "none" and self._due(step, cfg["trace_every"]):
             row["hessian_trace"], row["hessian_trace_stderr"] = self.trace(step)
         row["forward_passes"] = round(self.passes_offset + problem.forward_passes, 3)

@@ -1,6 +1,7 @@
 """Hessian trace estimators for models given as parameter tensors and a loss.
 
 hutchinson:         Tr H = E vᵀHv, v Rademacher, Hv by double backward (exact in expectation).
+top_eigenvalue:     λ_max by power iteration on Hessian-vector products.
 finite_difference:  Tr H ≈ E (f(x+δu) + f(x-δu) - 2f(x)) / δ², u ~ N(0, I): forward passes only;
                     the paper's forward-only estimator in its symmetric form (error O(δ²)).
 Both return (mean, standard error) over the probes.
@@ -18,22 +19,45 @@ def mean_stderr(values) -> tuple:
     return mean, stderr
 
 
+def hvp(params, loss_terms, v) -> list:
+    """∇²f · v by double backward, summed over loss_terms() (which yields scalar losses, e.g. per
+    micro-batch, summing to f); zeros for parameters the loss does not reach."""
+    out = [torch.zeros_like(p) for p in params]
+    for loss in loss_terms():
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        used = [i for i, g in enumerate(grads) if g is not None]
+        gv = sum((grads[i] * v[i]).sum() for i in used)
+        for i, h in zip(used, torch.autograd.grad(gv, [params[i] for i in used], allow_unused=True)):
+            if h is not None:
+                out[i] += h.detach()
+    return out
+
+
+def _dot(a, b) -> float:
+    return sum((x.double() * y.double()).sum().item() for x, y in zip(a, b))
+
+
 def hutchinson(params, loss_terms, probes: int, generator: torch.Generator) -> tuple:
-    """loss_terms() yields scalar losses (e.g. per micro-batch) that sum to the loss."""
     values = []
     for _ in range(probes):
         v = [torch.randint(0, 2, p.shape, generator=generator, device=p.device).to(p.dtype) * 2 - 1
              for p in params]
-        total = 0.0
-        for loss in loss_terms():
-            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-            pairs = [(g, vi) for g, vi in zip(grads, v) if g is not None]
-            gv = sum((g * vi).sum() for g, vi in pairs)
-            used = [p for p, g in zip(params, grads) if g is not None]
-            hv = torch.autograd.grad(gv, used, allow_unused=True)
-            total += sum((vi * h).sum().item() for (_, vi), h in zip(pairs, hv) if h is not None)
-        values.append(total)
+        values.append(_dot(v, hvp(params, loss_terms, v)))
     return mean_stderr(values)
+
+
+def top_eigenvalue(params, loss_terms, iters: int, generator: torch.Generator) -> float:
+    """λ_max by power iteration with Hessian-vector products from a Gaussian start: the Rayleigh
+    quotient after `iters` products (the eigenvalue of largest magnitude; λ_max when it dominates)."""
+    v = [torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype) for p in params]
+    value = float("nan")
+    for _ in range(iters):
+        norm = _dot(v, v) ** 0.5
+        v = [x / norm for x in v]
+        hv = hvp(params, loss_terms, v)
+        value = _dot(v, hv)
+        v = hv
+    return value
 
 
 @torch.no_grad()

@@ -8,13 +8,15 @@ parameters with one chunk of scratch memory per thread.
 
 A two-point step makes three passes (MeZO makes four): +λz, evaluate f+; -2λz, evaluate f-;
 then restore and update together, +(λ - lr·c)z with c = (f+ - f-)/(2λ). Replaying the same
-passes from the logged (seed, c) pairs gives bit-identical parameters (see `replay_two_point`).
+passes from the logged (seed, c) pairs gives bit-identical parameters (`in_place_step`).
 """
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+
+from zoflat_cli.estimators import tilted_coefficients
 
 CHUNK = 1 << 21  # elements per chunk: 8 MiB of float32 scratch per thread
 _MASK64 = (1 << 64) - 1
@@ -85,17 +87,39 @@ class Directions:
         return z
 
 
-def two_point_step(directions: Directions, loss, seeds, lam: float, lr: float, coefs=None) -> list:
-    """One n-SPSA step (n = len(seeds)): per direction +λz, f+; -2λz, f-; +(λ - lr·c/n)z.
-    Returns the projected gradients c = (f+ - f-)/(2λ). With `coefs` given (a replay), no loss
-    is evaluated and the same three passes are made, so the parameters come out bit-identical."""
-    n = len(seeds)
-    out = []
+def two_point_coefficients(lam: float):
+    """Plain ZO (n-SPSA): ĝ = Σ c_i z_i with c_i = (f_i⁺ - f_i⁻) / (2λn)."""
+    def coefficients(f_plus, f_minus):
+        return [(p - m) / (2 * lam * len(f_plus)) for p, m in zip(f_plus, f_minus)]
+    return coefficients
+
+
+def tilted_coefficients_for(lam: float, tilt: float):
+    """ZEST: the tilted weights of estimators.tilted_coefficients, on python floats (float64)."""
+    def coefficients(f_plus, f_minus):
+        c = tilted_coefficients(torch.tensor(f_plus, dtype=torch.float64), torch.tensor(f_minus, dtype=torch.float64),
+                                lam, torch.tensor(tilt, dtype=torch.float64))
+        return c.tolist()
+    return coefficients
+
+
+def in_place_step(directions: Directions, loss, seeds, lam: float, lr: float, coefficients, coefs=None) -> list:
+    """One step over n = len(seeds) directions: for each, +λz, f⁺; -2λz, f⁻; +λz (restore), where
+    the last restore is fused with the update params -= lr Σ c_i z_i; so 3n passes (n = 1: 3).
+    `coefficients(f⁺ list, f⁻ list) -> c list` is the estimator. With `coefs` given (a replay),
+    no loss is evaluated and the same passes are made: the parameters come out bit-identical."""
+    f_plus, f_minus = [], []
     for i, seed in enumerate(seeds):
         directions.add([(seed, lam)])
-        f_plus = loss() if coefs is None else None
+        if coefs is None:
+            f_plus.append(loss())
         directions.add([(seed, -2 * lam)])
-        c = (f_plus - loss()) / (2 * lam) if coefs is None else coefs[i]
-        directions.add([(seed, lam - lr * c / n)])
-        out.append(c)
-    return out
+        if coefs is None:
+            f_minus.append(loss())
+        if i < len(seeds) - 1:
+            directions.add([(seed, lam)])
+    if coefs is None:
+        coefs = coefficients(f_plus, f_minus)
+    *others, last = list(zip(seeds, coefs))
+    directions.add([(last[0], lam - lr * last[1])] + [(s, -lr * c) for s, c in others])
+    return coefs

@@ -60,13 +60,15 @@ DEFAULTS = {
     "trace_probes": 10,
     "trace_delta": 1e-3,
     "checkpoint_every": 0,
+    "eig_every": 0,  # 0: never; λ_max by power iteration costs eig_iters Hessian-vector products
+    "eig_iters": 20,
     "device": "auto",
     "dtype": "float32",
     "out": "runs",
 }
-OPTIMIZERS = ("gd", "zo")
+OPTIMIZERS = ("gd", "zo", "sam", "zest")
 INTEGER_KEYS = ("k", "split_seed", "max_length", "micro_batch", "batch_size", "eval_every", "trace_every",
-                "trace_probes", "checkpoint_every")
+                "trace_probes", "checkpoint_every", "eig_every", "eig_iters")
 
 
 def validate(config: dict) -> dict:
@@ -78,7 +80,7 @@ def validate(config: dict) -> dict:
         value = config[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ZoflatError(f"{key} must be a non-negative integer, got {value!r}")
-    for key in ("k", "max_length", "micro_batch", "eval_every", "trace_every", "trace_probes"):
+    for key in ("k", "max_length", "micro_batch", "eval_every", "trace_every", "trace_probes", "eig_iters"):
         if config[key] < 1:
             raise ZoflatError(f"{key} must be >= 1, got {config[key]}")
     if config["head"] not in HEADS:
@@ -359,13 +361,16 @@ class LMProblem:
             correct += int((logits.argmax(-1) == y).sum())
         return total / batches.size, correct / batches.size
 
-    def backward(self) -> float:
-        """Accumulates the full-batch gradient into .grad; returns the loss."""
-        total = 0.0
-        for term in self.loss_terms("batch"):
+    def gradient(self, split: str = "batch") -> list:
+        """∇ of the split's mean loss, one tensor per parameter (zeros where one is unused)."""
+        for p in self.params:
+            p.grad = None
+        for term in self.loss_terms(split):
             term.backward()
-            total += term.item()
-        return total
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        for p in self.params:
+            p.grad = None
+        return grads
 
     def state(self) -> dict:
         return {n: p.detach() for n, p in self.model.named_parameters()}
