@@ -26,3 +26,8 @@ def test_convex_benchmark_runs(tmp_path):
 def test_finetune_benchmark_runs():
     out = run("benchmarks/finetune_zo_step.py", "--models", "roberta-small", "--repeats", "1")
     assert "zoflat ZO step (3 passes)" in out and "peak memory, zo" in out
+
+
+def test_zest_overhead_benchmark_runs():
+    out = run("benchmarks/zest_overhead.py", "--pairs", "2", "--repeats", "1")
+    assert out.count("ZEST overhead") == 2

@@ -61,9 +61,11 @@ def test_zero_tilt_is_exactly_the_mean_of_two_point_estimates_and_small_tilt_is_
 def test_weights_are_a_stable_softmax():
     f_plus = torch.tensor([[1000.0], [999.0]])  # exp(t f) overflows without max-subtraction
     f_minus = torch.tensor([[998.0], [1001.0]])
-    c = tilted_coefficients(f_plus, f_minus, 0.1, 1.0)
-    w = torch.softmax(torch.cat((f_plus, f_minus)).squeeze(-1), 0)
-    torch.testing.assert_close(c.squeeze(-1), (w[:2] - w[2:]) / 0.1)
+    for t in (1.0, 10.0, 300.0):  # |tΔ/2| below and far above 1: sinh(tΔ/2) alone would overflow
+        c = tilted_coefficients(f_plus, f_minus, 0.1, torch.tensor(t))
+        w = torch.softmax(t * torch.cat((f_plus, f_minus)).squeeze(-1), 0)
+        assert torch.isfinite(c).all()
+        torch.testing.assert_close(c.squeeze(-1), (w[:2] - w[2:]) / (t * 0.1))
 
 
 def test_mean_converges_to_the_tilted_gradient_with_bias_shrinking_like_one_over_n():

@@ -70,14 +70,20 @@ def sinhc(x: torch.Tensor) -> torch.Tensor:
 
 def tilted_coefficients(f_plus: torch.Tensor, f_minus: torch.Tensor, lam, tilt) -> torch.Tensor:
     """ZEST's ĝ = Σ_i c_i u_i over n antithetic pairs (dim 0): c_i = (w_i⁺ - w_i⁻)/(tλ), w the
-    softmax of t·f over all 2n values. Written as c_i = (Δ_i/λ) · sinhc(tΔ_i/2) ·
-    exp((a_i⁺ + a_i⁻)/2 - logsumexp(a)), Δ = f⁺ - f⁻, a = t·f, which is exact at t = 0 (the mean
-    of the n two-point estimates), has no 0/0, and for n = 1 equals tanh(tΔ/2)/(tλ)."""
+    softmax of a = t·f over all 2n values. Where |tΔ_i/2| < 1 (Δ = f⁺ - f⁻) the difference cancels,
+    so it is computed as (Δ_i/λ) · sinhc(tΔ_i/2) · exp((a_i⁺ + a_i⁻)/2 - logsumexp(a)): exact at
+    t = 0 (the mean of the n two-point estimates), no 0/0, and tanh(tΔ/2)/(tλ) for n = 1.
+    Elsewhere the softmax difference itself is exact and cannot overflow."""
     delta = f_plus - f_minus
     a_plus, a_minus = tilt * f_plus, tilt * f_minus
     log_z = torch.logsumexp(torch.cat((a_plus, a_minus)), dim=0)  # max-subtracted internally
-    weight = torch.exp((a_plus + a_minus) / 2 - log_z)
-    return delta / lam * sinhc(tilt * delta / 2) * weight
+    half = tilt * delta / 2
+    small = half.abs() < 1
+    near = delta / lam * sinhc(torch.where(small, half, torch.zeros_like(half))) * torch.exp(
+        (a_plus + a_minus) / 2 - log_z)
+    safe_tilt = torch.where(small, torch.ones_like(half), tilt * torch.ones_like(half))
+    far = (torch.exp(a_plus - log_z) - torch.exp(a_minus - log_z)) / (safe_tilt * lam)
+    return torch.where(small, near, far)
 
 
 def zest(problem, x, u, hyper):

@@ -159,7 +159,7 @@ class ConvexProblem:
     references = {}
 
     def __init__(self, train, test, model: str, n_features: int, dense: bool, dtype, device, data: str = "",
-                 eig_every: int = 100):
+                 eig_every: int = 1000):
         self.description = {"data": data, "model": model, "train_rows": train.X.shape[0],
                             "test_rows": test.X.shape[0], "raw_features": train.X.shape[1],
                             "parameters": n_features + 1, "features": "dense" if dense else "factored"}
@@ -296,6 +296,6 @@ def defaults(chosen: dict) -> dict:
         "rho": 0.05,
         "tilt": 1.0,
         "samples": SAMPLES,
-        "eig_every": 100,
+        "eig_every": 1000,
         **_MODEL_DEFAULTS[model],
     }

@@ -1,0 +1,84 @@
+"""ZEST's cost beyond its 2n loss evaluations, side by side with ZO at the same n.
+
+  batched (toy/convex path): one estimate on the w5a-sized convex problem (factored features),
+      zo with n directions vs zest with n pairs: both evaluate the same 2n losses in one call
+  in place (finetune path): one step on a small random RoBERTa, n directions, zo vs zest
+
+    python benchmarks/zest_overhead.py [--pairs 4] [--repeats 20]
+"""
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from zoflat_cli import datasets
+from zoflat_cli.config import resolve
+from zoflat_cli.estimators import two_point, zest
+from zoflat_cli.inplace import Directions, in_place_step, tilted_coefficients_for, two_point_coefficients
+from zoflat_cli.problems import lm
+from zoflat_cli.problems.convex import ConvexProblem
+from zoflat_cli.testing import save_tiny_roberta
+from zoflat_cli.text_tasks import TASKS, kshot
+from zoflat_cli.trainer import RunSpec
+
+
+def timed(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def report(label, zo, ze):
+    print(f"  {label}: zo {zo * 1e3:8.2f} ms, zest {ze * 1e3:8.2f} ms -> ZEST overhead {100 * (ze / zo - 1):+.1f}% "
+          f"(target <= +10%)")
+
+
+def batched(pairs: int, repeats: int):
+    config = {"dataset": "w8a", "data_file": None, "test_file": None, "train_size": 9_888, "split_seed": 0}
+    train, test, description = datasets.load_splits(config)
+    problem = ConvexProblem(train, test, "svm", 10_000, False, torch.float64, torch.device("cpu"))
+    bound = problem.bind([RunSpec("zest", 1e-4, 29)])
+    x = 0.1 * torch.randn(1, problem.n_params, dtype=torch.float64)
+    u = torch.randn(pairs, 1, problem.n_params, dtype=torch.float64)
+    hyper = {"lambda": torch.full((1, 1), 0.005, dtype=torch.float64),
+             "tilt": torch.full((1, 1), 1.0, dtype=torch.float64)}
+    print(f"batched, convex SVM ({description}, D = 10,000), {pairs} directions / pairs per step:")
+    with torch.inference_mode():
+        report("estimate", timed(lambda: two_point(bound, x, u, hyper), repeats),
+               timed(lambda: zest(bound, x, u, hyper), repeats))
+
+
+def in_place(pairs: int, repeats: int):
+    with tempfile.TemporaryDirectory() as tmp:
+        model = save_tiny_roberta(Path(tmp), hidden=256, layers=4, vocab_size=4000)
+        config = resolve(lm.DEFAULTS, None, {"model": model, "k": 16, "micro_batch": 32}, lm.validate)
+        train, _, _ = kshot(TASKS["sst2"], 16, 13)
+        problem = lm.LMProblem(config, TASKS["sst2"], {"train": train.examples()}, torch.device("cpu"), torch.float32)
+        d = Directions(problem.params)
+        seeds = list(range(pairs))
+        print(f"in place, random RoBERTa ({problem.n_params / 1e6:.1f}M parameters, 32 examples), {pairs} directions:")
+        zo = timed(lambda: in_place_step(d, problem.loss, seeds, 1e-3, 1e-6, two_point_coefficients(1e-3)), repeats)
+        ze = timed(lambda: in_place_step(d, problem.loss, seeds, 1e-3, 1e-6, tilted_coefficients_for(1e-3, 1.0)),
+                   repeats)
+        report("step", zo, ze)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    batched(args.pairs, args.repeats)
+    in_place(args.pairs, max(3, args.repeats // 4))
+
+
+if __name__ == "__main__":
+    main()
