@@ -13,15 +13,14 @@ For each model (MiniLM, a small random RoBERTa with an MLM head) on the SST-2 K=
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+from timing import timed  # benchmarks/timing.py (this folder is on sys.path)
 from zoflat_cli.config import resolve
 from zoflat_cli.hessian import finite_difference, hutchinson
 from zoflat_cli.inplace import Directions, in_place_step, two_point_coefficients
@@ -53,16 +52,6 @@ def mezo_step(params, loss, seed):
     f_minus = loss()
     perturb(LAM)
     perturb(-LR * (f_plus - f_minus) / (2 * LAM))
-
-
-def timed(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def child(model: str, mode: str, steps: int):

@@ -8,14 +8,13 @@
 """
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from zoflat_cli import datasets
+from timing import timed  # benchmarks/timing.py (this folder is on sys.path)
 from zoflat_cli.config import resolve
 from zoflat_cli.estimators import two_point, zest
 from zoflat_cli.inplace import Directions, in_place_step, tilted_coefficients_for, two_point_coefficients
@@ -24,16 +23,6 @@ from zoflat_cli.problems.convex import ConvexProblem
 from zoflat_cli.testing import save_tiny_roberta
 from zoflat_cli.text_tasks import TASKS, kshot
 from zoflat_cli.trainer import RunSpec
-
-
-def timed(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def report(label, zo, ze):

@@ -7,6 +7,17 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
 
 
+@pytest.fixture
+def float64():
+    """Default dtype float64 for the test (statistical checks need the digits)."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_mlm(tmp_path_factory):
     """A tiny random RoBERTa with an MLM head (17k parameters)."""

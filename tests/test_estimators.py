@@ -8,12 +8,7 @@ from zoflat_cli.problems.toy import ToyProblem
 
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def toy_point(dim=4, seed=0):

@@ -7,12 +7,7 @@ from zoflat_cli.estimators import tilted_coefficients, two_point, zest
 from zoflat_cli.problems.toy import ToyProblem
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 class Quadratic:

@@ -7,7 +7,6 @@ tensor operations per group, not a Python loop over runs.
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 
