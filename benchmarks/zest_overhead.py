@@ -1,7 +1,8 @@
 """ZEST's cost beyond its 2n loss evaluations, side by side with ZO at the same n.
 
-  batched (toy/convex path): one estimate on the w5a-sized convex problem (factored features),
-      zo with n directions vs zest with n pairs: both evaluate the same 2n losses in one call
+  batched (toy/convex path): one estimate on the toy (d = 100) and on the w5a-sized convex problem
+      (factored features), zo with n directions vs zest with n pairs: both evaluate the same 2n
+      losses in one call
   in place (finetune path): one step on a small random RoBERTa, n directions, zo vs zest
 
     python benchmarks/zest_overhead.py [--pairs 4] [--repeats 20]
@@ -20,6 +21,7 @@ from zoflat_cli.estimators import two_point, zest
 from zoflat_cli.inplace import Directions, in_place_step, tilted_coefficients_for, two_point_coefficients
 from zoflat_cli.problems import lm
 from zoflat_cli.problems.convex import ConvexProblem
+from zoflat_cli.problems.toy import ToyProblem
 from zoflat_cli.testing import save_tiny_roberta
 from zoflat_cli.text_tasks import TASKS, kshot
 from zoflat_cli.trainer import RunSpec
@@ -45,6 +47,19 @@ def batched(pairs: int, repeats: int):
                timed(lambda: zest(bound, x, u, hyper), repeats))
 
 
+def toy(pairs: int, repeats: int):
+    problem = ToyProblem(100)
+    print(f"batched, toy (d = 100), {pairs} directions / pairs per step:")
+    for runs in (1, 9):
+        x = torch.randn(runs, 200, dtype=torch.float64)
+        u = torch.randn(pairs, runs, 200, dtype=torch.float64)
+        hyper = {"lambda": torch.full((runs, 1), 0.1, dtype=torch.float64),
+                 "tilt": torch.full((runs, 1), 1.0, dtype=torch.float64)}
+        with torch.inference_mode():
+            report(f"estimate, {runs} runs", timed(lambda: two_point(problem, x, u, hyper), 50 * repeats),
+                   timed(lambda: zest(problem, x, u, hyper), 50 * repeats))
+
+
 def in_place(pairs: int, repeats: int):
     with tempfile.TemporaryDirectory() as tmp:
         model = save_tiny_roberta(Path(tmp), hidden=256, layers=4, vocab_size=4000)
@@ -65,6 +80,7 @@ def main():
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
+    toy(args.pairs, args.repeats)
     batched(args.pairs, args.repeats)
     in_place(args.pairs, max(3, args.repeats // 4))
 
