@@ -68,8 +68,9 @@ def child(model: str, mode: str, steps: int):
         elif mode == "zo":
             in_place_step(directions, problem.loss, [step], LAM, LR, two_point_coefficients(LAM))
         else:
+            grads = problem.gradient()
             with torch.no_grad():
-                for p, g in zip(problem.params, problem.gradient()):
+                for p, g in zip(problem.params, grads):
                     p.add_(g, alpha=-LR)
     print(json.dumps({"loaded_mib": base, "peak_mib": peak_memory_mib(torch.device("cpu"))}))
 
