@@ -121,3 +121,5 @@ def test_zest_runs_from_the_cli(tmp_path):
     zest_runs = df[df.optimizer == "zest"]
     assert set(zest_runs.tilt) == {0.0, 1.0} and set(zest_runs.samples) == {3}
     assert zest_runs.n_evals.max() == 50 * 6 and df[df.optimizer == "zo"].samples.eq(1).all()
+    # Proposition 2.2's balance prediction is for ZO, not ZEST: no theory value for zest rows
+    assert zest_runs.balance_theory.isna().all() and df[df.optimizer == "zo"].balance_theory.notna().all()

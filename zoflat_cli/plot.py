@@ -87,9 +87,9 @@ def plot_run(folder: Path, out_dir: Path = None) -> list:
                 ax.errorbar(stats.index, stats["mean"], yerr=err, color=colours[method], fmt="none",
                             capsize=2, lw=0.8)
             theory = f"{metric}_theory"
-            if theory in df.columns:
-                ax.plot(stats.index, per_step[theory].mean(), color=colours[method], ls="--", lw=1,
-                        label=f"{method}: theory")
+            predicted = per_step[theory].mean() if theory in df.columns else None
+            if predicted is not None and predicted.notna().any():  # NaN: no theory for this method
+                ax.plot(stats.index, predicted, color=colours[method], ls="--", lw=1, label=f"{method}: theory")
         ref = summary.get("references", {}).get(metric)
         if ref:
             ax.axhline(ref["value"], color="0.3", ls=":", lw=1, label=ref["label"])

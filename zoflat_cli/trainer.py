@@ -84,7 +84,10 @@ class Group:
             self.initial_metrics = values
         if hasattr(self.problem, "theory"):
             lr, lam = self.lr.squeeze(-1), self.hyper["lambda"].squeeze(-1)
-            values.update(self.problem.theory(step, self.initial_metrics, lr, lam))
+            theory = self.problem.theory(step, self.initial_metrics, lr, lam)
+            if self.estimator.name not in self.problem.theory_for:  # NaN: no prediction for this method
+                theory = {k: torch.full_like(v, float("nan")) for k, v in theory.items()}
+            values.update(theory)
         return values
 
 

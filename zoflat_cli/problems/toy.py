@@ -15,6 +15,7 @@ class ToyProblem:
     command = "toy"
     # Metrics whose best value over a run goes in summary.json, and which way is better.
     best = {"loss": "min", "hessian_trace": "min"}
+    theory_for = ("gd", "zo", "dd")  # Proposition 2.2 covers these (λ = 0 for gd and dd), not sam/zest
     references = {"hessian_trace": (2.0, "flat minimum (trace 2)"),
                   "lambda_max": (2.0, "flat minimum (λ_max 2)")}
 
