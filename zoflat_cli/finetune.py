@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from zoflat_cli.config import DTYPES, resolve_device, runs_from
-from zoflat_cli.hessian import finite_difference, hutchinson, top_eigenvalue
+from zoflat_cli.estimators import get_estimator, n_evals
+from zoflat_cli.hessian import dot, finite_difference, hutchinson, top_eigenvalue
 from zoflat_cli.inplace import Directions, in_place_step, tilted_coefficients_for, two_point_coefficients
 from zoflat_cli.live import LiveView
 from zoflat_cli.problems.lm import LMProblem, peak_memory_mib
@@ -41,7 +42,7 @@ class UpdateLog:
     """Fixed-size little-endian records: int64 step, then (uint64 seed, float64 c) per direction."""
 
     def __init__(self, path: Path, samples: int):
-        self.path, self.samples = path, samples
+        self.path = path
         self.record = struct.Struct("<q" + "Qd" * samples)
 
     def read(self) -> list:
@@ -114,7 +115,7 @@ class RunTrainer:
         self.state, self.on_log = state, on_log
         self.directions = Directions(problem.params)
         self.log = UpdateLog(folder.path / "updates" / f"{run.run_id}.bin", run.samples)
-        self.evals_per_step = {"gd": 1, "sam": 2}.get(run.optimizer, 2 * run.samples)
+        self.evals_per_step = n_evals(get_estimator(run.optimizer), run.samples)
         self.wall_offset = 0.0
         self.passes_offset = 0.0
 
@@ -161,7 +162,7 @@ class RunTrainer:
             return
         grads = problem.gradient()
         if run.optimizer == "sam":  # the gradient at the ascent point x + ρ g/‖g‖ (Foret et al.)
-            norm = torch.sqrt(sum(g.double().square().sum() for g in grads)).item()
+            norm = dot(grads, grads) ** 0.5
             scale = run.value("rho") / norm if norm > 0 else 0.0
             with torch.no_grad():
                 for p, g in zip(problem.params, grads):
@@ -187,10 +188,10 @@ class RunTrainer:
                "hessian_trace": None, "hessian_trace_stderr": None, "lambda_max": None, "grad_norm": None}
         if self._due(step, cfg["eval_every"]):
             row["test_loss"], row["test_accuracy"] = problem.evaluate("test")
-            row["grad_norm"] = torch.sqrt(sum(g.double().square().sum() for g in problem.gradient("train"))).item()
+            grads = problem.gradient("train")
+            row["grad_norm"] = dot(grads, grads) ** 0.5
         if cfg["eig_every"] and self._due(step, cfg["eig_every"]):
-            gen = generator(self.run.seed, "probes", problem.params[0].device)
-            gen.manual_seed(stream_seed(self.run.seed, "probes", step, 1))  # not the trace probes
+            gen = generator(self.run.seed, "probes", self.directions.device, step, 1)  # not the trace probes
             with problem.double_backward():
                 row["lambda_max"] = top_eigenvalue(problem.params, problem.loss_terms, cfg["eig_iters"], gen)
         if cfg["trace"] != "none" and self._due(step, cfg["trace_every"]):
@@ -204,8 +205,7 @@ class RunTrainer:
         if cfg["trace"] == "fd":
             seeds = [stream_seed(self.run.seed, "probes", step, i) for i in range(cfg["trace_probes"])]
             return finite_difference(self.directions, problem.loss, seeds, cfg["trace_delta"])
-        gen = generator(self.run.seed, "probes", problem.params[0].device)
-        gen.manual_seed(stream_seed(self.run.seed, "probes", step))
+        gen = generator(self.run.seed, "probes", self.directions.device, step)
         with problem.double_backward():
             return hutchinson(problem.params, problem.loss_terms, cfg["trace_probes"], gen)
 
@@ -273,7 +273,7 @@ def run_finetune(config: dict, quiet: bool = False, resume: Path = None):
             plans[run.run_id] = run
     try:
         with view, GracefulStop() as stop:
-            kept_rows = _logged_rows(path)
+            kept_rows = folder.logged_rows()
             for i, run in enumerate(plans.values()):
                 state = states[run.run_id]
                 state.status = "running"
@@ -300,12 +300,3 @@ def run_finetune(config: dict, quiet: bool = False, resume: Path = None):
         status = folder.finish(states)
     return path, status
 
-
-def _logged_rows(path: Path) -> list:
-    import csv
-
-    metrics = path / "metrics.csv"
-    if not metrics.is_file():
-        return []
-    with open(metrics, newline="") as f:
-        return list(csv.DictReader(f))

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from zoflat_cli.inplace import preserved
+
 
 def mean_stderr(values) -> tuple:
     values = torch.tensor(values, dtype=torch.float64)
@@ -33,7 +35,8 @@ def hvp(params, loss_terms, v) -> list:
     return out
 
 
-def _dot(a, b) -> float:
+def dot(a, b) -> float:
+    """Σ aᵢ·bᵢ over lists of tensors, in float64."""
     return sum((x.double() * y.double()).sum().item() for x, y in zip(a, b))
 
 
@@ -42,7 +45,7 @@ def hutchinson(params, loss_terms, probes: int, generator: torch.Generator) -> t
     for _ in range(probes):
         v = [torch.randint(0, 2, p.shape, generator=generator, device=p.device).to(p.dtype) * 2 - 1
              for p in params]
-        values.append(_dot(v, hvp(params, loss_terms, v)))
+        values.append(dot(v, hvp(params, loss_terms, v)))
     return mean_stderr(values)
 
 
@@ -52,10 +55,10 @@ def top_eigenvalue(params, loss_terms, iters: int, generator: torch.Generator) -
     v = [torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype) for p in params]
     value = float("nan")
     for _ in range(iters):
-        norm = _dot(v, v) ** 0.5
+        norm = dot(v, v) ** 0.5
         v = [x / norm for x in v]
         hv = hvp(params, loss_terms, v)
-        value = _dot(v, hv)
+        value = dot(v, hv)
         v = hv
     return value
 
@@ -64,15 +67,14 @@ def top_eigenvalue(params, loss_terms, iters: int, generator: torch.Generator) -
 def finite_difference(directions, loss, seeds, delta: float) -> tuple:
     """directions: an inplace.Directions over the parameters; loss() evaluates at the current point.
     The parameters are restored bit for bit from a copy, so estimating never moves a run."""
-    saved = [p.detach().clone() for p in directions.params]
     f0 = float(loss())
     values = []
-    for seed in seeds:
-        directions.add([(seed, delta)])
-        f_plus = float(loss())
-        directions.add([(seed, -2 * delta)])
-        f_minus = float(loss())
-        for p, s in zip(directions.params, saved):
-            p.copy_(s)
-        values.append((f_plus + f_minus - 2 * f0) / delta**2)  # python floats: float64
+    with preserved(directions.params) as restore:
+        for seed in seeds:
+            directions.add([(seed, delta)])
+            f_plus = float(loss())
+            directions.add([(seed, -2 * delta)])
+            f_minus = float(loss())
+            restore()
+            values.append((f_plus + f_minus - 2 * f0) / delta**2)  # python floats: float64
     return mean_stderr(values)

@@ -11,6 +11,7 @@ then restore and update together, +(λ - lr·c)z with c = (f+ - f-)/(2λ). Repla
 passes from the logged (seed, c) pairs gives bit-identical parameters (`in_place_step`).
 """
 
+import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,6 +31,23 @@ def mix(seed: int, index: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
+@contextlib.contextmanager
+def preserved(params):
+    """Whatever happens to params inside, they come out bit for bit as they went in (from one
+    copy). Yields restore(), which puts them back early, e.g. between probes."""
+    saved = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def restore():
+        for p, s in zip(params, saved):
+            p.copy_(s)
+
+    try:
+        yield restore
+    finally:
+        restore()
+
+
 class Directions:
     """Seeded Gaussian directions over a fixed list of parameter tensors."""
 
@@ -42,7 +60,6 @@ class Directions:
             flat = p.detach().view(-1)
             for start in range(0, flat.numel(), CHUNK):
                 self.chunks.append((flat, start, min(start + CHUNK, flat.numel())))
-        self.n_params = sum(p.numel() for p in self.params)
         # CPU: threads share the chunks (torch releases the GIL while it draws); CUDA: one stream
         self.workers = torch.get_num_threads() if device.type == "cpu" else 1
         self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
@@ -76,15 +93,11 @@ class Directions:
 
     def draw(self, seed: int) -> list:
         """z(seed) materialised, shaped like the parameters (tests and small models only)."""
-        saved = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
+        with preserved(self.params), torch.no_grad():
             for p in self.params:
                 p.zero_()
             self.add([(seed, 1.0)])
-            z = [p.detach().clone() for p in self.params]
-            for p, s in zip(self.params, saved):
-                p.copy_(s)
-        return z
+            return [p.detach().clone() for p in self.params]
 
 
 def two_point_coefficients(lam: float):

@@ -79,14 +79,21 @@ class RunFolder:
             "runs": {},
         }
 
+    def logged_rows(self) -> list:
+        """The rows of metrics.csv so far, as dicts of strings ([] before the first log)."""
+        path = self.path / "metrics.csv"
+        if not path.is_file():
+            return []
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+
     def keep_rows(self, keep):
         """Resuming: drop the logged rows for which keep(row) is false, append after the rest."""
         path = self.path / "metrics.csv"
-        if not path.is_file():
+        rows = self.logged_rows()
+        if not rows:
             return
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            fields, rows = reader.fieldnames, [r for r in reader if keep(r)]
+        fields, rows = list(rows[0]), [r for r in rows if keep(r)]
         tmp = path.with_suffix(".csv.tmp")
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields)

@@ -30,9 +30,9 @@ def stream_seed(seed: int, stream: str, *keys: int) -> int:
     return int(state[0] >> np.uint64(1))
 
 
-def generator(seed: int, stream: str, device: torch.device) -> torch.Generator:
+def generator(seed: int, stream: str, device: torch.device, *keys: int) -> torch.Generator:
     gen = torch.Generator(device=device)
-    gen.manual_seed(stream_seed(seed, stream))
+    gen.manual_seed(stream_seed(seed, stream, *keys))
     return gen
 
 

@@ -98,24 +98,24 @@ class RandomFeatures:
         self.row_norms = {k: self._row_norms(k) for k in self.splits}
         self._root_gram = None
 
-    def root_gram(self) -> torch.Tensor:
-        """S = (Ĝ Ĝᵀ)^½ for X = [1, Z0] Ĝ, Ĝ = [[1, -μᵀ], [0, G]]: (d + 1, d + 1)."""
+    def root_gram(self) -> tuple:
+        """([1, Z0], S) with S = (Ĝ Ĝᵀ)^½ for X = [1, Z0] Ĝ, Ĝ = [[1, -μᵀ], [0, G]]: built once."""
         if self._root_gram is None:
+            z = self.splits["train"].dense()
             d = self.G.shape[0]
             top = torch.cat((torch.ones(1, 1, dtype=self.G.dtype, device=self.G.device), -self.mu[None]), 1)
             rest = torch.cat((torch.zeros(d, 1, dtype=self.G.dtype, device=self.G.device), self.G), 1)
             g_hat = torch.cat((top, rest), 0)
             vals, vecs = torch.linalg.eigh(g_hat @ g_hat.T)
-            self._root_gram = (vecs * vals.clamp(min=0).sqrt()) @ vecs.T
+            self._root_gram = (torch.cat((torch.ones_like(z[:, :1]), z), 1),
+                               (vecs * vals.clamp(min=0).sqrt()) @ vecs.T)
         return self._root_gram
 
     def lambda_max(self, curvature: torch.Tensor) -> torch.Tensor:
         """Top eigenvalue of the train Hessian (1/n) Xᵀ diag(c) X for each column c of curvature
         (n, k), without X: its nonzero eigenvalues are those of S C S with C = [1, Z0]ᵀ diag(c)
         [1, Z0] / n, a (d + 1)-square matrix (d = raw features)."""
-        z = self.splits["train"].dense()
-        z1 = torch.cat((torch.ones_like(z[:, :1]), z), 1)
-        root = self.root_gram()
+        z1, root = self.root_gram()
         tops = []
         for c in curvature.T:
             small = root @ ((z1 * c[:, None]).T @ z1 / z1.shape[0]) @ root

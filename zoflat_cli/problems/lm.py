@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from zoflat_cli.config import parse_list
 from zoflat_cli.errors import ZoflatError
 from zoflat_cli.estimators import SAMPLES
-from zoflat_cli.streams import stream_seed
+from zoflat_cli.streams import generator
 from zoflat_cli.text_tasks import SPLIT_SEEDS, Task
 
 HEADS = ("auto", "prompt", "linear")
@@ -319,7 +319,7 @@ class LMProblem:
         n = self.splits["train"].size
         if not batch_size or batch_size >= n:
             return
-        gen = torch.Generator().manual_seed(stream_seed(seed, "batches", step))
+        gen = generator(seed, "batches", torch.device("cpu"), step)
         picked = torch.randperm(n, generator=gen)[:batch_size].tolist()
         encoded, labels = self.encoded["train"]
         self.splits["batch"] = self._batches([encoded[i] for i in picked], [labels[i] for i in picked])
@@ -335,14 +335,18 @@ class LMProblem:
         if split in ("train", "batch"):
             self.forward_passes += len(batch[0]) / self.splits["train"].size
 
-    def loss_terms(self, split: str = "train"):
-        """Per micro-batch: the batch's share of the split's mean loss (with autograd if enabled)."""
-        batches = self.splits[split]
-        for batch in batches.batches:
+    def _logits(self, split: str):
+        """Per micro-batch of a split: (logits, labels), counting the forward passes."""
+        for batch in self.splits[split].batches:
             ids, mask, mask_pos, y = batch
             self._count(split, batch)
-            logits = _at_least_float32(self.model(ids, mask, mask_pos))
-            yield F.cross_entropy(logits, y, reduction="sum") / batches.size
+            yield _at_least_float32(self.model(ids, mask, mask_pos)), y
+
+    def loss_terms(self, split: str = "train"):
+        """Per micro-batch: the batch's share of the split's mean loss (with autograd if enabled)."""
+        size = self.splits[split].size
+        for logits, y in self._logits(split):
+            yield F.cross_entropy(logits, y, reduction="sum") / size
 
     @torch.inference_mode()
     def loss(self, split: str = "train") -> float:
@@ -351,15 +355,12 @@ class LMProblem:
     @torch.inference_mode()
     def evaluate(self, split: str) -> tuple:
         """(mean loss, accuracy) over a split."""
-        batches = self.splits[split]
         total, correct = 0.0, 0
-        for batch in batches.batches:
-            ids, mask, mask_pos, y = batch
-            self._count(split, batch)
-            logits = _at_least_float32(self.model(ids, mask, mask_pos))
+        for logits, y in self._logits(split):
             total += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(-1) == y).sum())
-        return total / batches.size, correct / batches.size
+        size = self.splits[split].size
+        return total / size, correct / size
 
     def gradient(self, split: str = "batch") -> list:
         """∇ of the split's mean loss, one tensor per parameter (zeros where one is unused)."""
