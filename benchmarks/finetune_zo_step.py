@@ -5,10 +5,11 @@ For each model (MiniLM, a small random RoBERTa with an MLM head) on the SST-2 K=
   time   one forward pass, zoflat's ZO step (3 threaded passes over the parameters), a MeZO-style
          step (4 passes, z regenerated with torch.manual_seed + torch.normal per tensor), as ratios
          to the forward pass; and one Hutchinson / fd probe in forward-pass equivalents
-  memory peak resident memory of a fresh process doing only inference, only ZO steps, only GD
-         steps (each in its own subprocess, so the high-water marks do not mix)
+  memory peak memory of a fresh process doing only inference, only ZO steps, only GD steps (each
+         in its own subprocess, so the high-water marks do not mix): resident memory on the CPU,
+         allocated GPU memory on CUDA
 
-    python benchmarks/finetune_zo_step.py [--repeats 5] [--models minilm,roberta-small]
+    python benchmarks/finetune_zo_step.py [--repeats 5] [--models minilm,roberta-small] [--device cuda]
 """
 
 import argparse
@@ -32,10 +33,10 @@ from zoflat_cli.text_tasks import TASKS, kshot
 LAM, LR = 1e-3, 1e-6
 
 
-def load(model: str):
+def load(model: str, device: torch.device):
     config = resolve(lm.DEFAULTS, None, {"model": model, "k": 32, "micro_batch": 64}, lm.validate)
     train, _, _ = kshot(TASKS["sst2"], 32, 13)
-    return lm.LMProblem(config, TASKS["sst2"], {"train": train.examples()}, torch.device("cpu"), torch.float32)
+    return lm.LMProblem(config, TASKS["sst2"], {"train": train.examples()}, device, torch.float32)
 
 
 def mezo_step(params, loss, seed):
@@ -43,7 +44,7 @@ def mezo_step(params, loss, seed):
     def perturb(scale):
         torch.manual_seed(seed)
         for p in params:
-            z = torch.normal(mean=0, std=1, size=p.shape, dtype=p.dtype)
+            z = torch.normal(mean=0, std=1, size=p.shape, dtype=p.dtype, device=p.device)
             p.data.add_(z, alpha=scale)
 
     perturb(LAM)
@@ -54,14 +55,17 @@ def mezo_step(params, loss, seed):
     perturb(-LR * (f_plus - f_minus) / (2 * LAM))
 
 
-def child(model: str, mode: str, steps: int):
-    """One mode in a fresh process; prints its peak resident memory."""
-    problem = load(model)
+def child(model: str, mode: str, steps: int, device: torch.device):
+    """One mode in a fresh process; prints its peak memory."""
+    problem = load(model, device)
     directions = Directions(problem.params)
     problem.loss()  # warm-up: allocator pools and thread scratch exist in every mode
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the high-water mark to the current resident size
-    base = peak_memory_mib(torch.device("cpu"))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the high-water mark to the current resident size
+    base = peak_memory_mib(device) if device.type == "cpu" else torch.cuda.memory_allocated(device) / 2**20
     for step in range(steps):
         if mode == "inference":
             problem.loss()
@@ -72,21 +76,22 @@ def child(model: str, mode: str, steps: int):
             with torch.no_grad():
                 for p, g in zip(problem.params, grads):
                     p.add_(g, alpha=-LR)
-    print(json.dumps({"loaded_mib": base, "peak_mib": peak_memory_mib(torch.device("cpu"))}))
+    print(json.dumps({"loaded_mib": base, "peak_mib": peak_memory_mib(device)}))
 
 
-def measure(model: str, repeats: int):
-    problem = load(model)
+def measure(model: str, repeats: int, device: torch.device):
+    problem = load(model, device)
     d = Directions(problem.params)
     forward = timed(problem.loss, repeats)
     zo = timed(lambda: in_place_step(d, problem.loss, [1], LAM, LR, two_point_coefficients(LAM)), repeats)
     mezo = timed(lambda: mezo_step(problem.params, problem.loss, 1), repeats)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device).manual_seed(0)
     with problem.double_backward():
         hutch = timed(lambda: hutchinson(problem.params, problem.loss_terms, 1, gen), max(1, repeats // 2))
     fd = timed(lambda: finite_difference(d, problem.loss, [3], 1e-3), max(1, repeats // 2))
     print(f"\n{model}: {problem.n_params / 1e6:.1f}M parameters, head {problem.head}, "
-          f"batch {problem.splits['train'].size} examples, {torch.get_num_threads()} threads")
+          f"batch {problem.splits['train'].size} examples, "
+          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}")
     print(f"  forward pass              {forward * 1e3:8.1f} ms   1.00x")
     print(f"  zoflat ZO step (3 passes) {zo * 1e3:8.1f} ms   {zo / forward:.2f}x forward   (target <= 2.2x)")
     print(f"  MeZO-style step (4 pass.) {mezo * 1e3:8.1f} ms   {mezo / forward:.2f}x forward   "
@@ -95,7 +100,7 @@ def measure(model: str, repeats: int):
     print(f"  fd, one probe (+ f(x))    {fd * 1e3:8.1f} ms   {fd / forward:.1f} forward equivalents")
     peaks = {}
     for mode in ("inference", "zo", "gd"):
-        out = subprocess.run([sys.executable, __file__, "--child", mode, "--models", model],
+        out = subprocess.run([sys.executable, __file__, "--child", mode, "--models", model, "--device", device.type],
                              capture_output=True, text=True, check=True).stdout
         peaks[mode] = json.loads(out.strip().splitlines()[-1])
     inference = peaks["inference"]["peak_mib"]
@@ -109,8 +114,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="minilm,roberta-small")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         models = []
         for name in args.models.split(","):
@@ -118,10 +125,10 @@ def main():
                 name = save_tiny_roberta(Path(tmp) / "roberta-small", hidden=256, layers=4, vocab_size=4000)
             models.append(name)
         if args.child:
-            child(models[0], args.child, steps=3)
+            child(models[0], args.child, steps=3, device=device)
             return
         for model in models:
-            measure(model, args.repeats)
+            measure(model, args.repeats, device)
 
 
 if __name__ == "__main__":

@@ -3,15 +3,18 @@
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
+
+# parametrize("device", DEVICES): the CPU always, CUDA where there is one (never in CI)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="needs a CUDA device"))]
 
 
 @pytest.fixture
 def float64():
     """Default dtype float64 for the test (statistical checks need the digits)."""
-    import torch
-
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     yield

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -43,7 +44,7 @@ def test_toy_writes_the_documented_run_folder(tmp_path):
     assert df.loc[df.optimizer == "gd", "lambda"].isna().all()
     assert (df.loc[(df.optimizer == "zo") & (df.step == 200), "n_evals"] == 400).all()
     summary = json.loads((folder / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["device"] == "cpu"
+    assert summary["status"] == "completed" and summary["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert {r["status"] for r in summary["runs"].values()} == {"completed"}
     assert summary["references"]["hessian_trace"]["value"] == 2.0
     config = yaml.safe_load((folder / "config.yaml").read_text())

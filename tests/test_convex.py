@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
+from conftest import DEVICES
 from typer.testing import CliRunner
 
 from zoflat_cli.cli import app
@@ -25,9 +26,9 @@ def random_split(n, d, seed):
     return Split(X, np.where(rng.random(n) < 0.4, 1.0, -1.0), f"random{seed}")
 
 
-def problem(model, dense=False, n_features=12):
+def problem(model, dense=False, n_features=12, device=CPU):
     return ConvexProblem(random_split(60, 7, 0), random_split(40, 7, 1), model, n_features, dense,
-                         torch.float64, CPU)
+                         torch.float64, device)
 
 
 def dense_loss(prob, seed):
@@ -86,17 +87,31 @@ def test_factored_equals_dense(model):
     torch.testing.assert_close(fb.loss(batched), db.loss(batched), rtol=1e-9, atol=1e-12)
 
 
+def trajectories(runs, dense=False, device=CPU):
+    prob = problem("svm", dense, device=device)
+    rows = []
+    Trainer(prob, make_groups(prob, runs, torch.float64, device), 50, 10,
+            [lambda step, logged, states: rows.extend(logged)]).run()
+    return pd.DataFrame(rows).drop(columns="wall_s")
+
+
+def assert_same_numbers(a, b):
+    numeric = a.select_dtypes("number").columns
+    np.testing.assert_allclose(a[numeric].to_numpy(float), b[numeric].to_numpy(float), rtol=1e-6, atol=1e-9)
+
+
 def test_factored_and_dense_trajectories_agree():
     runs = [RunSpec("gd", 0.05, 3), RunSpec("zo", 0.01, 3, 1, (("lambda", 0.01),)), RunSpec("sam", 0.05, 4, 1, (("rho", 0.1),))]
-    logs = []
-    for dense in (False, True):
-        prob = problem("svm", dense)
-        rows = []
-        Trainer(prob, make_groups(prob, runs, torch.float64, CPU), 50, 10,
-                [lambda step, logged, states: rows.extend(logged)]).run()
-        logs.append(pd.DataFrame(rows).drop(columns="wall_s"))
-    numeric = logs[0].select_dtypes("number").columns
-    np.testing.assert_allclose(logs[0][numeric].to_numpy(float), logs[1][numeric].to_numpy(float), rtol=1e-6, atol=1e-9)
+    assert_same_numbers(trajectories(runs), trajectories(runs, dense=True))
+
+
+@pytest.mark.parametrize("device", DEVICES[1:])
+@pytest.mark.parametrize("dense", [False, True])
+def test_cuda_follows_the_cpu_path(device, dense):
+    """Sparse CSR (factored) and dense products on the GPU: GD and SAM trajectories, their exact
+    traces and λ_max as on the CPU (ZO draws its directions from the device's generator)."""
+    runs = [RunSpec("gd", 0.05, 3), RunSpec("sam", 0.05, 4, 1, (("rho", 0.1),))]
+    assert_same_numbers(trajectories(runs, dense, torch.device(device)), trajectories(runs, dense))
 
 
 def test_zo_on_logistic_is_unbiased_for_the_smoothed_gradient():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEVICES
 from typer.testing import CliRunner
 
 from zoflat_cli import finetune as ft
@@ -22,11 +23,11 @@ from zoflat_cli.text_tasks import TASKS, kshot
 runner = CliRunner()
 
 
-def make_problem(model, dtype=torch.float64, task="sst2", k=8, head="auto", **extra):
+def make_problem(model, dtype=torch.float64, task="sst2", k=8, head="auto", device="cpu", **extra):
     config = resolve(lm.DEFAULTS, None, {"model": model, "task": task, "k": k, "head": head, **extra}, lm.validate)
     train, _, test = kshot(TASKS[task], k, 13)
     return lm.LMProblem(config, TASKS[task], {"train": train.examples(), "test": test.examples()[:40]},
-                        torch.device("cpu"), dtype)
+                        torch.device(device), dtype)
 
 
 def flat(params):
@@ -92,8 +93,9 @@ def test_directions_are_standard_normal_and_thread_independent(tiny_mlm, monkeyp
     assert torch.equal(z, flat(d.draw(123)))
 
 
-def test_zo_step_estimates_directional_derivative_and_restores(tiny_mlm):
-    problem = make_problem(tiny_mlm)
+@pytest.mark.parametrize("device", DEVICES)
+def test_zo_step_estimates_directional_derivative_and_restores(tiny_mlm, device):
+    problem = make_problem(tiny_mlm, device=device)
     d = Directions(problem.params)
     before = flat(problem.params).clone()
     grad = flat(problem.gradient())
@@ -108,8 +110,9 @@ def test_zo_step_estimates_directional_derivative_and_restores(tiny_mlm):
     torch.testing.assert_close(flat(problem.params), before - 0.5 * c * z)
 
 
-def test_replaying_the_update_log_is_bit_identical(tiny_mlm):
-    problem = make_problem(tiny_mlm, dtype=torch.float32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_replaying_the_update_log_is_bit_identical(tiny_mlm, device):
+    problem = make_problem(tiny_mlm, dtype=torch.float32, device=device)
     d = Directions(problem.params)
     log = []
     for step in range(5):
@@ -123,11 +126,12 @@ def test_replaying_the_update_log_is_bit_identical(tiny_mlm):
     assert torch.equal(flat(problem.params), trained)
 
 
-def test_zest_in_place_uses_the_tilted_weights_and_replays_bit_identically(tiny_mlm):
+@pytest.mark.parametrize("device", DEVICES)
+def test_zest_in_place_uses_the_tilted_weights_and_replays_bit_identically(tiny_mlm, device):
     from zoflat_cli.estimators import tilted_coefficients
     from zoflat_cli.inplace import tilted_coefficients_for
 
-    problem = make_problem(tiny_mlm)
+    problem = make_problem(tiny_mlm, device=device)
     d = Directions(problem.params)
     before = flat(problem.params).clone()
     seeds, lam, t, lr = [3, 4, 5], 1e-3, 10.0, 0.1
@@ -138,7 +142,7 @@ def test_zest_in_place_uses_the_tilted_weights_and_replays_bit_identically(tiny_
         return evaluated[-1]
 
     coefs = in_place_step(d, loss, seeds, lam, lr, tilted_coefficients_for(lam, t))
-    f_plus, f_minus = torch.tensor(evaluated[0::2]), torch.tensor(evaluated[1::2])
+    f_plus, f_minus = torch.tensor(evaluated[0::2]), torch.tensor(evaluated[1::2])  # python floats
     torch.testing.assert_close(torch.tensor(coefs), tilted_coefficients(f_plus, f_minus, lam, torch.tensor(t)))
     z = [flat(d.draw(s)) for s in seeds]
     update = sum(c * zi for c, zi in zip(coefs, z))
@@ -170,9 +174,9 @@ def test_sam_step_is_gd_at_the_ascent_point(tiny_mlm, tmp_path):
 
 # ---------------------------------------------------------------- Hessian traces vs the exact Hessian
 
-def _few_params_problem(tiny_mlm):
+def _few_params_problem(tiny_mlm, device="cpu"):
     """Only the last LayerNorm and the MLM head's bias train: a Hessian small enough to form."""
-    problem = make_problem(tiny_mlm)
+    problem = make_problem(tiny_mlm, device=device)
     head = problem.model.mlm_head
     problem.params = [head.layer_norm.weight, head.layer_norm.bias, head.dense.bias]
     return problem
@@ -187,17 +191,19 @@ def _exact_hessian(problem):
     return torch.stack([torch.cat([r.reshape(-1) for r in row]) for row in rows])
 
 
-def test_hutchinson_and_fd_match_the_exact_hessian(tiny_mlm):
-    problem = _few_params_problem(tiny_mlm)
+@pytest.mark.parametrize("device", DEVICES)
+def test_hutchinson_and_fd_match_the_exact_hessian(tiny_mlm, device):
+    problem = _few_params_problem(tiny_mlm, device)
     H = _exact_hessian(problem)
     torch.testing.assert_close(H, H.T)
     exact = torch.trace(H).item()
     # one probe: vᵀHv exactly, for the same Rademacher v
-    gen = torch.Generator().manual_seed(5)
+    gen = torch.Generator(device).manual_seed(5)
     with problem.double_backward():
         one, _ = hutchinson(problem.params, problem.loss_terms, 1, gen)
-    gen = torch.Generator().manual_seed(5)
-    v = torch.cat([torch.randint(0, 2, p.shape, generator=gen).to(p.dtype) * 2 - 1 for p in problem.params])
+    gen = torch.Generator(device).manual_seed(5)
+    v = torch.cat([torch.randint(0, 2, p.shape, generator=gen, device=device).to(p.dtype) * 2 - 1
+                   for p in problem.params])
     assert one == pytest.approx(float(v @ H @ v), rel=1e-8)
     # fd: uᵀHu up to O(δ²), for the same Gaussian u
     d = Directions(problem.params)
@@ -206,20 +212,21 @@ def test_hutchinson_and_fd_match_the_exact_hessian(tiny_mlm):
     assert fd_one == pytest.approx(float(u @ H @ u), rel=1e-4)
     # both unbiased: many probes land within 4 standard errors of the exact trace
     with problem.double_backward():
-        mean, stderr = hutchinson(problem.params, problem.loss_terms, 200, torch.Generator().manual_seed(1))
+        mean, stderr = hutchinson(problem.params, problem.loss_terms, 200, torch.Generator(device).manual_seed(1))
     assert abs(mean - exact) < 4 * stderr and stderr < 0.2 * abs(exact)
     mean, stderr = finite_difference(d, problem.loss, list(range(200)), 1e-4)
     assert abs(mean - exact) < 4 * stderr and stderr < 0.3 * abs(exact)
 
 
-def test_power_iteration_finds_the_top_eigenvalue(tiny_mlm):
+@pytest.mark.parametrize("device", DEVICES)
+def test_power_iteration_finds_the_top_eigenvalue(tiny_mlm, device):
     from zoflat_cli.hessian import top_eigenvalue
 
-    problem = _few_params_problem(tiny_mlm)
+    problem = _few_params_problem(tiny_mlm, device)
     eigenvalues = torch.linalg.eigvalsh(_exact_hessian(problem))
     assert eigenvalues[-1] > abs(eigenvalues[0])  # λ_max dominates here
     with problem.double_backward():
-        top = top_eigenvalue(problem.params, problem.loss_terms, 200, torch.Generator().manual_seed(0))
+        top = top_eigenvalue(problem.params, problem.loss_terms, 200, torch.Generator(device).manual_seed(0))
     assert top == pytest.approx(eigenvalues[-1].item(), rel=1e-6)
 
 
@@ -268,6 +275,22 @@ def test_finetune_cli_end_to_end(tiny_mlm, tmp_path):
     assert [[r[c] for c in MODEL_COLUMNS] for r in rerun] == [[r[c] for c in MODEL_COLUMNS] for r in rows]
     plotted = runner.invoke(app, ["plot", str(path)])
     assert plotted.exit_code == 0 and (path / "figure.png").is_file()
+
+
+@pytest.mark.parametrize("device", DEVICES[1:])
+def test_finetune_on_cuda_repeats_itself_and_gd_follows_the_cpu_path(tiny_mlm, tmp_path, device):
+    args = ["--model", tiny_mlm, "-o", "gd,zo,zest", "--pairs", "2", "--dtype", "float64", "--eig-every", "8",
+            "--eig-iters", "3", *COMMON]
+    rows = {}
+    for name, on in (("cpu", "cpu"), ("cuda", device), ("again", device)):
+        result = _invoke(*args, "--device", on, "--out", tmp_path / name)
+        assert result.exit_code == 0, result.output
+        rows[name] = _rows(Path(result.output.strip()))
+    columns = (*MODEL_COLUMNS, "lambda_max", "grad_norm")
+    assert [[r[c] for c in columns] for r in rows["again"]] == [[r[c] for c in columns] for r in rows["cuda"]]
+    on_cpu, on_gpu = ([float(r["loss"]) for r in rows[k] if r["optimizer"] == "gd"] for k in ("cpu", "cuda"))
+    assert on_gpu == pytest.approx(on_cpu, rel=1e-9) and len(set(on_gpu)) == len(on_gpu)
+    assert all(float(r["peak_memory_mib"]) > 0 and r["loss"] != "nan" for r in rows["cuda"])
 
 
 def test_finetune_sam_and_zest_with_sharpness_columns(tiny_mlm, tmp_path):
