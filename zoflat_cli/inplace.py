@@ -1,10 +1,13 @@
 """Zeroth-order steps for models too large to copy: parameters are perturbed in place.
 
 A direction z ~ N(0, I) over all trainable parameters is never stored. It is a function of a
-64-bit seed: the parameters are cut into fixed chunks, and chunk c of direction `seed` is drawn
-from a generator seeded with mix(seed, c). So z can be regenerated chunk by chunk, in any order
-and on several threads, and `add(terms)` computes params += Σ scale·z(seed) in one pass over the
-parameters with one chunk of scratch memory per thread.
+64-bit seed: the parameters, taken in order as one vector, are cut into fixed chunks of CHUNK
+elements, and chunk c of direction `seed` is drawn from a generator seeded with mix(seed, c). So
+z can be regenerated chunk by chunk, in any order and on several threads, and `add(terms)`
+computes params += Σ scale·z(seed) in one pass over the parameters with one chunk of scratch
+memory per thread. A chunk spans many small tensors (biases, norms), so one draw and one fused
+multi-tensor add serve them all: on a GPU the pass costs a few kernel launches per chunk, not
+per tensor.
 
 A two-point step makes three passes (MeZO makes four): +λz, evaluate f+; -2λz, evaluate f-;
 then restore and update together, +(λ - lr·c)z with c = (f+ - f-)/(2λ). Replaying the same
@@ -55,11 +58,20 @@ class Directions:
         self.params = [p for p in params]
         device = self.params[0].device
         self.device = device
-        self.chunks = []  # (flat view, start, stop): the same cut for every seed
+        # chunk = [(parameter slice, start, stop in the chunk)]: the same cut for every seed
+        self.chunks, pieces, filled = [], [], 0
         for p in self.params:
             flat = p.detach().view(-1)
-            for start in range(0, flat.numel(), CHUNK):
-                self.chunks.append((flat, start, min(start + CHUNK, flat.numel())))
+            start = 0
+            while start < flat.numel():
+                take = min(CHUNK - filled, flat.numel() - start)
+                pieces.append((flat[start:start + take], filled, filled + take))
+                start, filled = start + take, filled + take
+                if filled == CHUNK:
+                    self.chunks.append(pieces)
+                    pieces, filled = [], 0
+        if pieces:
+            self.chunks.append(pieces)
         # CPU: threads share the chunks (torch releases the GIL while it draws); CUDA: one stream
         self.workers = torch.get_num_threads() if device.type == "cpu" else 1
         self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
@@ -72,14 +84,15 @@ class Directions:
         return self._local.buffer, self._local.generator
 
     def _add_chunk(self, index: int, terms):
-        flat, start, stop = self.chunks[index]
+        pieces = self.chunks[index]
         buffer, gen = self._scratch()
-        z = buffer[: stop - start]
-        target = flat[start:stop]
+        z = buffer[: pieces[-1][2]]
+        targets = [target for target, _, _ in pieces]
         for seed, scale in terms:
             gen.manual_seed(mix(seed, index))
             z.normal_(generator=gen)
-            target.add_(z if target.dtype == z.dtype else z.to(target.dtype), alpha=scale)
+            parts = [z[start:stop].to(target.dtype) for target, start, stop in pieces]  # .to: a no-op when equal
+            torch._foreach_add_(targets, parts, alpha=scale)
 
     @torch.no_grad()
     def add(self, terms):
