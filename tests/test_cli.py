@@ -80,6 +80,14 @@ def test_plot_writes_figures_for_a_parent_folder(tmp_path):
     assert (tmp_path / "figs" / f"{folder.name}.png").is_file()
 
 
+def test_plot_of_the_current_folder_is_named_after_it(tmp_path, monkeypatch):
+    zoflat("toy", "--dim", 6, "--steps", 20, "--log-every", 10, "--out", tmp_path, "--quiet")
+    folder = only_run_folder(tmp_path)
+    monkeypatch.chdir(folder)
+    zoflat("plot", ".", "--out", tmp_path / "figs")
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == [f"{folder.name}.pdf", f"{folder.name}.png"]
+
+
 def test_run_folders_are_never_reused(tmp_path):
     for _ in range(2):
         zoflat("toy", "--dim", 3, "--steps", 5, "--log-every", 5, "--out", tmp_path, "--name", "same", "--quiet")

@@ -305,6 +305,8 @@ def test_finetune_sam_and_zest_with_sharpness_columns(tiny_mlm, tmp_path):
     assert all(r["grad_norm"] != "" for r in zest if r["test_accuracy"] != "")
     assert (path / "updates" / f"{zest[0]['run_id']}.bin").stat().st_size == 8 * (8 + 2 * 16)
     assert {r["optimizer"] for r in rows} == {"sam", "zest"}
+    summary = json.loads((path / "summary.json").read_text())
+    assert summary["panels"] == ["loss", "test_accuracy", "hessian_trace", "lambda_max", "grad_norm"]
 
 
 def test_finetune_linear_head_with_fd_trace(tiny_encoder, tmp_path):

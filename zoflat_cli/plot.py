@@ -23,6 +23,7 @@ def find_run_folders(paths) -> list:
     for path in map(Path, paths):
         if not path.exists():
             raise ZoflatError(f"no such folder: {path}")
+        path = path.resolve()  # "." is named after the folder it is
         found = [path] if (path / "metrics.csv").is_file() else sorted(
             p.parent for p in path.rglob("metrics.csv"))
         if not found:

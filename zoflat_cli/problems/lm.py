@@ -253,13 +253,15 @@ class LMProblem:
 
     best = {"loss": "min", "test_accuracy": "max"}
     references = {}
-    panels = ["loss", "test_accuracy", "hessian_trace"]  # the paper's three panels
 
     def __init__(self, config: dict, task: Task, splits: dict, device, dtype):
         _quiet_transformers()
         from transformers import AutoConfig, AutoTokenizer
 
         self.name, self.task, self.device, self.dtype = config["model"], task, device, dtype
+        # the paper's three panels, and the sharpness measures when λ_max is being computed
+        sharpness = ["lambda_max", "grad_norm"] if config["eig_every"] else []
+        self.panels = ["loss", "test_accuracy", "hessian_trace", *sharpness]
         self.head = resolve_head(config["head"], from_pretrained(AutoConfig, self.name), self.name)
         self.tokenizer = from_pretrained(AutoTokenizer, self.name)
         self.label_ids = label_word_ids(task, self.tokenizer) if self.head == "prompt" else None
