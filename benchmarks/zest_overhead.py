@@ -2,7 +2,7 @@
 
   batched (toy/convex path): one estimate on the toy (d = 100) and on the w5a-sized convex problem
       (factored features), zo with n directions vs zest with n pairs: both evaluate the same 2n
-      losses in one call
+      losses in one call; on the toy also a whole trainer step (directions, estimate, update)
   in place (finetune path): one step on a small random RoBERTa, n directions, zo vs zest
 
     python benchmarks/zest_overhead.py [--pairs 4] [--repeats 20]
@@ -24,11 +24,11 @@ from zoflat_cli.problems.convex import ConvexProblem
 from zoflat_cli.problems.toy import ToyProblem
 from zoflat_cli.testing import save_tiny_roberta
 from zoflat_cli.text_tasks import TASKS, kshot
-from zoflat_cli.trainer import RunSpec
+from zoflat_cli.trainer import RunSpec, make_groups
 
 
 def report(label, zo, ze):
-    print(f"  {label}: zo {zo * 1e3:8.2f} ms, zest {ze * 1e3:8.2f} ms -> ZEST overhead {100 * (ze / zo - 1):+.1f}% "
+    print(f"  {label}: zo {zo * 1e3:9.3f} ms, zest {ze * 1e3:9.3f} ms -> ZEST overhead {100 * (ze / zo - 1):+.1f}% "
           f"(target <= +10%)")
 
 
@@ -55,9 +55,14 @@ def toy(pairs: int, repeats: int):
         u = torch.randn(pairs, runs, 200, dtype=torch.float64)
         hyper = {"lambda": torch.full((runs, 1), 0.1, dtype=torch.float64),
                  "tilt": torch.full((runs, 1), 1.0, dtype=torch.float64)}
+        zo_runs = [RunSpec("zo", 1e-3, seed, pairs, (("lambda", 0.1),)) for seed in range(runs)]
+        zest_runs = [RunSpec("zest", 1e-3, seed, pairs, (("lambda", 0.1), ("tilt", 1.0))) for seed in range(runs)]
+        zo_group, zest_group = (make_groups(problem, r, torch.float64, torch.device("cpu"))[0]
+                                for r in (zo_runs, zest_runs))
         with torch.inference_mode():
             report(f"estimate, {runs} runs", timed(lambda: two_point(problem, x, u, hyper), 50 * repeats),
                    timed(lambda: zest(problem, x, u, hyper), 50 * repeats))
+            report(f"trainer step, {runs} runs", timed(zo_group.step, 50 * repeats), timed(zest_group.step, 50 * repeats))
 
 
 def in_place(pairs: int, repeats: int):

@@ -142,8 +142,8 @@ def test_zest_in_place_uses_the_tilted_weights_and_replays_bit_identically(tiny_
         return evaluated[-1]
 
     coefs = in_place_step(d, loss, seeds, lam, lr, tilted_coefficients_for(lam, t))
-    f_plus, f_minus = torch.tensor(evaluated[0::2]), torch.tensor(evaluated[1::2])  # python floats
-    torch.testing.assert_close(torch.tensor(coefs), tilted_coefficients(f_plus, f_minus, lam, torch.tensor(t)))
+    losses = torch.tensor([evaluated[0::2], evaluated[1::2]])  # f⁺ and f⁻, python floats
+    torch.testing.assert_close(torch.tensor(coefs), tilted_coefficients(losses, lam, torch.tensor(t)))
     z = [flat(d.draw(s)) for s in seeds]
     update = sum(c * zi for c, zi in zip(coefs, z))
     torch.testing.assert_close(flat(problem.params), before - lr * update)

@@ -57,7 +57,7 @@ def test_weights_are_a_stable_softmax():
     f_plus = torch.tensor([[1000.0], [999.0]])  # exp(t f) overflows without max-subtraction
     f_minus = torch.tensor([[998.0], [1001.0]])
     for t in (1.0, 10.0, 300.0):  # |tΔ/2| below and far above 1: sinh(tΔ/2) alone would overflow
-        c = tilted_coefficients(f_plus, f_minus, 0.1, torch.tensor(t))
+        c = tilted_coefficients(torch.stack((f_plus, f_minus)), 0.1, torch.tensor(t))
         w = torch.softmax(t * torch.cat((f_plus, f_minus)).squeeze(-1), 0)
         assert torch.isfinite(c).all()
         torch.testing.assert_close(c.squeeze(-1), (w[:2] - w[2:]) / (t * 0.1))

@@ -123,9 +123,8 @@ def two_point_coefficients(lam: float):
 def tilted_coefficients_for(lam: float, tilt: float):
     """ZEST: the tilted weights of estimators.tilted_coefficients, on python floats (float64)."""
     def coefficients(f_plus, f_minus):
-        c = tilted_coefficients(torch.tensor(f_plus, dtype=torch.float64), torch.tensor(f_minus, dtype=torch.float64),
-                                lam, torch.tensor(tilt, dtype=torch.float64))
-        return c.tolist()
+        losses = torch.tensor([f_plus, f_minus], dtype=torch.float64)
+        return tilted_coefficients(losses, lam, torch.tensor(tilt, dtype=torch.float64)).tolist()
     return coefficients
 
 
