@@ -63,6 +63,12 @@ def test_weights_are_a_stable_softmax():
         torch.testing.assert_close(c.squeeze(-1), (w[:2] - w[2:]) / (t * 0.1))
 
 
+def test_a_nan_loss_gives_nan_coefficients_not_the_zero_tilt_fallback():
+    losses = torch.tensor([[[1.0], [float("nan")]], [[0.5], [2.0]]])  # (±, pairs, 1)
+    for t in (0.0, 1.0):
+        assert torch.isnan(tilted_coefficients(losses, 0.1, torch.tensor(t))).all()  # the run is marked diverged
+
+
 def test_mean_converges_to_the_tilted_gradient_with_bias_shrinking_like_one_over_n():
     gen = torch.Generator().manual_seed(2)
     m = torch.randn(4, 4, generator=gen)
