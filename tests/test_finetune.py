@@ -358,6 +358,20 @@ def test_zo_resume_after_a_kill_replays_the_log(tiny_mlm, tmp_path):
     assert [[r[c] for c in MODEL_COLUMNS] for r in _rows(short)] == [[r[c] for c in MODEL_COLUMNS] for r in full]
 
 
+def test_resume_on_another_device_kind_is_refused_before_replaying(tiny_mlm, tmp_path):
+    """CPU and CUDA generators draw different directions from one seed: a replay elsewhere would
+    silently rebuild another model."""
+    folder = Path(_invoke("--model", tiny_mlm, "-o", "zo", "--out", tmp_path, *COMMON).output.strip())
+    summary = json.loads((folder / "summary.json").read_text())
+    summary.update(device="cuda:0")  # as if drawn on a GPU
+    summary["runs"]["zo-lam0.002-lr0.01-s0"]["status"] = "interrupted"
+    (folder / "summary.json").write_text(json.dumps(summary))
+    before = (folder / "metrics.csv").read_bytes()
+    result = runner.invoke(app, ["finetune", "--resume", str(folder), "--device", "cpu"])
+    assert result.exit_code == 2 and "can only be replayed there; resume with --device cuda" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and (folder / "metrics.csv").read_bytes() == before
+
+
 @pytest.mark.parametrize("args, message", [
     (["--task", "mnli"], "unknown task 'mnli'"),
     (["--head", "mlp"], "head must be one of"),

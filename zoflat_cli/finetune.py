@@ -8,6 +8,7 @@ Besides config.yaml, metrics.csv and summary.json, the run folder holds
 `zoflat finetune --resume DIR` continues every unfinished run from its checkpoint and log.
 """
 
+import json
 import math
 import os
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from zoflat_cli.config import DTYPES, resolve_device, runs_from
+from zoflat_cli.errors import ZoflatError
 from zoflat_cli.estimators import get_estimator, n_evals
 from zoflat_cli.hessian import dot, finite_difference, hutchinson, top_eigenvalue
 from zoflat_cli.inplace import Directions, in_place_step, tilted_coefficients_for, two_point_coefficients
@@ -29,6 +31,22 @@ from zoflat_cli.text_tasks import get_task, kshot
 from zoflat_cli.trainer import RunState
 
 REPLAYABLE = ("zo", "zest")  # optimizers whose steps the update log can replay
+
+
+def update_log_path(run_dir: Path, run_id: str) -> Path:
+    return run_dir / "updates" / f"{run_id}.bin"
+
+
+def check_replay_device(run_dir: Path, runs, device: torch.device):
+    """A logged ZO step is replayed by regenerating its directions, which only a generator of the
+    same kind can do: CPU and CUDA generators draw different numbers from one seed."""
+    summary = run_dir / "summary.json"
+    drawn_on = json.loads(summary.read_text()).get("device") if summary.is_file() else None
+    logged = [r.run_id for r in runs if r.optimizer in REPLAYABLE and update_log_path(run_dir, r.run_id).is_file()]
+    if drawn_on and logged and torch.device(drawn_on).type != device.type:
+        kind = torch.device(drawn_on).type
+        raise ZoflatError(f"--resume: {logged[0]} drew its directions on {kind} and can only be replayed there; "
+                          f"resume with --device {kind}")
 
 
 def coefficients_of(run):
@@ -114,7 +132,7 @@ class RunTrainer:
         self.problem, self.run, self.config, self.folder = problem, run, config, folder
         self.state, self.on_log = state, on_log
         self.directions = Directions(problem.params)
-        self.log = UpdateLog(folder.path / "updates" / f"{run.run_id}.bin", run.samples)
+        self.log = UpdateLog(update_log_path(folder.path, run.run_id), run.samples)
         self.evals_per_step = n_evals(get_estimator(run.optimizer), run.samples)
         self.wall_offset = 0.0
         self.passes_offset = 0.0
@@ -250,10 +268,12 @@ class RunTrainer:
 def run_finetune(config: dict, quiet: bool = False, resume: Path = None):
     """Runs (or, with resume, continues) every run of the config. Returns (folder, status)."""
     task = get_task(config["task"])
-    train, _dev, test = kshot(task, config["k"], config["split_seed"], config["data_dir"], config["test_mode"])
     device, dtype = resolve_device(config["device"]), DTYPES[config["dtype"]]
-    problem = LMProblem(config, task, {"train": train.examples(), "test": test.examples()}, device, dtype)
     runs = runs_from(config)
+    if resume:
+        check_replay_device(Path(resume), runs, device)
+    train, _dev, test = kshot(task, config["k"], config["split_seed"], config["data_dir"], config["test_mode"])
+    problem = LMProblem(config, task, {"train": train.examples(), "test": test.examples()}, device, dtype)
     path = Path(resume) if resume else create_run_dir(config["out"], config["command"], config["name"])
     folder = RunFolder(path, config, problem, str(device))
     previous = folder.summary["runs"]
