@@ -8,7 +8,6 @@ Besides config.yaml, metrics.csv and summary.json, the run folder holds
 `zoflat finetune --resume DIR` continues every unfinished run from its checkpoint and log.
 """
 
-import json
 import math
 import os
 import signal
@@ -25,7 +24,7 @@ from zoflat_cli.hessian import dot, finite_difference, hutchinson, top_eigenvalu
 from zoflat_cli.inplace import Directions, in_place_step, tilted_coefficients_for, two_point_coefficients
 from zoflat_cli.live import LiveView
 from zoflat_cli.problems.lm import LMProblem, peak_memory_mib
-from zoflat_cli.runfolder import RunFolder, create_run_dir
+from zoflat_cli.runfolder import RunFolder, create_run_dir, read_summary
 from zoflat_cli.streams import generator, stream_seed
 from zoflat_cli.text_tasks import get_task, kshot
 from zoflat_cli.trainer import RunState
@@ -40,11 +39,10 @@ def update_log_path(run_dir: Path, run_id: str) -> Path:
 def check_replay_device(run_dir: Path, runs, device: torch.device):
     """A logged ZO step is replayed by regenerating its directions, which only a generator of the
     same kind can do: CPU and CUDA generators draw different numbers from one seed."""
-    summary = run_dir / "summary.json"
-    drawn_on = json.loads(summary.read_text()).get("device") if summary.is_file() else None
+    drawn_on = read_summary(run_dir).get("device")
+    kind = torch.device(drawn_on).type if drawn_on else device.type
     logged = [r.run_id for r in runs if r.optimizer in REPLAYABLE and update_log_path(run_dir, r.run_id).is_file()]
-    if drawn_on and logged and torch.device(drawn_on).type != device.type:
-        kind = torch.device(drawn_on).type
+    if logged and kind != device.type:
         raise ZoflatError(f"--resume: {logged[0]} drew its directions on {kind} and can only be replayed there; "
                           f"resume with --device {kind}")
 

@@ -1,6 +1,5 @@
 """`zoflat plot`: paper-style figures from run folders, one panel per metric against step."""
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +10,7 @@ import pandas as pd  # noqa: E402
 
 from zoflat_cli.errors import ZoflatError  # noqa: E402
 from zoflat_cli.estimators import HYPERPARAMETERS  # noqa: E402
+from zoflat_cli.runfolder import read_summary  # noqa: E402
 
 RUN_COLUMNS = ["run_id", "optimizer", "lr", "seed", "samples"]
 NOT_PLOTTED = set(RUN_COLUMNS) | set(HYPERPARAMETERS) | {"step", "wall_s", "n_evals"}
@@ -59,8 +59,7 @@ def plot_run(folder: Path, out_dir: Path = None) -> list:
         raise ZoflatError(f"cannot read {folder / 'metrics.csv'}: {err}") from None
     if df.empty or not set(RUN_COLUMNS) <= set(df.columns):
         raise ZoflatError(f"{folder / 'metrics.csv'} has no rows or is not a zoflat metrics file")
-    summary_path = folder / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = read_summary(folder)
     metrics = summary.get("panels") or [
         c for c in df.columns if c not in NOT_PLOTTED and not c.endswith(("_theory", "_stderr"))]
     df["method"] = df.apply(method_label, axis=1)

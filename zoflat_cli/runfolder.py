@@ -40,6 +40,12 @@ def create_run_dir(out: Path, command: str, name: str) -> Path:
     raise FileExistsError(f"no free run folder name under {parent}")
 
 
+def read_summary(folder: Path) -> dict:
+    """The summary.json of a run folder as written so far ({} when there is none)."""
+    path = Path(folder) / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def versions() -> dict:
     import numpy
     import torch
@@ -60,9 +66,9 @@ class RunFolder:
         self._csv_file = None
         self._writer = None
         self._last_summary = 0.0
-        summary_path = self.path / "summary.json"
-        if summary_path.is_file():  # a resumed run: keep what the first session recorded
-            self.summary = json.loads(summary_path.read_text())
+        recorded = read_summary(self.path)
+        if recorded:  # a resumed run: keep what the first session recorded
+            self.summary = recorded
             self.summary.update(status="running", device=device, versions=versions())
             return
         self.summary = {
