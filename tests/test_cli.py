@@ -88,6 +88,16 @@ def test_plot_of_the_current_folder_is_named_after_it(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == [f"{folder.name}.pdf", f"{folder.name}.png"]
 
 
+def test_a_damaged_summary_is_a_one_line_error_and_the_metrics_stay(tmp_path):
+    zoflat("toy", "--dim", 3, "--steps", 5, "--log-every", 5, "--out", tmp_path, "--quiet")
+    folder = only_run_folder(tmp_path)
+    (folder / "summary.json").write_text("{cut off")
+    metrics = (folder / "metrics.csv").read_bytes()
+    result = runner.invoke(app, ["plot", str(folder)])
+    assert result.exit_code == 2 and "summary.json is damaged" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and (folder / "metrics.csv").read_bytes() == metrics
+
+
 def test_run_folders_are_never_reused(tmp_path):
     for _ in range(2):
         zoflat("toy", "--dim", 3, "--steps", 5, "--log-every", 5, "--out", tmp_path, "--name", "same", "--quiet")

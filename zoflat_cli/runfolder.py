@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 import zoflat_cli
+from zoflat_cli.errors import ZoflatError
 
 SUMMARY_EVERY_S = 1.0  # summary.json is rewritten at most this often while running
 
@@ -43,7 +44,12 @@ def create_run_dir(out: Path, command: str, name: str) -> Path:
 def read_summary(folder: Path) -> dict:
     """The summary.json of a run folder as written so far ({} when there is none)."""
     path = Path(folder) / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ZoflatError(f"{path} is damaged ({err}); restore it, or start a new run folder") from None
 
 
 def versions() -> dict:
