@@ -1,6 +1,8 @@
 """The `zoflat` command line: subcommands merge recipe + flags and hand off to the trainers."""
 
 import contextlib
+import functools
+import inspect
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -10,6 +12,9 @@ from typing_extensions import Annotated
 
 import zoflat_cli
 from zoflat_cli.errors import ZoflatError
+from zoflat_cli.optim.directions import LAWS
+from zoflat_cli.optim.presets import PRESETS, SAMPLES
+from zoflat_cli.optim.updates import UPDATES
 
 app = typer.Typer(
     help="zoflat: experiments on zeroth-order optimization and flat minima.",
@@ -47,47 +52,114 @@ def root(
     pass
 
 
-# Options shared by the experiment subcommands (declared once, reused in each signature).
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Recipe YAML; flags override it.")]
-StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Iterations per run.")]
-LrOpt = Annotated[Optional[List[str]], typer.Option(
-    "--lr", help="Step size: 0.01, a sweep 0.01,0.001, or per optimizer gd=0.01 (repeatable).")]
-LambdaOpt = Annotated[Optional[List[str]], typer.Option(
-    "--lambda", help="Smoothing radius λ for ZO: 0.1, a sweep 0.1,0.05,0.01, or zo=0.1 (repeatable).")]
-RhoOpt = Annotated[Optional[List[str]], typer.Option(
-    "--rho", help="SAM's ascent radius ρ: 0.05, a sweep, or sam=0.05 (repeatable).")]
-OptimizerOpt = Annotated[Optional[List[str]], typer.Option(
-    "--optimizer", "-o", help="Optimizers (repeatable or comma-separated): gd, zo, dd, sam, zest.")]
-SeedsOpt = Annotated[Optional[str], typer.Option(
-    "--seeds", help="A count n (seeds 0..n-1) or a list 13,21,42 (one seed: 13,).")]
-SamplesOpt = Annotated[Optional[List[str]], typer.Option(
-    "--samples", help="Directions averaged per ZO/DD step (n independent estimates).")]
-LogEveryOpt = Annotated[Optional[int], typer.Option("--log-every", help="Log metrics every N steps.")]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda.")]
-DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="float64 or float32.")]
-OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Parent folder of run folders.")]
-NameOpt = Annotated[Optional[str], typer.Option("--name", help="Suffix of the run folder's name.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the run folder.")]
-TiltOpt = Annotated[Optional[List[str]], typer.Option(
-    "--tilt", help="ZEST's tilt t >= 0 (0: plain smoothed loss; large: toward SAM), or a sweep 0.1,1,10.")]
-PairsOpt = Annotated[Optional[int], typer.Option("--pairs", help="ZEST's antithetic pairs n per step.")]
+# Options shared by the experiment subcommands, declared once: @experiment adds them to a command.
+SHARED_OPTIONS = {
+    "config": Annotated[Optional[Path], typer.Option("--config", "-c", help="Recipe YAML; flags override it.")],
+    "optimizer": Annotated[Optional[List[str]], typer.Option(
+        "--optimizer", "-o", help="Optimizers (repeatable or comma-separated), from: " + ", ".join(PRESETS) + ".")],
+    "steps": Annotated[Optional[int], typer.Option("--steps", help="Iterations per run.")],
+    "lr": Annotated[Optional[List[str]], typer.Option(
+        "--lr", help="Step size: 0.01, a sweep 0.01,0.001, or per optimizer gd=0.01 (repeatable).")],
+    "lam": Annotated[Optional[List[str]], typer.Option(
+        "--lambda", help="Smoothing radius λ for ZO: 0.1, a sweep 0.1,0.05,0.01, or zo=0.1 (repeatable).")],
+    "rho": Annotated[Optional[List[str]], typer.Option(
+        "--rho", help="SAM's ascent radius ρ: 0.05, a sweep, or sam=0.05 (repeatable).")],
+    "tilt": Annotated[Optional[List[str]], typer.Option(
+        "--tilt", help="ZEST's tilt t >= 0 (0: plain smoothed loss; large: toward SAM), or a sweep 0.1,1,10.")],
+    "pairs": Annotated[Optional[int], typer.Option("--pairs", help="ZEST's antithetic pairs n per step.")],
+    "samples": Annotated[Optional[List[str]], typer.Option(
+        "--samples", help="Directions averaged per step by ZO-type optimizers (n independent estimates).")],
+    "directions": Annotated[Optional[List[str]], typer.Option(
+        "--directions", help="Direction law: " + ", ".join(LAWS) + " (a sweep, or zo=sphere).")],
+    "update": Annotated[Optional[List[str]], typer.Option(
+        "--update", help="Update rule instead of the optimizer's own: " + ", ".join(UPDATES) + " (or zo=adam).")],
+    "momentum": Annotated[Optional[List[str]], typer.Option("--momentum", help="μ of the momentum rule (0.9).")],
+    "betas": Annotated[Optional[List[str]], typer.Option(
+        "--betas", help="Adam's β₁,β₂ (0.9,0.999), or zo-adam=0.9,0.99.")],
+    "weight_decay": Annotated[Optional[List[str]], typer.Option(
+        "--weight-decay", help="Decoupled weight decay (0: none), a sweep, or per optimizer.")],
+    "seeds": Annotated[Optional[str], typer.Option(
+        "--seeds", help="A count n (seeds 0..n-1) or a list 13,21,42 (one seed: 13,).")],
+    "log_every": Annotated[Optional[int], typer.Option("--log-every", help="Log metrics every N steps.")],
+    "checkpoint_every": Annotated[Optional[int], typer.Option(
+        "--checkpoint-every", help="Save a checkpoint every N steps (0: only when a run stops or ends).")],
+    "resume": Annotated[Optional[Path], typer.Option(
+        "--resume", help="Continue the unfinished runs of this run folder (--steps may extend it).")],
+    "device": Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda.")],
+    "dtype": Annotated[Optional[str], typer.Option("--dtype", help="float64 or float32.")],
+    "out": Annotated[Optional[Path], typer.Option("--out", help="Parent folder of run folders.")],
+    "name": Annotated[Optional[str], typer.Option("--name", help="Suffix of the run folder's name.")],
+    "quiet": Annotated[bool, typer.Option("--quiet", "-q", help="Print only the run folder.")],
+}
+RESUMABLE_CHANGES = {"steps", "device"}  # what --resume may change in the saved config
 
 
-def _flags(pairs: Optional[int] = None, **given) -> dict:
-    """Flags as config values; options not given (None or empty) are left to the recipe.
-    --pairs n is ZEST's sample count: samples {zest: n}."""
+def experiment(fn):
+    """Registers fn(**options) as a subcommand with its own options plus SHARED_OPTIONS."""
+    own = [p for p in inspect.signature(fn).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                default=False if name == "quiet" else None)
+              for name, annotation in SHARED_OPTIONS.items()]
+
+    @functools.wraps(fn)
+    def command(**options):
+        return fn(**options)
+
+    command.__signature__ = inspect.Signature(own + shared)
+    command.__annotations__ = {p.name: p.annotation for p in own + shared}
+    del command.__wrapped__  # typer reads the signature above, not fn's
+    return app.command(fn.__name__)(command)
+
+
+def config_flags(options: dict) -> dict:
+    """Options as config values: those not given (None or empty) are left to the recipe;
+    --lambda is `lambda`; --pairs n is ZEST's sample count; --betas b1,b2 sets beta1 and beta2."""
     from zoflat_cli.config import PER_OPTIMIZER, parse_flag
 
-    flags = {}
-    for key, value in given.items():
-        if value is None or value == []:
-            continue
-        flags[key] = parse_flag(key, value) if key in PER_OPTIMIZER else value
-    if pairs is not None:
+    given = {"lambda" if k == "lam" else k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()
+             if k not in ("config", "resume", "quiet", "pairs", "betas") and v is not None and v != []}
+    flags = {k: parse_flag(k, v) if k in PER_OPTIMIZER else v for k, v in given.items()}
+    if options.get("pairs") is not None:
         samples = flags.get("samples", {})
-        flags["samples"] = {**(samples if isinstance(samples, dict) else {"zo": samples, "dd": samples}),
-                            "zest": pairs}
+        base = samples if isinstance(samples, dict) else {n: samples for n in SAMPLES} if samples != {} else {}
+        flags["samples"] = {**base, "zest": options["pairs"]}
+    if options.get("betas"):
+        for k, v in parse_betas(options["betas"]).items():
+            flags[k] = v
     return flags
+
+
+def parse_betas(occurrences: list) -> dict:
+    """`0.9,0.999` or `zo-adam=0.9,0.99` (repeatable) -> {beta1: ..., beta2: ...}."""
+    from zoflat_cli.config import parse_flag
+
+    beta1, beta2 = {}, {}
+    for text in occurrences:
+        target, _, values = text.rpartition("=")
+        pair = parse_flag("betas", [values])
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise ZoflatError(f"--betas: give two numbers b1,b2, got {text!r}")
+        if target:
+            beta1[target], beta2[target] = pair
+        else:
+            beta1, beta2 = pair
+    return {"beta1": beta1, "beta2": beta2}
+
+
+def resolve_command(defaults: dict, options: dict, check=None):
+    """The resolved config of an experiment command, and the folder to resume (or None)."""
+    from zoflat_cli.config import resolve
+
+    flags, config, resume = config_flags(options), options["config"], options["resume"]
+    if resume is not None:
+        others = sorted(set(flags) - RESUMABLE_CHANGES) + (["--config"] if config else [])
+        if others:
+            raise ZoflatError(f"--resume continues the saved config; only --steps and --device may "
+                              f"change it (got {', '.join(others)})")
+        if not (resume / "config.yaml").is_file():
+            raise ZoflatError(f"--resume {resume}: not a run folder (no config.yaml)")
+        config = resume / "config.yaml"
+    return resolve(defaults(config, flags) if callable(defaults) else defaults, config, flags, check), resume
 
 
 def _finish(path: Path, status: str, quiet: bool):
@@ -99,43 +171,20 @@ def _finish(path: Path, status: str, quiet: bool):
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
-@app.command()
-def toy(
-    config: ConfigOpt = None,
-    dim: Annotated[Optional[int], typer.Option("--dim", help="d: y, z in R^d.")] = None,
-    steps: StepsOpt = None,
-    lr: LrOpt = None,
-    lam: LambdaOpt = None,
-    rho: RhoOpt = None,
-    tilt: TiltOpt = None,
-    pairs: PairsOpt = None,
-    optimizer: OptimizerOpt = None,
-    seeds: SeedsOpt = None,
-    samples: SamplesOpt = None,
-    log_every: LogEveryOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    out: OutOpt = None,
-    name: NameOpt = None,
-    quiet: QuietOpt = False,
-):
+@experiment
+def toy(dim: Annotated[Optional[int], typer.Option("--dim", help="d: y, z in R^d.")] = None, **options):
     """Example 2.1: f(y, z) = (yᵀz - 1)²/2. ZO drifts to the flat minimum (Hessian trace 2)."""
-    from zoflat_cli.config import resolve
-    from zoflat_cli.experiment import run_experiment
+    from zoflat_cli.engine.batched import run_batched
     from zoflat_cli.problems.toy import DEFAULTS, ToyProblem
 
     with user_errors():
-        flags = _flags(dim=dim, steps=steps, lr=lr, rho=rho, tilt=tilt, pairs=pairs, optimizer=optimizer, seeds=seeds,
-                       samples=samples, log_every=log_every, device=device, dtype=dtype,
-                       out=str(out) if out else None, name=name, **{"lambda": lam})
-        cfg = resolve(DEFAULTS, config, flags)
-        path, status = run_experiment(cfg, lambda device, dtype: ToyProblem(cfg["dim"]), quiet)
-    _finish(path, status, quiet)
+        cfg, resume = resolve_command(DEFAULTS, {**options, "dim": dim})
+        path, status = run_batched(cfg, lambda device, dtype: ToyProblem(cfg["dim"]), options["quiet"], resume)
+    _finish(path, status, options["quiet"])
 
 
-@app.command()
+@experiment
 def convex(
-    config: ConfigOpt = None,
     dataset: Annotated[Optional[str], typer.Option(
         "--dataset", help="A LIBSVM binary set by name (zoflat data list), e.g. w5a, a8a.")] = None,
     data_file: Annotated[Optional[Path], typer.Option("--data-file", help="Any svmlight training file.")] = None,
@@ -149,51 +198,33 @@ def convex(
         "--dense/--factored", help="Materialise the N x D features (reference path).")] = None,
     eig_every: Annotated[Optional[int], typer.Option(
         "--eig-every", help="Top Hessian eigenvalue every N steps (a multiple of --log-every; 0: never).")] = None,
-    steps: StepsOpt = None,
-    lr: LrOpt = None,
-    lam: LambdaOpt = None,
-    rho: RhoOpt = None,
-    tilt: TiltOpt = None,
-    pairs: PairsOpt = None,
-    optimizer: OptimizerOpt = None,
-    seeds: SeedsOpt = None,
-    samples: SamplesOpt = None,
-    log_every: LogEveryOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    out: OutOpt = None,
-    name: NameOpt = None,
-    quiet: QuietOpt = False,
+    **options,
 ):
     """SVM / logistic regression on random features of LIBSVM data (paper Figures 2 and 5)."""
     from zoflat_cli import datasets
-    from zoflat_cli.config import load_recipe, resolve
-    from zoflat_cli.experiment import run_experiment
+    from zoflat_cli.config import load_recipe
+    from zoflat_cli.engine.batched import run_batched
     from zoflat_cli.problems import convex as problem
 
+    own = dict(dataset=dataset, data_file=data_file, test_file=test_file, train_size=train_size,
+               split_seed=split_seed, model=model, features=features, dense=dense, eig_every=eig_every)
     with user_errors():
-        flags = _flags(dataset=dataset, data_file=str(data_file) if data_file else None,
-                       test_file=str(test_file) if test_file else None, train_size=train_size,
-                       split_seed=split_seed, model=model, features=features, dense=dense, eig_every=eig_every,
-                       steps=steps,
-                       lr=lr, rho=rho, tilt=tilt, pairs=pairs, optimizer=optimizer, seeds=seeds, samples=samples,
-                       log_every=log_every, device=device, dtype=dtype,
-                       out=str(out) if out else None, name=name, **{"lambda": lam})
-        chosen = {**(load_recipe(config) if config else {}), **flags}
-        cfg = resolve(problem.defaults(chosen), config, flags)
+        def defaults(recipe, flags):  # the model and data chosen decide some defaults
+            return problem.defaults({**(load_recipe(recipe) if recipe else {}), **flags})
+
+        cfg, resume = resolve_command(defaults, {**options, **own})
         train, test, description = datasets.load_splits(cfg)
 
         def make_problem(device, dtype):
             return problem.ConvexProblem(train, test, cfg["model"], cfg["features"], cfg["dense"],
                                          dtype, device, description, cfg["eig_every"])
 
-        path, status = run_experiment(cfg, make_problem, quiet)
-    _finish(path, status, quiet)
+        path, status = run_batched(cfg, make_problem, options["quiet"], resume)
+    _finish(path, status, options["quiet"])
 
 
-@app.command()
+@experiment
 def finetune(
-    config: ConfigOpt = None,
     task: Annotated[Optional[str], typer.Option("--task", help="sst2, sst5 or trec.")] = None,
     k: Annotated[Optional[int], typer.Option("--k", help="Training examples per label (K-shot).")] = None,
     split_seed: Annotated[Optional[int], typer.Option(
@@ -210,17 +241,6 @@ def finetune(
         "--micro-batch", help="Examples per forward pass (memory; the loss is the same).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(
         "--batch-size", help="Examples per step; 0 = the whole K-shot train set.")] = None,
-    steps: StepsOpt = None,
-    lr: LrOpt = None,
-    lam: LambdaOpt = None,
-    rho: RhoOpt = None,
-    tilt: TiltOpt = None,
-    pairs: PairsOpt = None,
-    optimizer: Annotated[Optional[List[str]], typer.Option(
-        "--optimizer", "-o", help="gd (backprop SGD), sam, zo (in-place two-point ZO), zest (in-place).")] = None,
-    seeds: SeedsOpt = None,
-    samples: SamplesOpt = None,
-    log_every: LogEveryOpt = None,
     eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Test accuracy every N steps.")] = None,
     trace: Annotated[Optional[str], typer.Option("--trace", help="hutchinson, fd or none.")] = None,
     trace_every: Annotated[Optional[int], typer.Option("--trace-every", help="Hessian trace every N steps.")] = None,
@@ -229,41 +249,20 @@ def finetune(
     eig_every: Annotated[Optional[int], typer.Option(
         "--eig-every", help="λ_max by power iteration every N steps (0: never).")] = None,
     eig_iters: Annotated[Optional[int], typer.Option("--eig-iters", help="Power-iteration steps.")] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option(
-        "--checkpoint-every", help="Save parameters every N steps (0: only when a GD run stops).")] = None,
-    resume: Annotated[Optional[Path], typer.Option(
-        "--resume", help="Continue the unfinished runs of this run folder (--steps may extend it).")] = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    out: OutOpt = None,
-    name: NameOpt = None,
-    quiet: QuietOpt = False,
+    **options,
 ):
-    """Few-shot LM fine-tuning with GD or memory-efficient ZO, tracking the Hessian trace (Figures 3, 6)."""
-    from zoflat_cli.config import resolve
+    """Few-shot LM fine-tuning, every optimizer in place, tracking the Hessian trace (Figures 3, 6)."""
     from zoflat_cli.finetune import run_finetune
     from zoflat_cli.problems import lm
 
+    own = dict(task=task, k=k, split_seed=split_seed, test_mode=test_mode, data_dir=data_dir, model=model,
+               head=head, max_length=max_length, micro_batch=micro_batch, batch_size=batch_size,
+               eval_every=eval_every, trace=trace, trace_every=trace_every, trace_probes=trace_probes,
+               trace_delta=trace_delta, eig_every=eig_every, eig_iters=eig_iters)
     with user_errors():
-        flags = _flags(task=task, k=k, split_seed=split_seed, test_mode=test_mode,
-                       data_dir=str(data_dir) if data_dir else None, model=model, head=head,
-                       max_length=max_length, micro_batch=micro_batch, batch_size=batch_size, steps=steps,
-                       lr=lr, rho=rho, tilt=tilt, pairs=pairs, optimizer=optimizer, seeds=seeds, samples=samples,
-                       log_every=log_every, eval_every=eval_every, trace=trace, trace_every=trace_every,
-                       trace_probes=trace_probes, trace_delta=trace_delta, eig_every=eig_every, eig_iters=eig_iters,
-                       checkpoint_every=checkpoint_every, device=device, dtype=dtype,
-                       out=str(out) if out else None, name=name, **{"lambda": lam})
-        if resume is not None:
-            others = sorted(set(flags) - {"steps", "device"}) + (["--config"] if config else [])
-            if others:
-                raise ZoflatError(f"--resume continues the saved config; only --steps and --device may "
-                                  f"change it (got {', '.join(others)})")
-            if not (resume / "config.yaml").is_file():
-                raise ZoflatError(f"--resume {resume}: not a run folder (no config.yaml)")
-            config = resume / "config.yaml"
-        cfg = resolve(lm.DEFAULTS, config, flags, check=lm.validate)
-        path, status = run_finetune(cfg, quiet, resume)
-    _finish(path, status, quiet)
+        cfg, resume = resolve_command(lm.DEFAULTS, {**options, **own}, check=lm.validate)
+        path, status = run_finetune(cfg, options["quiet"], resume)
+    _finish(path, status, options["quiet"])
 
 
 data_app = typer.Typer(help="Data sets: LIBSVM files (bundled, cached, imported) and LM-BFF K-shot splits.",

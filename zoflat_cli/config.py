@@ -14,10 +14,14 @@ import torch
 import yaml
 
 from zoflat_cli.errors import ZoflatError
-from zoflat_cli.estimators import ESTIMATORS, HYPERPARAMETERS, get_estimator
-from zoflat_cli.trainer import RunSpec
+from zoflat_cli.engine.loop import RunSpec
+from zoflat_cli.optim.directions import LAWS
+from zoflat_cli.optim.presets import HYPERPARAMETERS, PRESETS, get_preset, hyper_names
+from zoflat_cli.optim.updates import UPDATES, get_update
 
-PER_OPTIMIZER = ("lr", *HYPERPARAMETERS, "samples")
+# Settings that may differ per optimizer; the two last take names, the others numbers.
+PER_OPTIMIZER = ("lr", *HYPERPARAMETERS, "samples", "directions", "update")
+NAMED = {"directions": LAWS, "update": tuple(UPDATES)}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -42,6 +46,8 @@ def load_recipe(path) -> dict:
 
 
 def _number(text: str, key: str):
+    if key in NAMED:
+        return text.strip()
     try:
         value = float(text)
     except ValueError:
@@ -95,7 +101,7 @@ def parse_list(value) -> list:
 # ---------------------------------------------------------------- merging
 
 def _as_mapping(value) -> dict:
-    return value if isinstance(value, dict) else {name: value for name in ESTIMATORS}
+    return value if isinstance(value, dict) else {name: value for name in PRESETS}
 
 
 def merge(base: dict, override: dict, source: str) -> dict:
@@ -106,6 +112,11 @@ def merge(base: dict, override: dict, source: str) -> dict:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ZoflatError(f"{source}: unknown key {key!r}{hint}")
         if key in PER_OPTIMIZER and isinstance(value, dict):
+            for name in value:  # a typo here would otherwise be silently ignored
+                if name not in PRESETS:
+                    close = difflib.get_close_matches(str(name), PRESETS, n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    raise ZoflatError(f"{source}: {key} names an unknown optimizer {name!r}{hint}")
             value = {**_as_mapping(base[key]), **value}
         merged[key] = value
     return merged
@@ -148,16 +159,26 @@ def _check_positive(key: str, value, integer=False, zero_ok=False):
         raise ZoflatError(f"{key} must be {bound}, got {value!r}")
 
 
+def _check_value(key: str, value):
+    if key in NAMED:
+        if value is not None and value not in NAMED[key]:
+            raise ZoflatError(f"unknown {key} {value!r}; choose from {', '.join(NAMED[key])}")
+        return
+    _check_positive(key, value, integer=(key == "samples"), zero_ok=(key in ("tilt", "weight_decay", "momentum")))
+    if key in ("beta1", "beta2", "momentum") and value >= 1:
+        raise ZoflatError(f"{key} must be < 1, got {value!r}")
+
+
 def validate(config: dict) -> dict:
     config = dict(config)
     config["optimizer"] = list(dict.fromkeys(parse_list(config["optimizer"])))
     if not config["optimizer"]:
         raise ZoflatError("optimizer: give at least one optimizer")
-    estimators = [get_estimator(o) for o in config["optimizer"]]
+    presets = [get_preset(o) for o in config["optimizer"]]
     config["seeds"] = parse_seeds(config["seeds"])
-    for key in ("steps", "log_every", "dim", "features", "train_size", "eig_every"):
+    for key in ("steps", "log_every", "dim", "features", "train_size", "eig_every", "checkpoint_every"):
         if config.get(key) is not None:
-            _check_positive(key, config[key], integer=True, zero_ok=(key == "eig_every"))
+            _check_positive(key, config[key], integer=True, zero_ok=(key in ("eig_every", "checkpoint_every")))
             config[key] = int(config[key])
     if config["dtype"] not in DTYPES:
         raise ZoflatError(f"dtype must be one of {', '.join(DTYPES)}, got {config['dtype']!r}")
@@ -171,37 +192,49 @@ def validate(config: dict) -> dict:
         for v in itertools.chain.from_iterable(
             x if isinstance(x, list) else [x] for x in (value.values() if isinstance(value, dict) else [value])
         ):
-            _check_positive(key, v, integer=(key == "samples"), zero_ok=(key == "tilt"))
-        relevant = [e.name for e in estimators if _uses(e, key)]
+            _check_value(key, v)
         resolved = {}
-        for name in relevant:
-            values = values_for(config, key, name)
-            resolved[name] = values[0] if len(values) == 1 else values
+        for preset in presets:
+            if _uses(config, preset, key):
+                values = values_for(config, key, preset.name)
+                resolved[preset.name] = values[0] if len(values) == 1 else values
         if len({repr(v) for v in resolved.values()}) == 1:
             config[key] = next(iter(resolved.values()))
         elif resolved:
             config[key] = resolved
+    for run in runs_from(config):
+        if get_update(run.rule).conservative and run.value("weight_decay"):
+            raise ZoflatError(f"{run.run_id}: the conservative update takes no weight decay")
     return config
 
 
-def _uses(estimator, key: str) -> bool:
-    if key == "samples":
-        return estimator.uses_directions
-    return key == "lr" or key in estimator.hyper
+def _updates(config: dict, preset) -> list:
+    return [u or preset.update for u in values_for(config, "update", preset.name)]
+
+
+def _uses(config: dict, preset, key: str) -> bool:
+    if key in ("samples", "directions"):
+        return preset.uses_directions
+    if key in ("lr", "update"):
+        return True
+    return any(key in hyper_names(preset.name, u) for u in _updates(config, preset))
 
 
 def runs_from(config: dict) -> list:
     runs = []
     for name in config["optimizer"]:
-        est = get_estimator(name)
-        grids = [values_for(config, "lr", name), config["seeds"]]
-        grids.append(values_for(config, "samples", name) if est.uses_directions else [1])
-        grids += [[(h, float(v)) for v in values_for(config, h, name)] for h in est.hyper]
-        for lr, seed, samples, *hyper in itertools.product(*grids):
-            runs.append(RunSpec(name, float(lr), seed, int(samples), tuple(hyper)))
-    # hyperparameter values vary slowest, seeds fastest: runs of one setting sit together
-    return sorted(runs, key=lambda r: (config["optimizer"].index(r.optimizer), r.hyper, r.lr, r.samples,
-                                       config["seeds"].index(r.seed)))
+        preset = get_preset(name)
+        samples = values_for(config, "samples", name) if preset.uses_directions else [1]
+        laws = values_for(config, "directions", name) if preset.uses_directions else ["gaussian"]
+        for update in _updates(config, preset):
+            grids = [values_for(config, "lr", name), config["seeds"], samples, laws]
+            grids += [[(h, float(v)) for v in values_for(config, h, name)] for h in hyper_names(name, update)]
+            for lr, seed, n, law, *hyper in itertools.product(*grids):
+                runs.append(RunSpec(name, float(lr), seed, int(n), tuple(hyper), law,
+                                    None if update == preset.update else update))
+    # settings vary slowest, seeds fastest: runs of one setting sit together
+    return sorted(runs, key=lambda r: (config["optimizer"].index(r.optimizer), r.rule, r.directions, r.hyper, r.lr,
+                                       r.samples, config["seeds"].index(r.seed)))
 
 
 def resolve_device(requested: str) -> torch.device:

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from zoflat_cli.inplace import preserved
+from zoflat_cli.optim.inplace import dot, preserved
 
 
 def mean_stderr(values) -> tuple:
@@ -33,11 +33,6 @@ def hvp(params, loss_terms, v) -> list:
             if h is not None:
                 out[i] += h.detach()
     return out
-
-
-def dot(a, b) -> float:
-    """Σ aᵢ·bᵢ over lists of tensors, in float64."""
-    return sum((x.double() * y.double()).sum().item() for x, y in zip(a, b))
 
 
 def hutchinson(params, loss_terms, probes: int, generator: torch.Generator) -> tuple:

@@ -9,11 +9,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from zoflat_cli.errors import ZoflatError  # noqa: E402
-from zoflat_cli.estimators import HYPERPARAMETERS  # noqa: E402
-from zoflat_cli.runfolder import read_summary  # noqa: E402
+from zoflat_cli.engine.loop import RUN_COLUMNS as SETTINGS  # noqa: E402
+from zoflat_cli.engine.runfolder import read_summary  # noqa: E402
+from zoflat_cli.optim.presets import PRESETS  # noqa: E402
 
-RUN_COLUMNS = ["run_id", "optimizer", "lr", "seed", "samples"]
-NOT_PLOTTED = set(RUN_COLUMNS) | set(HYPERPARAMETERS) | {"step", "wall_s", "n_evals"}
+REQUIRED_COLUMNS = ["run_id", "optimizer", "lr", "seed", "samples"]  # also in older folders
+NOT_PLOTTED = set(SETTINGS) | {"step", "wall_s", "n_evals"}
 FORMATS = ("png", "pdf")
 PANELS_PER_ROW = 3
 
@@ -34,8 +35,14 @@ def find_run_folders(paths) -> list:
 
 def method_label(row) -> str:
     parts = [row["optimizer"]]
-    for name, symbol in (("lambda", "λ"), ("rho", "ρ"), ("tilt", "t")):
-        if pd.notna(row.get(name)):
+    if pd.notna(row.get("directions")) and row["directions"] != "gaussian":
+        parts.append(row["directions"])
+    preset = PRESETS.get(row["optimizer"])
+    if pd.notna(row.get("update")) and preset is not None and row["update"] != preset.update:
+        parts.append(row["update"])
+    for name, symbol in (("lambda", "λ"), ("rho", "ρ"), ("tilt", "t"), ("momentum", "μ"), ("beta1", "β₁"),
+                         ("beta2", "β₂"), ("weight_decay", "wd")):
+        if pd.notna(row.get(name)) and not (name == "weight_decay" and row[name] == 0):
             parts.append(f"{symbol}={row[name]:g}")
     parts.append(f"lr={row['lr']:g}")
     if row.get("samples", 1) != 1:
@@ -57,7 +64,7 @@ def plot_run(folder: Path, out_dir: Path = None) -> list:
         df = pd.read_csv(folder / "metrics.csv")
     except (pd.errors.EmptyDataError, pd.errors.ParserError) as err:
         raise ZoflatError(f"cannot read {folder / 'metrics.csv'}: {err}") from None
-    if df.empty or not set(RUN_COLUMNS) <= set(df.columns):
+    if df.empty or not set(REQUIRED_COLUMNS) <= set(df.columns):
         raise ZoflatError(f"{folder / 'metrics.csv'} has no rows or is not a zoflat metrics file")
     summary = read_summary(folder)
     metrics = summary.get("panels") or [

@@ -1,64 +1,60 @@
-"""The seed streams: every random number a run uses comes from here.
+"""The seed streams: every random number a run uses comes from here, in both training paths.
 
 A run's seed is split into independent named streams (initial point, search directions, ...),
 so two runs with the same seed start from the same point and, if both draw directions, see the
-same directions (common random numbers), whatever else runs beside them in a batch.
+same directions (common random numbers), whatever else runs beside them. Per-step draws (the
+directions of a step, a step's probes or batch) are keyed by `step_key(seed, stream, step, i)`:
+splitmix64 of the stream's seed, the step and the draw's index, cheap enough to key every step.
 """
 
-from concurrent.futures import ThreadPoolExecutor
+import functools
 
 import numpy as np
 import torch
 
 STREAM_IDS = {"init": 0, "directions": 1, "features": 2, "batches": 3, "probes": 4}
-
-# Directions are drawn in float32 (about 4x faster than float64 on CPU) and cast to the run's
-# dtype. Each run draws chunks of a fixed number of steps for a given dimension (about
-# CHUNK_ELEMENTS numbers, at least MIN_CHUNK_STEPS steps): its sequence never depends on
-# batching or --steps, and memory stays near 12 bytes x CHUNK_ELEMENTS per run.
-CHUNK_ELEMENTS = 1 << 14
-MIN_CHUNK_STEPS = 16
-# The next chunk is drawn on a background thread while the trainer steps (torch drops the GIL
-# inside randn), so drawing overlaps with training on a second core.
-_DRAWER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zoflat-directions")
+_MASK64 = (1 << 64) - 1
 
 
-def stream_seed(seed: int, stream: str, *keys: int) -> int:
-    """A 63-bit seed for one named stream of a run (and, with keys, e.g. a step, one draw of it),
-    via numpy's SeedSequence hashing."""
-    state = np.random.SeedSequence([seed, STREAM_IDS[stream], *keys]).generate_state(1, np.uint64)
+def stream_seed(seed: int, stream: str) -> int:
+    """A 63-bit seed for one named stream of a run, via numpy's SeedSequence hashing."""
+    state = np.random.SeedSequence([seed, STREAM_IDS[stream]]).generate_state(1, np.uint64)
     return int(state[0] >> np.uint64(1))
 
 
-def generator(seed: int, stream: str, device: torch.device, *keys: int) -> torch.Generator:
+def mix(seed: int, index: int) -> int:
+    """splitmix64 of (seed, index): a well-spread 63-bit seed."""
+    z = (seed + 0x9E3779B97F4A7C15 * (index + 1)) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+def mix_array(seed: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """mix over numpy uint64 arrays (wrapping arithmetic), for many keys at once."""
+    with np.errstate(over="ignore"):
+        z = seed + np.uint64(0x9E3779B97F4A7C15) * (index + np.uint64(1))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return (z ^ (z >> np.uint64(31))) >> np.uint64(1)
+
+
+@functools.lru_cache(maxsize=4096)
+def stream_base(seed: int, stream: str) -> int:
+    return stream_seed(seed, stream)
+
+
+def step_key(seed: int, stream: str, step: int, index: int = 0) -> int:
+    """The key of draw `index` of a run's named stream at `step`."""
+    return mix(mix(stream_base(seed, stream), step), index)
+
+
+def direction_key(seed: int, step: int, sample: int) -> int:
+    return step_key(seed, "directions", step, sample)
+
+
+def generator(seed: int, stream: str, device, *step_index: int) -> torch.Generator:
+    """A generator for a run's stream, or, with (step[, index]), for one per-step draw of it."""
     gen = torch.Generator(device=device)
-    gen.manual_seed(stream_seed(seed, stream, *keys))
+    gen.manual_seed(step_key(seed, stream, *step_index) if step_index else stream_seed(seed, stream))
     return gen
-
-
-class DirectionStream:
-    """Gaussian directions u ~ N(0, I) for a batch of runs: `next()` gives a (samples, runs, dim)
-    tensor. Each run has its own generator, drawn in fixed chunks of steps."""
-
-    def __init__(self, seeds, samples, dim, dtype, device):
-        self.generators = [generator(s, "directions", device) for s in seeds]
-        self.shape = (max(MIN_CHUNK_STEPS, CHUNK_ELEMENTS // (samples * dim)), samples, dim)
-        self.dtype, self.device = dtype, device
-        self.chunk, self.position = None, 0
-        self.pending = _DRAWER.submit(self._draw)
-
-    def _draw(self) -> torch.Tensor:
-        draws = [
-            torch.randn(self.shape, generator=g, device=self.device, dtype=torch.float32)
-            for g in self.generators
-        ]
-        # (steps, samples, runs, dim): one contiguous block per step
-        return torch.stack(draws, dim=2).to(self.dtype)
-
-    def next(self) -> torch.Tensor:
-        if self.chunk is None or self.position == self.chunk.shape[0]:
-            self.chunk, self.position = self.pending.result(), 0
-            self.pending = _DRAWER.submit(self._draw)
-        u = self.chunk[self.position]
-        self.position += 1
-        return u

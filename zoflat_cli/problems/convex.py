@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 import torch
 
-from zoflat_cli.estimators import SAMPLES
+from zoflat_cli.optim.presets import SAMPLES, UPDATE_DEFAULTS, default_lrs
 from zoflat_cli.errors import ZoflatError
 from zoflat_cli.streams import generator
 
@@ -263,8 +263,8 @@ class BoundConvex:
 # (SVM 1e-4, logistic 0.01); GD/SAM step sizes are ones that converge on both data sets
 # (measured: see README); DD uses ZO's.
 _MODEL_DEFAULTS = {
-    "svm": {"lambda": 0.005, "lr": {"gd": 1e-3, "zo": 1e-4, "dd": 1e-4, "sam": 1e-3, "zest": 1e-4}},
-    "logreg": {"lambda": 0.01, "lr": {"gd": 0.1, "zo": 0.01, "dd": 0.01, "sam": 0.1, "zest": 0.01}},
+    "svm": {"lambda": 0.005, "lr": default_lrs(gradient=1e-3, zo=1e-4, per_coordinate=1e-5)},
+    "logreg": {"lambda": 0.01, "lr": default_lrs(gradient=0.1, zo=0.01, per_coordinate=1e-4)},
 }
 
 
@@ -296,6 +296,10 @@ def defaults(chosen: dict) -> dict:
         "rho": 0.05,
         "tilt": 1.0,
         "samples": SAMPLES,
+        **UPDATE_DEFAULTS,
+        "directions": "gaussian",
+        "update": None,  # each optimizer's own rule
+        "checkpoint_every": 0,
         "eig_every": 1000,
         **_MODEL_DEFAULTS[model],
     }

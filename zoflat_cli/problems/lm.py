@@ -21,9 +21,8 @@ from urllib.parse import urlparse
 import torch
 import torch.nn.functional as F
 
-from zoflat_cli.config import parse_list
 from zoflat_cli.errors import ZoflatError
-from zoflat_cli.estimators import SAMPLES
+from zoflat_cli.optim.presets import SAMPLES, UPDATE_DEFAULTS, default_lrs
 from zoflat_cli.streams import generator
 from zoflat_cli.text_tasks import SPLIT_SEEDS, Task
 
@@ -47,11 +46,14 @@ DEFAULTS = {
     "batch_size": 0,  # 0: the whole K-shot training set (full-batch, as in the paper)
     "steps": 100_000,
     "optimizer": ["zo"],
-    "lr": {"gd": 5e-5, "zo": 1e-5, "sam": 5e-5, "zest": 1e-5},
+    "lr": default_lrs(gradient=5e-5, zo=1e-5, per_coordinate=1e-6),
     "lambda": 2e-3,
     "rho": 0.05,
     "tilt": 1.0,
     "samples": SAMPLES,
+    **UPDATE_DEFAULTS,
+    "directions": "gaussian",
+    "update": None,  # each optimizer's own rule
     "seeds": [0],
     "log_every": 100,
     "eval_every": 1000,
@@ -66,16 +68,12 @@ DEFAULTS = {
     "dtype": "float32",
     "out": "runs",
 }
-OPTIMIZERS = ("gd", "zo", "sam", "zest")
 INTEGER_KEYS = ("k", "split_seed", "max_length", "micro_batch", "batch_size", "eval_every", "trace_every",
                 "trace_probes", "checkpoint_every", "eig_every", "eig_iters")
 
 
 def validate(config: dict) -> dict:
     """The settings only `finetune` has (run by config.resolve before the shared checks)."""
-    unsupported = [o for o in parse_list(config["optimizer"]) if o not in OPTIMIZERS]
-    if unsupported:
-        raise ZoflatError(f"finetune supports the optimizers {', '.join(OPTIMIZERS)}, not {', '.join(unsupported)}")
     for key in INTEGER_KEYS:
         value = config[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -321,7 +319,7 @@ class LMProblem:
         n = self.splits["train"].size
         if not batch_size or batch_size >= n:
             return
-        gen = generator(seed, "batches", torch.device("cpu"), step)
+        gen = generator(seed, "batches", torch.device("cpu"), step)  # the per-step key of streams.py
         picked = torch.randperm(n, generator=gen)[:batch_size].tolist()
         encoded, labels = self.encoded["train"]
         self.splits["batch"] = self._batches([encoded[i] for i in picked], [labels[i] for i in picked])
@@ -374,6 +372,26 @@ class LMProblem:
         for p in self.params:
             p.grad = None
         return grads
+
+    def jvp(self, tangents) -> float:
+        """uᵀ∇f of the batch's mean loss by forward-mode AD (torch.func.jvp: one forward pass with
+        dual numbers, no backward), for u given shaped like the parameters."""
+        from torch.func import functional_call, jvp
+
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]  # the order of self.params
+        primals = tuple(p.detach() for p in self.params)
+        size, total = self.splits["batch"].size, 0.0
+        with self.double_backward():  # eager attention: forward-mode AD covers every op in it
+            for batch in self.splits["batch"].batches:
+                ids, mask, mask_pos, y = batch
+                self._count("batch", batch)
+
+                def loss(*values):
+                    logits = functional_call(self.model, dict(zip(names, values)), (ids, mask, mask_pos))
+                    return F.cross_entropy(_at_least_float32(logits), y, reduction="sum") / size
+
+                total += float(jvp(loss, primals, tuple(tangents))[1])
+        return total
 
     def state(self) -> dict:
         return {n: p.detach() for n, p in self.model.named_parameters()}

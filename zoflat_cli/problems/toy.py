@@ -8,14 +8,13 @@ ZO descends the smoothed loss f + λ²(‖y‖² + ‖z‖²)/2 + const, under w
 
 import torch
 
-from zoflat_cli.estimators import SAMPLES
+from zoflat_cli.optim.presets import SAMPLES, UPDATE_DEFAULTS, default_lrs
 
 
 class ToyProblem:
     command = "toy"
     # Metrics whose best value over a run goes in summary.json, and which way is better.
     best = {"loss": "min", "hessian_trace": "min"}
-    theory_for = ("gd", "zo", "dd")  # Proposition 2.2 covers these (λ = 0 for gd and dd), not sam/zest
     references = {"hessian_trace": (2.0, "flat minimum (trace 2)"),
                   "lambda_max": (2.0, "flat minimum (λ_max 2)")}
 
@@ -80,6 +79,13 @@ class ToyProblem:
             "balance": (yy - zz) / 2,
         }
 
+    def has_theory(self, run) -> bool:
+        """Proposition 2.2 covers SGD with gd, dd (λ = 0), and two-point or one-sided ZO with
+        directions of independent coordinates (E[ĝ] = ∇f + λ²∇(‖y‖² + ‖z‖²)/2 needs only
+        E[u] = 0, E[uuᵀ] = I and zero third moments); not the sphere, whose coordinates are dependent."""
+        return (run.optimizer in ("gd", "dd", "zo", "zo-one-sided") and run.rule == "sgd"
+                and run.directions != "sphere")
+
     def theory(self, step: int, initial: dict, lr: torch.Tensor, lam: torch.Tensor) -> dict:
         """Proposition 2.2 in discrete time: E[B_t] = B_0 (1 - 2ηλ²)^t (λ = 0: conserved).
         lr and lam are (runs,); λ is 0 for optimizers without smoothing."""
@@ -98,9 +104,13 @@ DEFAULTS = {
     "log_every": 100,
     "seeds": [13],
     "optimizer": ["gd", "zo", "dd"],
-    "lr": {"gd": 0.01, "zo": 0.001, "dd": 0.001, "sam": 0.01, "zest": 0.001},
+    "lr": default_lrs(gradient=0.01, zo=0.001, per_coordinate=1e-4),
     "lambda": 0.1,
     "rho": 0.05,
     "tilt": 1.0,
     "samples": SAMPLES,
+    **UPDATE_DEFAULTS,
+    "directions": "gaussian",
+    "update": None,  # each optimizer's own rule
+    "checkpoint_every": 0,
 }

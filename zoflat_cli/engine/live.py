@@ -8,10 +8,10 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from zoflat_cli.estimators import HYPERPARAMETERS
+from zoflat_cli.engine.loop import RUN_COLUMNS
 
 PLAIN_EVERY_S = 10.0  # plain mode prints a block of lines at most this often
-HIDDEN = {"run_id", "optimizer", *HYPERPARAMETERS, "lr", "seed", "samples", "wall_s", "n_evals"}
+HIDDEN = {*RUN_COLUMNS, "wall_s", "n_evals"}
 
 
 def _fmt(value) -> str:

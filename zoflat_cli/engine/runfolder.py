@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 import zoflat_cli
+from zoflat_cli.engine.loop import RUN_COLUMNS
 from zoflat_cli.errors import ZoflatError
 
 SUMMARY_EVERY_S = 1.0  # summary.json is rewritten at most this often while running
@@ -52,6 +53,36 @@ def read_summary(folder: Path) -> dict:
         raise ZoflatError(f"{path} is damaged ({err}); restore it, or start a new run folder") from None
 
 
+def formats() -> dict:
+    """The format versions of what a resume regenerates or reads back: directions drawn from their
+    keys, and finetune's update logs. A folder written with other versions is not resumed."""
+    from zoflat_cli.engine.model import UPDATE_LOG_VERSION
+    from zoflat_cli.optim.directions import FORMAT_VERSION
+
+    return {"directions": FORMAT_VERSION, "update_log": UPDATE_LOG_VERSION}
+
+
+def open_for_resume(folder: Path, runs, device) -> dict:
+    """Checks that this zoflat can continue the folder's runs on `device` bit for bit; returns the
+    recorded runs ({run_id: entry})."""
+    from zoflat_cli.optim.presets import get_preset
+
+    summary = read_summary(folder)
+    drawing = [r.run_id for r in runs if get_preset(r.optimizer).uses_directions]
+    if drawing:
+        recorded = summary.get("formats", {"directions": 1, "update_log": 1})
+        if recorded != formats():
+            raise ZoflatError(f"--resume {folder}: its directions and update logs have format {recorded}, this "
+                              f"zoflat draws {formats()}: it would rebuild different models; finish the folder with "
+                              f"the zoflat version that started it")
+        drawn_on = summary.get("device")
+        kind = str(drawn_on).split(":")[0] if drawn_on else device.type
+        if kind != device.type:
+            raise ZoflatError(f"--resume: {drawing[0]} drew its directions on {kind} and can only be continued "
+                              f"there (CPU and CUDA generators draw different numbers); resume with --device {kind}")
+    return summary.get("runs", {})
+
+
 def versions() -> dict:
     import numpy
     import torch
@@ -85,6 +116,7 @@ class RunFolder:
             "updated_utc": utc_now(),
             "device": device,
             "versions": versions(),
+            "formats": formats(),
             "references": {k: {"value": v, "label": lab} for k, (v, lab) in problem.references.items()},
             "problem": getattr(problem, "description", {}),
             "panels": getattr(problem, "panels", None),
@@ -119,10 +151,13 @@ class RunFolder:
 
     def on_log(self, step: int, rows: list, states: dict):
         if rows:
-            if self._writer is None:
-                self._csv_file = open(self.path / "metrics.csv", "w", newline="")
-                self._writer = csv.DictWriter(self._csv_file, fieldnames=list(rows[0]))
-                self._writer.writeheader()
+            if self._writer is None:  # append after what an earlier session wrote, never over it
+                path = self.path / "metrics.csv"
+                kept = self.logged_rows()
+                self._csv_file = open(path, "a" if kept else "w", newline="")
+                self._writer = csv.DictWriter(self._csv_file, fieldnames=list(kept[0]) if kept else list(rows[0]))
+                if not kept:
+                    self._writer.writeheader()
             self._writer.writerows(rows)
             self._csv_file.flush()
         for row in rows:
@@ -132,7 +167,7 @@ class RunFolder:
 
     def _record(self, row: dict, state):
         entry = self.summary["runs"].setdefault(
-            row["run_id"], {k: row[k] for k in ("optimizer", "lambda", "lr", "seed", "samples")}
+            row["run_id"], {k: row[k] for k in RUN_COLUMNS if k != "run_id"}
         )
         entry.update(status=state.status, steps_done=state.steps_done)
         metrics = {k: v for k, v in row.items() if k not in entry and k not in ("run_id", "step")}

@@ -1,0 +1,216 @@
+"""The model runner: the runs of a config one model at a time, each in place and resumable.
+
+A model problem gives `params`, `loss()` and `gradient()` on the current batch (`draw_batch`),
+`jvp(tangents)`, `state()`/`load_state()`, `load_base()` and a `forward_passes` counter; the
+command gives the metrics of a logged step. Besides config.yaml, metrics.csv and summary.json,
+the run folder holds
+    updates/<run_id>.bin      runs that draw directions: one record per step (see UpdateLog);
+                              replaying it on the base weights rebuilds the run bit for bit
+    checkpoints/<run_id>.pt   parameters and update-rule state at a step: every --checkpoint-every
+                              steps, and when a run that cannot be replayed (gd, sam) is stopped
+`--resume DIR` continues every unfinished run from its checkpoint and log.
+"""
+
+import os
+import struct
+import time
+from pathlib import Path
+
+import torch
+
+from zoflat_cli.engine.live import LiveView
+from zoflat_cli.engine.loop import RunState, finite, judge, session
+from zoflat_cli.engine.runfolder import RunFolder, create_run_dir
+from zoflat_cli.optim.directions import ParameterDirections
+from zoflat_cli.optim.estimators import n_evals
+from zoflat_cli.optim.inplace import InPlaceOptimizer
+from zoflat_cli.optim.presets import HYPERPARAMETERS, estimator_of, get_preset
+from zoflat_cli.optim.updates import get_update
+from zoflat_cli.streams import direction_key
+
+UPDATE_LOG_VERSION = 2  # record layout below; run folders record it and --resume checks it
+
+
+class UpdateLog:
+    """Fixed-size little-endian records: int64 step, float64 accepted (1 or 0: conservative
+    rules), then (uint64 direction key, float64 coefficient) per direction."""
+
+    def __init__(self, path: Path, samples: int):
+        self.path = path
+        self.record = struct.Struct("<qd" + "Qd" * samples)
+
+    def read(self) -> list:
+        """[(step, keys, coefs, accepted)]; a torn last record (killed mid-write) is ignored."""
+        if not self.path.is_file():
+            return []
+        data = self.path.read_bytes()
+        usable = len(data) - len(data) % self.record.size
+        return [(step, list(pairs[0::2]), list(pairs[1::2]), bool(accepted))
+                for step, accepted, *pairs in self.record.iter_unpack(data[:usable])]
+
+    def truncate(self, records: int):
+        if self.path.is_file():
+            os.truncate(self.path, records * self.record.size)
+
+    def open(self):
+        self.path.parent.mkdir(exist_ok=True)
+        self._file = open(self.path, "ab")
+        return self
+
+    def append(self, step: int, keys, coefs, accepted: bool):
+        pairs = [v for pair in zip(keys, coefs) for v in pair]
+        self._file.write(self.record.pack(step, float(accepted), *pairs))
+        self._file.flush()
+
+    def close(self):
+        self._file.close()
+
+
+def update_log_path(run_dir: Path, run_id: str) -> Path:
+    return run_dir / "updates" / f"{run_id}.bin"
+
+
+def checkpoint_path(run_dir: Path, run_id: str) -> Path:
+    return run_dir / "checkpoints" / f"{run_id}.pt"
+
+
+def run_hyper(run) -> dict:
+    """A run's hyperparameters as python floats (0 where unused), with its lr."""
+    return {**{name: float(run.value(name) or 0.0) for name in HYPERPARAMETERS}, "lr": run.lr}
+
+
+class ModelRunner:
+    """Trains one run on `problem` (whose model holds the base weights); metrics(runner, step)
+    gives the command's metrics of a logged step."""
+
+    def __init__(self, problem, run, config: dict, folder: RunFolder, state: RunState, on_log, metrics):
+        self.problem, self.run, self.config, self.folder = problem, run, config, folder
+        self.state, self.on_log, self.metrics = state, on_log, metrics
+        self.directions = ParameterDirections(problem.params, run.directions)
+        self.optimizer = InPlaceOptimizer(self.directions, estimator_of(run.optimizer), get_update(run.rule),
+                                          run_hyper(run))
+        self.replayable = get_preset(run.optimizer).uses_directions  # its steps are a few logged numbers
+        self.log = UpdateLog(update_log_path(folder.path, run.run_id), run.samples)
+        self.evals_per_step = (n_evals(estimator_of(run.optimizer), run.samples)
+                               + (2 if self.optimizer.rule.conservative else 0))
+        self.wall_offset = 0.0
+        self.passes_offset = 0.0
+
+    # -- restoring a run
+
+    def restore(self, logged_rows: list) -> int:
+        """Bring the model to the latest recoverable step of this run; returns that step."""
+        path = checkpoint_path(self.folder.path, self.run.run_id)
+        step = 0
+        if path.is_file():
+            saved = torch.load(path, map_location="cpu")
+            self.problem.load_state(saved["state"])
+            self.optimizer.load_state_dict(saved.get("optimizer"))
+            step = saved["step"]
+        if self.replayable:
+            records = self.log.read()
+            done = step
+            for rec_step, keys, coefs, accepted in records:
+                if rec_step != done:
+                    if rec_step < done:
+                        continue
+                    break  # a gap: the log ends being usable here
+                self.optimizer.step(self.problem, keys, done + 1, logged=(coefs, accepted))
+                done += 1
+            step = done
+            self.log.truncate(sum(1 for r in records if r[0] < step))
+        previous = [r for r in logged_rows if int(r["step"]) < step]
+        if previous:  # carry the counters on, counting the replayed steps' forward passes
+            last = previous[-1]
+            self.wall_offset = float(last["wall_s"])
+            self.passes_offset = float(last["forward_passes"]) + (step - int(last["step"])) * self.evals_per_step * (
+                self.problem.batch_fraction(self.config["batch_size"]))
+        return step
+
+    def save_checkpoint(self, step: int):
+        path = checkpoint_path(self.folder.path, self.run.run_id)
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_suffix(".pt.tmp")
+        torch.save({"step": step, "state": {k: v.cpu() for k, v in self.problem.state().items()},
+                    "optimizer": self.optimizer.state_dict()}, tmp)
+        os.replace(tmp, path)
+
+    # -- the loop
+
+    def _due(self, step: int, every: int) -> bool:
+        return step % every == 0 or step == self.config["steps"]
+
+    def train(self, start: int, stop):
+        steps, every, run = self.config["steps"], self.config["checkpoint_every"], self.run
+        began = time.perf_counter()
+        self.problem.forward_passes = 0.0
+        if self.replayable:
+            self.log.open()
+        try:
+            for step in range(start, steps + 1):
+                if self._due(step, self.config["log_every"]):
+                    row = run.columns()
+                    row.update(step=step, wall_s=None, n_evals=step * self.evals_per_step)
+                    row.update(self.metrics(self, step))
+                    row["forward_passes"] = round(self.passes_offset + self.problem.forward_passes, 3)
+                    row["wall_s"] = round(self.wall_offset + time.perf_counter() - began, 3)
+                    judge(self.state, step, finite(row["loss"]), steps)
+                    self.on_log(step, [row])
+                    if self.state.status != "running":
+                        return
+                if stop.requested:
+                    self.state.status = "interrupted"
+                    if not self.replayable:
+                        self.save_checkpoint(step)
+                    return
+                self.problem.draw_batch(self.config["batch_size"], run.seed, step)
+                keys = [direction_key(run.seed, step, i) for i in range(run.samples)] if self.replayable else []
+                coefs, accepted = self.optimizer.step(self.problem, keys, step + 1)
+                if self.replayable:
+                    self.log.append(step, keys, coefs, accepted)
+                self.state.steps_done = step + 1
+                if every and (step + 1) % every == 0:
+                    self.save_checkpoint(step + 1)
+        finally:
+            if self.replayable:
+                self.log.close()
+
+
+def run_models(config: dict, problem, runs, metrics, quiet: bool = False, resume: Path = None, previous=None):
+    """Runs (or, with resume, continues) every run of the config on `problem`, one after another;
+    `previous`: the resumed folder's runs (runfolder.open_for_resume). Returns (folder, status)."""
+    previous = previous or {}
+    path = Path(resume) if resume else create_run_dir(config["out"], config["command"], config["name"])
+    folder = RunFolder(path, config, problem, str(problem.device))
+    states = {r.run_id: RunState(status="queued") for r in runs}
+    view = LiveView(f"zoflat {config['command']} · {path}", config["steps"], quiet)
+
+    def on_log(step, rows):
+        folder.on_log(step, rows, states)
+        view.on_log(step, rows, states)
+
+    plans = []
+    for run in runs:
+        entry = previous.get(run.run_id, {})
+        if entry.get("status") == "diverged" or (entry.get("status") == "completed"
+                                                 and entry["steps_done"] >= config["steps"]):
+            states[run.run_id] = RunState(entry["status"], entry["steps_done"])
+        else:
+            plans.append(run)
+    result = {}
+    with session(folder, view, states, result) as stop:
+        kept_rows = folder.logged_rows()
+        for i, run in enumerate(plans):
+            state = states[run.run_id]
+            state.status = "running"
+            if i > 0:
+                problem.load_base()
+            runner = ModelRunner(problem, run, config, folder, state, on_log, metrics)
+            mine = [r for r in kept_rows if r["run_id"] == run.run_id]
+            start = runner.restore(mine)
+            if mine:
+                folder.keep_rows(lambda r: r["run_id"] != run.run_id or int(r["step"]) < start)
+            runner.train(start, stop)
+            if stop.requested:
+                break
+    return path, result["status"]

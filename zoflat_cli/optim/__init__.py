@@ -1,0 +1,1 @@
+"""The optimizer algebra: direction laws, estimators (coefficient rules), update rules, presets."""

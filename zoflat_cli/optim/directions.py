@@ -1,0 +1,195 @@
+"""Direction laws and the one seed convention that both training paths draw them by.
+
+A direction is named by a 64-bit key, `streams.direction_key(run seed, step, sample)`. Its numbers are
+drawn chunk by chunk: the parameters, taken in order as one flat vector, are cut into chunks of
+CHUNK elements, and chunk c comes from a torch generator seeded with mix(key, c). So the batched
+path (a (runs, dim) tensor per step) and the in-place path (one model, chunk by chunk, never
+storing z) draw the very same numbers for the same run, step and sample.
+
+Laws (each with E[u] = 0 and E[uuᵀ] = I):
+  gaussian    u ~ N(0, I)
+  rademacher  u_j = ±1 with probability 1/2 each
+  sphere      u uniform on the sphere of radius √d: a Gaussian draw times √d/‖g‖; in place the norm
+              needs every chunk, so it is one extra draw-only pass per key, computed once and cached.
+"""
+
+import threading
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from zoflat_cli.streams import direction_key, mix, mix_array, stream_base
+
+LAWS = ("gaussian", "rademacher", "sphere")
+CHUNK = 1 << 21  # elements per chunk: 8 MiB of float32 scratch
+# Bumped whenever the numbers drawn for a key change: run folders record it, --resume checks it.
+FORMAT_VERSION = 2
+def check_law(law: str) -> str:
+    from zoflat_cli.errors import ZoflatError
+
+    if law not in LAWS:
+        raise ZoflatError(f"unknown directions {law!r}; choose from {', '.join(LAWS)}")
+    return law
+
+
+def fill(out: torch.Tensor, law: str, gen: torch.Generator) -> torch.Tensor:
+    """One chunk's numbers from a seeded generator, before the sphere's scaling (float32)."""
+    if law == "rademacher":
+        return out.bernoulli_(0.5, generator=gen).mul_(2).sub_(1)
+    return out.normal_(generator=gen)
+
+
+def sphere_scale(square_norm: float, dim: int) -> float:
+    """√d/‖g‖ from ‖g‖², in float64, so that ‖u‖ = √d."""
+    return math.sqrt(dim / square_norm)
+
+
+# The batched path draws blocks of steps on a background thread while the trainer steps (torch
+# drops the GIL inside a draw), so drawing overlaps with training on a second core.
+_DRAWER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zoflat-directions")
+BLOCK_ELEMENTS = 1 << 16  # numbers per background block (at least MIN_BLOCK_STEPS steps)
+MIN_BLOCK_STEPS = 8
+
+
+class DirectionStream:
+    """Directions for a group of runs, step after step: `next()` gives (samples, runs, dim) for
+    the current step, drawn by the seed convention above. Runs with the same seed get the same
+    directions (common random numbers), whatever else is in the group."""
+
+    def __init__(self, seeds, samples: int, dim: int, law: str, dtype, device, start_step: int = 0):
+        self.unique = list(dict.fromkeys(seeds))
+        self.bases = np.array([stream_base(s, "directions") for s in self.unique], dtype=np.uint64)
+        self.rows = torch.tensor([self.unique.index(s) for s in seeds], device=device)
+        self.shared = len(self.unique) == len(seeds)  # no index_select needed
+        self.samples, self.dim, self.law, self.dtype, self.device = samples, dim, law, dtype, device
+        self.block = max(MIN_BLOCK_STEPS, BLOCK_ELEMENTS // (samples * dim * len(self.unique)))
+        self.gen = torch.Generator(device=device)
+        self.step, self.chunk, self.position = start_step, None, 0
+        self.pending = _DRAWER.submit(self._draw, self.step)
+
+    def _draw(self, first: int) -> torch.Tensor:
+        """Steps first .. first + block - 1 as (steps, samples, runs, dim) in the run's dtype."""
+        g = torch.empty(self.block, self.samples, len(self.unique), self.dim, dtype=torch.float32,
+                        device=self.device)
+        steps = np.arange(first, first + self.block, dtype=np.uint64)[:, None, None]
+        samples = np.arange(self.samples, dtype=np.uint64)[None, :, None]
+        keys = mix_array(mix_array(self.bases[None, None, :], steps), samples)  # direction_key, vectorised
+        chunks = range(0, self.dim, CHUNK)
+        seeds = [mix_array(keys, np.uint64(c)).ravel().tolist() for c in range(len(chunks))]
+        for j, row in enumerate(g.view(-1, self.dim).unbind(0)):
+            for c, start in enumerate(chunks):
+                self.gen.manual_seed(seeds[c][j])
+                fill(row if len(chunks) == 1 else row[start:start + CHUNK], self.law, self.gen)
+        u = g.to(self.dtype)
+        if self.law == "sphere":  # √d/‖g‖ per direction, from the float32 draw's norm in float64
+            u *= (self.dim / g.double().square().sum(-1, keepdim=True)).sqrt().to(self.dtype)
+        return u if self.shared else u.index_select(2, self.rows)
+
+    def next(self) -> torch.Tensor:
+        if self.chunk is None or self.position == self.chunk.shape[0]:
+            self.chunk, self.position = self.pending.result(), 0
+            self.pending = _DRAWER.submit(self._draw, self.step + self.block)
+        u = self.chunk[self.position]
+        self.position += 1
+        self.step += 1
+        return u
+
+
+class ParameterDirections:
+    """Directions over a model's parameter tensors, regenerated chunk by chunk, never stored.
+
+    `add(terms)` computes params += Σ scale·z(key) in one pass with one chunk of scratch per thread.
+    A chunk spans many small tensors (biases, norms), so one draw and one fused multi-tensor add
+    serve them all: on a GPU the pass costs a few kernel launches per chunk, not per tensor."""
+
+    def __init__(self, params, law: str = "gaussian"):
+        self.params = list(params)
+        self.law = check_law(law)
+        self.device = self.params[0].device
+        self.numel = sum(p.numel() for p in self.params)
+        # chunk = [(parameter index, start in the parameter, start, stop in the chunk)]: one cut for every key
+        self.chunks, pieces, filled = [], [], 0
+        for index, p in enumerate(self.params):
+            start = 0
+            while start < p.numel():
+                take = min(CHUNK - filled, p.numel() - start)
+                pieces.append((index, start, filled, filled + take))
+                start, filled = start + take, filled + take
+                if filled == CHUNK:
+                    self.chunks.append(pieces)
+                    pieces, filled = [], 0
+        if pieces:
+            self.chunks.append(pieces)
+        # CPU: threads share the chunks (torch releases the GIL while it draws); CUDA: one stream
+        self.workers = torch.get_num_threads() if self.device.type == "cpu" else 1
+        self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
+        self._local = threading.local()
+        self._scales = {}  # the sphere's √d/‖g‖ per key, computed once
+
+    def views(self, tensors, index: int) -> list:
+        """The flat slices of `tensors` (shaped like the parameters) that chunk `index` covers."""
+        return [tensors[i].view(-1)[start:start + stop - offset] for i, start, offset, stop in self.chunks[index]]
+
+    def _scratch(self):
+        if not hasattr(self._local, "buffer"):
+            self._local.buffer = torch.empty(CHUNK, dtype=torch.float32, device=self.device)
+            self._local.generator = torch.Generator(device=self.device)
+        return self._local.buffer, self._local.generator
+
+    def chunk(self, key: int, index: int) -> torch.Tensor:
+        """Chunk `index` of z(key) before the sphere's scaling, in this thread's scratch (float32)."""
+        buffer, gen = self._scratch()
+        gen.manual_seed(mix(key, index))
+        return fill(buffer[: self.chunks[index][-1][3]], self.law, gen)
+
+    def scale(self, key: int) -> float:
+        """The factor that turns the drawn numbers into z(key): 1, or √d/‖g‖ for the sphere."""
+        if self.law != "sphere":
+            return 1.0
+        if key not in self._scales:
+            if len(self._scales) > 64:
+                self._scales.clear()
+            square = sum(self.map_chunks(lambda i: float(self.chunk(key, i).double().square().sum())))
+            self._scales[key] = sphere_scale(square, self.numel)
+        return self._scales[key]
+
+    def map_chunks(self, fn) -> list:
+        """fn(chunk index) for every chunk, on all CPU threads; the results in chunk order."""
+        if self._pool is None:
+            return [fn(i) for i in range(len(self.chunks))]
+        return list(self._pool.map(fn, range(len(self.chunks))))
+
+    @torch.no_grad()
+    def add(self, terms):
+        """params += Σ scale · z(key) for (key, scale) in terms, in one pass."""
+        terms = [(int(k), float(a) * self.scale(int(k))) for k, a in terms]
+
+        def add_chunk(index):
+            targets = self.views(self.params, index)
+            for key, alpha in terms:
+                z = self.chunk(key, index)
+                parts = [z[offset:stop].to(t.dtype) for t, (_, _, offset, stop) in zip(targets, self.chunks[index])]
+                torch._foreach_add_(targets, parts, alpha=alpha)
+
+        self.map_chunks(add_chunk)
+
+    @torch.no_grad()
+    def dot(self, key: int, tensors) -> float:
+        """z(key)ᵀ t for t shaped like the parameters, in float64 (dd's uᵀ∇f)."""
+        def chunk_dot(index):
+            z = self.chunk(key, index)
+            return sum(float(torch.dot(z[offset:stop].double(), t.double()))
+                       for t, (_, _, offset, stop) in zip(self.views(tensors, index), self.chunks[index]))
+        return sum(self.map_chunks(chunk_dot)) * self.scale(key)
+
+    def draw(self, key: int, dtype=None) -> list:
+        """z(key) materialised, shaped like the parameters (forward-gradient tangents, tests)."""
+        out = [torch.zeros_like(p, dtype=dtype or p.dtype) for p in self.params]
+        scale = self.scale(key)
+        for index in range(len(self.chunks)):
+            z = self.chunk(key, index)
+            for t, (_, _, offset, stop) in zip(self.views(out, index), self.chunks[index]):
+                t.copy_(z[offset:stop] * scale)
+        return out
