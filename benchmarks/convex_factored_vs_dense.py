@@ -22,7 +22,8 @@ import torch
 
 from zoflat_cli import datasets
 from zoflat_cli.problems.convex import ConvexProblem
-from zoflat_cli.trainer import RunSpec, Trainer, make_groups
+from zoflat_cli.engine.batched import Trainer, make_groups
+from zoflat_cli.engine.loop import RunSpec
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURE2 = ["fig2_svm-offline", "fig2_svm_a5a-offline", "fig2_logreg-offline", "fig2_logreg_a5a-offline"]

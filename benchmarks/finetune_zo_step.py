@@ -13,6 +13,7 @@ For each model (MiniLM, a small random RoBERTa with an MLM head) on the SST-2 K=
 """
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -24,7 +25,10 @@ import torch
 from timing import timed  # benchmarks/timing.py (this folder is on sys.path)
 from zoflat_cli.config import resolve
 from zoflat_cli.hessian import finite_difference, hutchinson
-from zoflat_cli.inplace import Directions, in_place_step, two_point_coefficients
+from zoflat_cli.optim.directions import LAWS, ParameterDirections
+from zoflat_cli.optim.estimators import ESTIMATORS
+from zoflat_cli.optim.inplace import InPlaceOptimizer
+from zoflat_cli.optim.updates import UPDATES
 from zoflat_cli.problems import lm
 from zoflat_cli.problems.lm import peak_memory_mib
 from zoflat_cli.testing import save_tiny_roberta
@@ -37,6 +41,12 @@ def load(model: str, device: torch.device):
     config = resolve(lm.DEFAULTS, None, {"model": model, "k": 32, "micro_batch": 64}, lm.validate)
     train, _, _ = kshot(TASKS["sst2"], 32, 13)
     return lm.LMProblem(config, TASKS["sst2"], {"train": train.examples()}, device, torch.float32)
+
+
+def zo_optimizer(problem, update="sgd", law="gaussian"):
+    """zoflat's in-place two-point ZO with an update rule and a direction law."""
+    hyper = {"lr": LR, "lambda": LAM, "momentum": 0.9, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.0}
+    return InPlaceOptimizer(ParameterDirections(problem.params, law), ESTIMATORS["two-point"], UPDATES[update], hyper)
 
 
 def mezo_step(params, loss, seed):
@@ -58,7 +68,7 @@ def mezo_step(params, loss, seed):
 def child(model: str, mode: str, steps: int, device: torch.device):
     """One mode in a fresh process; prints its peak memory."""
     problem = load(model, device)
-    directions = Directions(problem.params)
+    optimizer = zo_optimizer(problem)
     problem.loss()  # warm-up: allocator pools and thread scratch exist in every mode
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -70,7 +80,7 @@ def child(model: str, mode: str, steps: int, device: torch.device):
         if mode == "inference":
             problem.loss()
         elif mode == "zo":
-            in_place_step(directions, problem.loss, [step], LAM, LR, two_point_coefficients(LAM))
+            optimizer.step(problem, [step], step + 1)
         else:
             grads = problem.gradient()
             with torch.no_grad():
@@ -81,14 +91,14 @@ def child(model: str, mode: str, steps: int, device: torch.device):
 
 def measure(model: str, repeats: int, device: torch.device):
     problem = load(model, device)
-    d = Directions(problem.params)
+    zo_sgd = zo_optimizer(problem)
     forward = timed(problem.loss, repeats)
-    zo = timed(lambda: in_place_step(d, problem.loss, [1], LAM, LR, two_point_coefficients(LAM)), repeats)
+    zo = timed(lambda: zo_sgd.step(problem, [1], 1), repeats)
     mezo = timed(lambda: mezo_step(problem.params, problem.loss, 1), repeats)
     gen = torch.Generator(device).manual_seed(0)
     with problem.double_backward():
         hutch = timed(lambda: hutchinson(problem.params, problem.loss_terms, 1, gen), max(1, repeats // 2))
-    fd = timed(lambda: finite_difference(d, problem.loss, [3], 1e-3), max(1, repeats // 2))
+    fd = timed(lambda: finite_difference(zo_sgd.directions, problem.loss, [3], 1e-3), max(1, repeats // 2))
     print(f"\n{model}: {problem.n_params / 1e6:.1f}M parameters, head {problem.head}, "
           f"batch {problem.splits['train'].size} examples, "
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}")
@@ -98,6 +108,7 @@ def measure(model: str, repeats: int, device: torch.device):
           f"(zoflat / MeZO = {zo / mezo:.2f})")
     print(f"  Hutchinson, one probe     {hutch * 1e3:8.1f} ms   {hutch / forward:.1f} forward equivalents")
     print(f"  fd, one probe (+ f(x))    {fd * 1e3:8.1f} ms   {fd / forward:.1f} forward equivalents")
+    rules(problem, repeats, zo)
     peaks = {}
     for mode in ("inference", "zo", "gd"):
         out = subprocess.run([sys.executable, __file__, "--child", mode, "--models", model, "--device", device.type],
@@ -108,6 +119,23 @@ def measure(model: str, repeats: int, device: torch.device):
         peak, loaded = peaks[mode]["peak_mib"], peaks[mode]["loaded_mib"]
         print(f"  peak memory, {mode:9s}    {peak:8.0f} MiB  {peak / inference:.2f}x inference   "
               f"(+{peak - loaded:.0f} MiB over the loaded model)")
+
+
+def rules(problem, repeats: int, sgd: float):
+    """The in-place ZO step with each update rule and direction law, relative to SGD + Gaussian
+    (timed side by side with it), and the cost of one parameter pass for each law."""
+    keys = itertools.count(100)  # a new direction each step, as in training (the sphere's norm is per key)
+    for update in UPDATES:
+        if update != "sgd":
+            opt = zo_optimizer(problem, update)
+            t = timed(lambda: opt.step(problem, [next(keys)], 1), repeats)
+            print(f"  ZO step, update {update:12s} {t * 1e3:8.1f} ms   {100 * (t / sgd - 1):+.1f}% vs sgd")
+    for law in LAWS:
+        opt = zo_optimizer(problem, law=law)
+        step = timed(lambda: opt.step(problem, [next(keys)], 1), repeats)
+        one_pass = timed(lambda: opt.directions.add([(next(keys), 0.0)]), repeats)
+        print(f"  ZO step, {law:10s} directions {step * 1e3:8.1f} ms   {100 * (step / sgd - 1):+.1f}% vs gaussian; "
+              f"one parameter pass {one_pass * 1e3:.1f} ms")
 
 
 def main():

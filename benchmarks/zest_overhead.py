@@ -17,14 +17,25 @@ import torch
 from zoflat_cli import datasets
 from timing import timed  # benchmarks/timing.py (this folder is on sys.path)
 from zoflat_cli.config import resolve
-from zoflat_cli.estimators import two_point, zest
-from zoflat_cli.inplace import Directions, in_place_step, tilted_coefficients_for, two_point_coefficients
+from zoflat_cli.optim.directions import ParameterDirections
+from zoflat_cli.optim.estimators import ESTIMATORS, estimate
+from zoflat_cli.optim.inplace import InPlaceOptimizer
+from zoflat_cli.optim.updates import UPDATES
 from zoflat_cli.problems import lm
 from zoflat_cli.problems.convex import ConvexProblem
 from zoflat_cli.problems.toy import ToyProblem
 from zoflat_cli.testing import save_tiny_roberta
 from zoflat_cli.text_tasks import TASKS, kshot
-from zoflat_cli.trainer import RunSpec, make_groups
+from zoflat_cli.engine.batched import make_groups
+from zoflat_cli.engine.loop import RunSpec
+
+
+def two_point(problem, x, u, hyper):
+    return estimate(ESTIMATORS["two-point"], problem, x, u, hyper)
+
+
+def zest(problem, x, u, hyper):
+    return estimate(ESTIMATORS["tilted"], problem, x, u, hyper)
 
 
 def report(label, zo, ze):
@@ -62,7 +73,8 @@ def toy(pairs: int, repeats: int):
         with torch.inference_mode():
             report(f"estimate, {runs} runs", timed(lambda: two_point(problem, x, u, hyper), 50 * repeats),
                    timed(lambda: zest(problem, x, u, hyper), 50 * repeats))
-            report(f"trainer step, {runs} runs", timed(zo_group.step, 50 * repeats), timed(zest_group.step, 50 * repeats))
+            report(f"trainer step, {runs} runs", timed(lambda: zo_group.step(0), 50 * repeats),
+                   timed(lambda: zest_group.step(0), 50 * repeats))
 
 
 def in_place(pairs: int, repeats: int):
@@ -71,12 +83,14 @@ def in_place(pairs: int, repeats: int):
         config = resolve(lm.DEFAULTS, None, {"model": model, "k": 16, "micro_batch": 32}, lm.validate)
         train, _, _ = kshot(TASKS["sst2"], 16, 13)
         problem = lm.LMProblem(config, TASKS["sst2"], {"train": train.examples()}, torch.device("cpu"), torch.float32)
-        d = Directions(problem.params)
+        d = ParameterDirections(problem.params)
         seeds = list(range(pairs))
+        hyper = {"lr": 1e-6, "lambda": 1e-3, "tilt": 1.0}
+        zo_step = InPlaceOptimizer(d, ESTIMATORS["two-point"], UPDATES["sgd"], hyper)
+        zest_step = InPlaceOptimizer(d, ESTIMATORS["tilted"], UPDATES["sgd"], hyper)
         print(f"in place, random RoBERTa ({problem.n_params / 1e6:.1f}M parameters, 32 examples), {pairs} directions:")
-        zo = timed(lambda: in_place_step(d, problem.loss, seeds, 1e-3, 1e-6, two_point_coefficients(1e-3)), repeats)
-        ze = timed(lambda: in_place_step(d, problem.loss, seeds, 1e-3, 1e-6, tilted_coefficients_for(1e-3, 1.0)),
-                   repeats)
+        zo = timed(lambda: zo_step.step(problem, seeds, 1), repeats)
+        ze = timed(lambda: zest_step.step(problem, seeds, 1), repeats)
         report("step", zo, ze)
 
 

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from zoflat_cli.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
-DOCUMENTED_COLUMNS = ["run_id", "optimizer", "lambda", "rho", "tilt", "lr", "seed", "samples", "step", "wall_s",
-                      "n_evals", "loss", "hessian_trace", "lambda_max", "grad_norm", "balance", "balance_theory"]
+DOCUMENTED_COLUMNS = ["run_id", "optimizer", "update", "directions", "lambda", "rho", "tilt", "momentum", "beta1",
+                      "beta2", "weight_decay", "lr", "seed", "samples", "step", "wall_s", "n_evals", "loss", "hessian_trace", "lambda_max", "grad_norm", "balance", "balance_theory"]
 runner = CliRunner()
 
 

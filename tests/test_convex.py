@@ -12,9 +12,10 @@ from typer.testing import CliRunner
 
 from zoflat_cli.cli import app
 from zoflat_cli.datasets import Split
-from zoflat_cli.estimators import two_point
+from zoflat_cli.optim.estimators import ESTIMATORS, estimate
 from zoflat_cli.problems.convex import ConvexProblem
-from zoflat_cli.trainer import RunSpec, Trainer, make_groups
+from zoflat_cli.engine.batched import Trainer, make_groups
+from zoflat_cli.engine.loop import RunSpec
 
 CPU = torch.device("cpu")
 
@@ -121,7 +122,7 @@ def test_zo_on_logistic_is_unbiased_for_the_smoothed_gradient():
     w = torch.randn(1, prob.n_params, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 0.5
     gen = torch.Generator().manual_seed(7)
     u = torch.randn(1, n, prob.n_params, generator=gen, dtype=torch.float64)
-    estimates = two_point(bound, w.expand(n, -1), u, {"lambda": torch.full((n, 1), lam, dtype=torch.float64)})
+    estimates = estimate(ESTIMATORS["two-point"], bound, w.expand(n, -1), u, {"lambda": torch.full((n, 1), lam, dtype=torch.float64)})
     v = torch.randn(n, prob.n_params, generator=gen, dtype=torch.float64)
     reference = bound.grad(w + lam * v)  # independent draws of ∇f(w + λv)
     se = (estimates.var(0) / n + reference.var(0) / n).sqrt()

@@ -3,12 +3,20 @@
 import pytest
 import torch
 
-from zoflat_cli.estimators import ESTIMATORS, directional, exact_gradient, n_evals, sharpness_aware, two_point
+from zoflat_cli.optim.estimators import ESTIMATORS, estimate, n_evals
 from zoflat_cli.problems.toy import ToyProblem
 
 
 
 pytestmark = pytest.mark.usefixtures("float64")
+
+
+def by_name(name):
+    return lambda problem, x, u, hyper: estimate(ESTIMATORS[name], problem, x, u, hyper)
+
+
+two_point, directional = by_name("two-point"), by_name("directional")
+exact_gradient, sharpness_aware = by_name("gd"), by_name("sam")
 
 
 def toy_point(dim=4, seed=0):
@@ -61,7 +69,7 @@ def test_samples_average_independent_estimates():
     averaged = two_point(problem, x, u, hyper)
     one_by_one = torch.stack([two_point(problem, x, u[i : i + 1], hyper) for i in range(5)]).mean(0)
     torch.testing.assert_close(averaged, one_by_one)
-    assert n_evals(ESTIMATORS["zo"], 5) == 10 and n_evals(ESTIMATORS["gd"], 5) == 1
+    assert n_evals(ESTIMATORS["two-point"], 5) == 10 and n_evals(ESTIMATORS["gd"], 5) == 1
     assert n_evals(ESTIMATORS["sam"], 1) == 2
 
 

@@ -11,12 +11,15 @@ import torch
 from conftest import DEVICES
 from typer.testing import CliRunner
 
-from zoflat_cli import finetune as ft
+from zoflat_cli.engine import runfolder
 from zoflat_cli.cli import app
 from zoflat_cli.config import resolve
 from zoflat_cli.errors import ZoflatError
 from zoflat_cli.hessian import finite_difference, hutchinson
-from zoflat_cli.inplace import Directions, in_place_step, two_point_coefficients
+from zoflat_cli.optim.directions import ParameterDirections
+from zoflat_cli.optim.estimators import ESTIMATORS, tilted_coefficients
+from zoflat_cli.optim.inplace import InPlaceOptimizer
+from zoflat_cli.optim.updates import UPDATES
 from zoflat_cli.problems import lm
 from zoflat_cli.text_tasks import TASKS, kshot
 
@@ -82,10 +85,15 @@ def test_unknown_hub_model_offline_is_one_clear_line():
 
 # ---------------------------------------------------------------- in-place directions and ZO
 
+def in_place(d, estimator="two-point", update="sgd", **hyper):
+    """The engine's in-place optimizer for one run's hyperparameters (lr, lambda, tilt, ...)."""
+    return InPlaceOptimizer(d, ESTIMATORS[estimator], UPDATES[update], {"lr": 0.0, "lambda": 0.0, **hyper})
+
+
 def test_directions_are_standard_normal_and_thread_independent(tiny_mlm, monkeypatch):
     problem = make_problem(tiny_mlm, dtype=torch.float32)
-    monkeypatch.setattr("zoflat_cli.inplace.CHUNK", 1000)  # many chunks
-    d = Directions(problem.params)
+    monkeypatch.setattr("zoflat_cli.optim.directions.CHUNK", 1000)  # many chunks
+    d = ParameterDirections(problem.params)
     z = flat(d.draw(123))
     assert abs(z.mean()) < 0.03 and abs(z.std() - 1) < 0.03
     assert torch.equal(z, flat(d.draw(123))) and not torch.equal(z, flat(d.draw(124)))
@@ -96,60 +104,59 @@ def test_directions_are_standard_normal_and_thread_independent(tiny_mlm, monkeyp
 @pytest.mark.parametrize("device", DEVICES)
 def test_zo_step_estimates_directional_derivative_and_restores(tiny_mlm, device):
     problem = make_problem(tiny_mlm, device=device)
-    d = Directions(problem.params)
+    d = ParameterDirections(problem.params)
     before = flat(problem.params).clone()
     grad = flat(problem.gradient())
     z = flat(d.draw(7))
     lam = 1e-6
-    (c,) = in_place_step(d, problem.loss, [7], lam, 0.0, two_point_coefficients(lam))
+    (c,), _ = in_place(d, **{"lambda": lam}).step(problem, [7], 1)
     assert c == pytest.approx(float(z @ grad), rel=1e-6)  # central difference: error O(λ²)
     restored = flat(problem.params)
     # in place, restoring is exact up to one rounding of (x + λz) - λz per parameter
     assert (restored - before).abs().max() <= 4 * torch.finfo(torch.float64).eps * (before.abs() + lam * z.abs()).max()
-    (c,) = in_place_step(d, problem.loss, [7], lam, 0.5, two_point_coefficients(lam))
+    (c,), _ = in_place(d, lr=0.5, **{"lambda": lam}).step(problem, [7], 1)
     torch.testing.assert_close(flat(problem.params), before - 0.5 * c * z)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_replaying_the_update_log_is_bit_identical(tiny_mlm, device):
     problem = make_problem(tiny_mlm, dtype=torch.float32, device=device)
-    d = Directions(problem.params)
+    opt = in_place(ParameterDirections(problem.params), lr=1e-2, **{"lambda": 1e-3})
     log = []
     for step in range(5):
-        seeds = [1000 + step, 2000 + step]
-        log.append((seeds, in_place_step(d, problem.loss, seeds, 1e-3, 1e-2, two_point_coefficients(1e-3))))
+        keys = [1000 + step, 2000 + step]
+        log.append((keys, opt.step(problem, keys, step + 1)))
     trained = flat(problem.params).clone()
     problem.load_base()
-    d = Directions(problem.params)
-    for seeds, coefs in log:
-        in_place_step(d, None, seeds, 1e-3, 1e-2, None, coefs=coefs)
+    opt = in_place(ParameterDirections(problem.params), lr=1e-2, **{"lambda": 1e-3})
+    for step, (keys, logged) in enumerate(log):
+        opt.step(None, keys, step + 1, logged=logged)
     assert torch.equal(flat(problem.params), trained)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_zest_in_place_uses_the_tilted_weights_and_replays_bit_identically(tiny_mlm, device):
-    from zoflat_cli.estimators import tilted_coefficients
-    from zoflat_cli.inplace import tilted_coefficients_for
-
     problem = make_problem(tiny_mlm, device=device)
-    d = Directions(problem.params)
+    d = ParameterDirections(problem.params)
     before = flat(problem.params).clone()
-    seeds, lam, t, lr = [3, 4, 5], 1e-3, 10.0, 0.1
+    keys, lam, t, lr = [3, 4, 5], 1e-3, 10.0, 0.1
     evaluated = []
 
-    def loss():
-        evaluated.append(problem.loss())
-        return evaluated[-1]
+    class Recording:
+        def loss(self):
+            evaluated.append(problem.loss())
+            return evaluated[-1]
 
-    coefs = in_place_step(d, loss, seeds, lam, lr, tilted_coefficients_for(lam, t))
+    coefs, _ = in_place(d, "tilted", lr=lr, tilt=t, **{"lambda": lam}).step(Recording(), keys, 1)
     losses = torch.tensor([evaluated[0::2], evaluated[1::2]])  # f⁺ and f⁻, python floats
     torch.testing.assert_close(torch.tensor(coefs), tilted_coefficients(losses, lam, torch.tensor(t)))
-    z = [flat(d.draw(s)) for s in seeds]
+    z = [flat(d.draw(s)) for s in keys]
     update = sum(c * zi for c, zi in zip(coefs, z))
     torch.testing.assert_close(flat(problem.params), before - lr * update)
     trained = flat(problem.params).clone()
     problem.load_base()
-    in_place_step(Directions(problem.params), None, seeds, lam, lr, None, coefs=coefs)
+    in_place(ParameterDirections(problem.params), "tilted", lr=lr, tilt=t, **{"lambda": lam}).step(
+        None, keys, 1, logged=(coefs, True))
     assert torch.equal(flat(problem.params), trained)
 
 
@@ -164,11 +171,7 @@ def test_sam_step_is_gd_at_the_ascent_point(tiny_mlm, tmp_path):
     expected = x0 - lr * flat(problem.gradient())
     with torch.no_grad():
         torch.nn.utils.vector_to_parameters(x0, problem.params)
-    from zoflat_cli.trainer import RunSpec
-
-    trainer = ft.RunTrainer.__new__(ft.RunTrainer)
-    trainer.problem, trainer.run = problem, RunSpec("sam", lr, 0, 1, (("rho", rho),))
-    trainer.step(0)
+    in_place(ParameterDirections(problem.params), "sam", lr=lr, rho=rho).step(problem, [], 1)
     torch.testing.assert_close(flat(problem.params), expected)
 
 
@@ -206,7 +209,7 @@ def test_hutchinson_and_fd_match_the_exact_hessian(tiny_mlm, device):
                    for p in problem.params])
     assert one == pytest.approx(float(v @ H @ v), rel=1e-8)
     # fd: uᵀHu up to O(δ²), for the same Gaussian u
-    d = Directions(problem.params)
+    d = ParameterDirections(problem.params)
     u = flat(d.draw(11))
     fd_one, _ = finite_difference(d, problem.loss, [11], 1e-4)
     assert fd_one == pytest.approx(float(u @ H @ u), rel=1e-4)
@@ -233,7 +236,7 @@ def test_power_iteration_finds_the_top_eigenvalue(tiny_mlm, device):
 def test_fd_trace_leaves_parameters_bit_identical(tiny_mlm):
     problem = make_problem(tiny_mlm, dtype=torch.float32)
     before = flat(problem.params).clone()
-    finite_difference(Directions(problem.params), problem.loss, [1, 2, 3], 1e-3)
+    finite_difference(ParameterDirections(problem.params), problem.loss, [1, 2, 3], 1e-3)
     assert torch.equal(flat(problem.params), before)
 
 
@@ -265,7 +268,7 @@ def test_finetune_cli_end_to_end(tiny_mlm, tmp_path):
     assert float(zo[-1]["n_evals"]) == 16 and float(zo[-1]["forward_passes"]) >= 16
     assert float(zo[-1]["peak_memory_mib"]) > 0
     assert zo[0]["loss"] != zo[-1]["loss"]
-    assert (path / "updates" / "zo-lam0.002-lr0.01-s0.bin").stat().st_size == 8 * (8 + 16)
+    assert (path / "updates" / "zo-lam0.002-lr0.01-s0.bin").stat().st_size == 8 * (16 + 16)  # step, accepted, (key, c)
     summary = json.loads((path / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["panels"] == ["loss", "test_accuracy", "hessian_trace"]
     assert summary["problem"]["head"] == "prompt" and summary["problem"]["train_examples"] == 16
@@ -303,7 +306,7 @@ def test_finetune_sam_and_zest_with_sharpness_columns(tiny_mlm, tmp_path):
     assert zest[-1]["n_evals"] == "32" and zest[-1]["samples"] == "2" and zest[-1]["tilt"] == "1.0"
     assert [r["lambda_max"] != "" for r in zest] == [True, False, False, False, True]
     assert all(r["grad_norm"] != "" for r in zest if r["test_accuracy"] != "")
-    assert (path / "updates" / f"{zest[0]['run_id']}.bin").stat().st_size == 8 * (8 + 2 * 16)
+    assert (path / "updates" / f"{zest[0]['run_id']}.bin").stat().st_size == 8 * (16 + 2 * 16)
     assert {r["optimizer"] for r in rows} == {"sam", "zest"}
     summary = json.loads((path / "summary.json").read_text())
     assert summary["panels"] == ["loss", "test_accuracy", "hessian_trace", "lambda_max", "grad_norm"]
@@ -320,14 +323,14 @@ def test_interrupted_runs_resume_to_the_uninterrupted_result(tiny_mlm, tmp_path,
     straight = _invoke("--model", tiny_mlm, "-o", "gd,zo", "--out", tmp_path / "a", *COMMON)
     reference = _rows(Path(straight.output.strip()))
 
-    original = ft.RunFolder.on_log
+    original = runfolder.RunFolder.on_log
 
     def interrupt_at_step_4(self, step, rows, states):  # Ctrl-C while the first run logs step 4
         original(self, step, rows, states)
         if step == 4 and rows[0]["optimizer"] == "gd" and not os.environ.get("RESUMED"):
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(ft.RunFolder, "on_log", interrupt_at_step_4)
+    monkeypatch.setattr(runfolder.RunFolder, "on_log", interrupt_at_step_4)
     stopped = _invoke("--model", tiny_mlm, "-o", "gd,zo", "--out", tmp_path / "b", *COMMON)
     assert stopped.exit_code == 130
     path = Path(stopped.output.strip().splitlines()[0])
@@ -368,7 +371,7 @@ def test_resume_on_another_device_kind_is_refused_before_replaying(tiny_mlm, tmp
     (folder / "summary.json").write_text(json.dumps(summary))
     before = (folder / "metrics.csv").read_bytes()
     result = runner.invoke(app, ["finetune", "--resume", str(folder), "--device", "cpu"])
-    assert result.exit_code == 2 and "can only be replayed there; resume with --device cuda" in result.output
+    assert result.exit_code == 2 and "can only be continued there" in result.output and "resume with --device cuda" in result.output
     assert len(result.output.strip().splitlines()) == 1 and (folder / "metrics.csv").read_bytes() == before
 
 
@@ -377,7 +380,9 @@ def test_resume_on_another_device_kind_is_refused_before_replaying(tiny_mlm, tmp
     (["--head", "mlp"], "head must be one of"),
     (["--task", "trec", "--k", "50"], "fewer than 2K = 100"),
     (["--data-dir", "/nonexistent"], "is not a directory"),
-    (["-o", "dd"], "finetune supports the optimizers gd, zo, sam, zest"),
+    (["-o", "zoo"], "unknown optimizer 'zoo'"),
+    (["--directions", "uniform"], "unknown directions 'uniform'"),
+    (["--lr", "zoo=0.5"], "lr names an unknown optimizer 'zoo' (did you mean 'zo'?)"),
     (["--model", "roberta-large"], "not in the Hugging Face cache"),
     (["--model", "/nonexistent/model"], "no config.json"),
 ])

@@ -1,5 +1,6 @@
 """The batched trainer: the paper's balance dynamics, batching invariance, divergence, Ctrl-C."""
 
+import contextlib
 import csv
 import json
 
@@ -7,8 +8,9 @@ import pytest
 import torch
 
 from zoflat_cli.problems.toy import ToyProblem
-from zoflat_cli.runfolder import RunFolder
-from zoflat_cli.trainer import RunSpec, Trainer, make_groups
+from zoflat_cli.engine.batched import Trainer, make_groups
+from zoflat_cli.engine.loop import RunSpec, session
+from zoflat_cli.engine.runfolder import RunFolder
 
 CPU = torch.device("cpu")
 
@@ -94,19 +96,27 @@ def test_divergent_run_is_marked_and_the_others_finish(tmp_path):
     assert runs[1].run_id in rows[200]
 
 
+def in_session(problem, runs, steps, log_every, folder, callback):
+    """Runs the trainer inside the engine's session, as the commands do: (states, overall status)."""
+    trainer = Trainer(problem, make_groups(problem, runs, torch.float64, CPU), steps, log_every,
+                      [folder.on_log, callback], folder=folder)
+    result = {}
+    with session(folder, contextlib.nullcontext(), trainer.states, result) as stop:
+        trainer.run(0, stop)
+    return trainer.states, result["status"]
+
+
 def test_ctrl_c_keeps_what_was_logged(tmp_path):
     problem = ToyProblem(10)
     runs = [RunSpec("zo", 0.001, s, 1, (("lambda", 0.1),)) for s in range(2)]
-    config = {"command": "toy", "name": "t"}
-    folder = RunFolder(tmp_path, config, problem, "cpu")
+    folder = RunFolder(tmp_path, {"command": "toy", "name": "t"}, problem, "cpu")
 
     def interrupt(step, rows, states):
         if step == 50:
             raise KeyboardInterrupt
 
-    _, states = train(problem, runs, 1000, 10, extra=[folder.on_log, interrupt])
-    assert {s.status for s in states.values()} == {"interrupted"}
-    assert folder.finish(states) == "interrupted"
+    states, status = in_session(problem, runs, 1000, 10, folder, interrupt)
+    assert {s.status for s in states.values()} == {"interrupted"} and status == "interrupted"
     with open(tmp_path / "metrics.csv") as f:
         steps = sorted({int(r["step"]) for r in csv.DictReader(f)})
     assert steps == list(range(0, 60, 10))
@@ -125,11 +135,10 @@ def test_an_unexpected_error_marks_runs_failed_and_propagates(tmp_path):
         if step == 20:
             raise RuntimeError("out of memory")
 
-    trainer = Trainer(problem, make_groups(problem, runs, torch.float64, CPU), 100, 10, [folder.on_log, crash])
     with pytest.raises(RuntimeError):
-        trainer.run()
-    assert folder.finish(trainer.states) == "failed"
-    assert json.loads((tmp_path / "summary.json").read_text())["runs"][runs[0].run_id]["final"]["step"] == 20
+        in_session(problem, runs, 100, 10, folder, crash)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["runs"][runs[0].run_id]["final"]["step"] == 20
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -139,6 +148,6 @@ def test_cuda_starts_where_cpu_does_and_gd_follows_the_same_path():
     on_gpu = make_groups(problem, runs, torch.float64, torch.device("cuda"))
     torch.testing.assert_close(on_gpu[0].x.cpu(), on_cpu[0].x)
     for _ in range(100):
-        on_cpu[0].step()
-        on_gpu[0].step()
+        on_cpu[0].step(0)
+        on_gpu[0].step(0)
     torch.testing.assert_close(on_gpu[0].x.cpu(), on_cpu[0].x)

@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from zoflat_cli.estimators import tilted_coefficients, two_point, zest
+from zoflat_cli.optim.estimators import ESTIMATORS, estimate, tilted_coefficients
+
+
+def two_point(problem, x, u, hyper):
+    return estimate(ESTIMATORS["two-point"], problem, x, u, hyper)
+
+
+def zest(problem, x, u, hyper):
+    return estimate(ESTIMATORS["tilted"], problem, x, u, hyper)
 from zoflat_cli.problems.toy import ToyProblem
 
 

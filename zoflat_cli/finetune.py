@@ -42,7 +42,8 @@ def trace(runner, step: int) -> tuple:
     cfg, problem, seed = runner.config, runner.problem, runner.run.seed
     if cfg["trace"] == "fd":  # Gaussian probes, whatever law the run draws its directions from
         keys = [step_key(seed, "probes", step, i) for i in range(cfg["trace_probes"])]
-        return finite_difference(ParameterDirections(problem.params), problem.loss, keys, cfg["trace_delta"])
+        return finite_difference(ParameterDirections(problem.params), lambda: problem.loss("train"), keys,
+                                 cfg["trace_delta"])
     gen = generator(seed, "probes", problem.device, step)
     with problem.double_backward():
         return hutchinson(problem.params, problem.loss_terms, cfg["trace_probes"], gen)

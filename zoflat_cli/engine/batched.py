@@ -55,14 +55,12 @@ class Group:
         self.evals_per_step = n_evals(self.estimator, first.samples) + (2 if self.rule.conservative else 0)
         self.initial_metrics = None
 
-    def start(self, step: int):
-        """Directions from `step` on (a resumed group continues its own sequence)."""
-        if self.estimator.uses_directions:
+    def step(self, step: int):
+        """Iteration `step` (from 0); a resumed group's first step starts its directions there."""
+        if self.estimator.uses_directions and self.directions is None:
             first = self.runs[0]
             self.directions = DirectionStream(self.seeds, first.samples, self.x.shape[-1], first.directions,
                                               self.dtype, self.device, start_step=step)
-
-    def step(self, step: int):
         u = self.directions.next() if self.directions else None
         g = estimate(self.estimator, self.problem, self.x, u, self.hyper)
         if self.plain_sgd:
@@ -111,8 +109,6 @@ class Trainer:
         """Train all groups; returns {run_id: RunState}. With `stop` (a GracefulStop), a request
         ends the loop after the current step and leaves a checkpoint to resume from."""
         began = time.perf_counter()
-        for group in self.groups:
-            group.start(start)
         step = start
         with torch.inference_mode():  # skips autograd bookkeeping: ~20% off each small op
             for step in range(start, self.steps + 1):

@@ -130,7 +130,8 @@ class ParameterDirections:
 
     def views(self, tensors, index: int) -> list:
         """The flat slices of `tensors` (shaped like the parameters) that chunk `index` covers."""
-        return [tensors[i].view(-1)[start:start + stop - offset] for i, start, offset, stop in self.chunks[index]]
+        # detached: the pool's threads do not inherit the caller's no_grad mode
+        return [tensors[i].detach().view(-1)[start:start + stop - offset] for i, start, offset, stop in self.chunks[index]]
 
     def _scratch(self):
         if not hasattr(self._local, "buffer"):

@@ -115,7 +115,8 @@ class InPlaceOptimizer:
             scale = ascent_scale(dot(grads, grads) ** 0.5, self.hyper["rho"])
             with torch.no_grad():
                 torch._foreach_add_(self.params, grads, alpha=scale)
-                ascent = model.gradient()
+            ascent = model.gradient()
+            with torch.no_grad():
                 torch._foreach_add_(self.params, grads, alpha=-scale)
             grads = ascent
         return grads

@@ -349,7 +349,7 @@ class LMProblem:
             yield F.cross_entropy(logits, y, reduction="sum") / size
 
     @torch.inference_mode()
-    def loss(self, split: str = "train") -> float:
+    def loss(self, split: str = "batch") -> float:
         return sum(float(term) for term in self.loss_terms(split))
 
     @torch.inference_mode()
