@@ -3,6 +3,8 @@ hub's models, used by the tests and the benchmarks (no downloads)."""
 
 from pathlib import Path
 
+import torch
+
 LABEL_WORDS = ["terrible", "great", "bad", "okay", "good", "Description", "Entity", "Expression", "Human",
                "Location", "Number", "It was"]
 
@@ -43,3 +45,26 @@ def save_tiny_roberta(folder: Path, mlm_head: bool = True, hidden: int = 16, lay
     model = RobertaForMaskedLM(cfg) if mlm_head else RobertaModel(cfg, add_pooling_layer=False)
     model.save_pretrained(folder)
     return str(folder)
+
+
+class BatchedAsModel:
+    """A batched problem (toy, convex) bound to one run, seen as a model for the in-place path:
+    one parameter vector x, loss() and gradient() at x, jvp(u) = uᵀ∇f by forward-mode AD. The
+    tests drive both paths with it to show that they share one optimizer core."""
+
+    def __init__(self, problem, x):
+        self.problem = problem
+        self.x = torch.nn.Parameter(x.detach().clone())
+        self.params = [self.x]
+        self.device = x.device
+
+    def loss(self) -> float:
+        with torch.no_grad():
+            return float(self.problem.loss(self.x[None])[0])
+
+    def gradient(self) -> list:
+        with torch.no_grad():
+            return [self.problem.grad(self.x.detach()[None])[0]]
+
+    def jvp(self, tangents) -> float:
+        return float(torch.func.jvp(lambda v: self.problem.loss(v[None])[0], (self.x.detach(),), (tangents[0],))[1])

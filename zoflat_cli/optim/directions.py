@@ -192,5 +192,5 @@ class ParameterDirections:
         for index in range(len(self.chunks)):
             z = self.chunk(key, index)
             for t, (_, _, offset, stop) in zip(self.views(out, index), self.chunks[index]):
-                t.copy_(z[offset:stop] * scale)
+                t.copy_(z[offset:stop]).mul_(scale)  # scaled in the output's dtype, as the batched draw
         return out

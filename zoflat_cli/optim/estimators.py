@@ -120,7 +120,7 @@ def _combine(coef: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def directional_derivatives(problem, x, u, use_jvp: bool) -> torch.Tensor:
     """uᵀ∇f(x) for u (samples, runs, dim): (samples, runs)."""
     if use_jvp:
-        return torch.func.jvp(problem.loss, (x.expand_as(u),), (u,))[1]
+        return torch.func.jvp(problem.loss, (x.expand_as(u).contiguous(),), (u,))[1]
     return torch.linalg.vecdot(u, problem.grad(x))
 
 
