@@ -53,7 +53,8 @@ class Group:
         self.seeds, self.dtype, self.device = [r.seed for r in runs], dtype, device
         self.directions = None
         self.evals_per_step = n_evals(self.estimator, first.samples) + (2 if self.rule.conservative else 0)
-        self.initial_metrics = None
+        # the theory predicts from the initial point (also when the group resumes later on)
+        self.initial_metrics = self.problem.metrics(self.x, 0) if hasattr(self.problem, "theory") else None
 
     def step(self, step: int):
         """Iteration `step` (from 0); a resumed group's first step starts its directions there."""
@@ -73,9 +74,7 @@ class Group:
 
     def metrics(self, step: int) -> dict:
         values = self.problem.metrics(self.x, step)
-        if self.initial_metrics is None:
-            self.initial_metrics = values
-        if hasattr(self.problem, "theory"):
+        if self.initial_metrics is not None:
             lr, lam = self.hyper["lr"].squeeze(-1), self.hyper["lambda"].squeeze(-1)
             theory = self.problem.theory(step, self.initial_metrics, lr, lam)
             if not self.problem.has_theory(self.runs[0]):  # NaN: no prediction for this method

@@ -119,8 +119,10 @@ def _combine(coef: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def directional_derivatives(problem, x, u, use_jvp: bool) -> torch.Tensor:
     """uᵀ∇f(x) for u (samples, runs, dim): (samples, runs)."""
-    if use_jvp:
-        return torch.func.jvp(problem.loss, (x.expand_as(u).contiguous(),), (u,))[1]
+    if use_jvp:  # forward-mode AD with dual tensors (works through the convex problem's sparse products)
+        with torch.inference_mode(False), torch.autograd.forward_ad.dual_level():  # the trainer's mode has no AD
+            dual = torch.autograd.forward_ad.make_dual(x.expand_as(u).clone(), u.clone())
+            return torch.autograd.forward_ad.unpack_dual(problem.loss(dual)).tangent
     return torch.linalg.vecdot(u, problem.grad(x))
 
 

@@ -46,6 +46,28 @@ def _to_torch_csr(matrix, dtype, device):
                                        check_invariants=False)
 
 
+class SparseMatmul(torch.autograd.Function):
+    """A @ q for the constant sparse CSR A of a split, differentiable in q by forward mode
+    (fwd-grad's torch.func.jvp) and reverse mode: torch's sparse matmul has no forward-mode rule.
+    The split goes in as a plain object, since torch.func cannot wrap sparse tensors."""
+
+    @staticmethod
+    def forward(q, split):
+        return split.A @ q
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.split = inputs[1]
+
+    @staticmethod
+    def jvp(ctx, q_dot, _):
+        return ctx.split.A @ q_dot
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.split.A_T @ grad, None
+
+
 class Standardised:
     """A split's raw features A with the train mean m and scale s (zero-variance columns: s = 1)."""
 
@@ -74,7 +96,7 @@ class Standardised:
 
     def matmul(self, q: torch.Tensor) -> torch.Tensor:
         """Z0 q for q (d, k): (n, k)."""
-        return self.A @ (q * self.inv_s[:, None]) - self.shift @ q
+        return SparseMatmul.apply(q * self.inv_s[:, None], self) - self.shift @ q
 
     def rmatmul(self, r: torch.Tensor) -> torch.Tensor:
         """Z0ᵀ r for r (n, k): (d, k)."""

@@ -1,0 +1,101 @@
+"""`--resume` in every command, through the real CLI: a stopped or finished run continues bit for
+bit, past the old --steps too, with stateful update rules (momentum, Adam); a folder whose
+directions this version would draw differently is refused."""
+
+import csv
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from zoflat_cli.cli import app
+from zoflat_cli.engine import runfolder
+
+runner = CliRunner()
+FAMILY = "gd,zo-adam,zo-momentum,zo-cons"
+
+
+def zoflat(*args, code=0):
+    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == code, result.output
+    return Path(result.output.strip().splitlines()[0])  # --quiet: the run folder first
+
+
+def table(folder: Path) -> dict:
+    """(run_id, step) -> row without wall_s (and peak memory: a property of the process)."""
+    with open(folder / "metrics.csv", newline="") as f:
+        return {(r["run_id"], r["step"]): {k: v for k, v in r.items() if k not in ("wall_s", "peak_memory_mib")}
+                for r in csv.DictReader(f)}
+
+
+def interrupt_at(monkeypatch, step: int):
+    """A SIGINT (Ctrl-C) as soon as `step` is logged, once: the runner stops after that step."""
+    original, sent = runfolder.RunFolder.on_log, []
+
+    def on_log(self, at, rows, states):
+        original(self, at, rows, states)
+        if at == step and not sent:
+            sent.append(at)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(runfolder.RunFolder, "on_log", on_log)
+    return sent
+
+
+COMMANDS = {
+    "toy": ["toy", "--dim", 8, "--log-every", 10, "--seeds", 2, "--lr", "zo-adam=0.001", "--lr", "zo-momentum=1e-4"],
+    "convex": ["convex", "--features", 300, "--log-every", 10, "--eig-every", 20, "--directions", "rademacher",
+               "--lr", "zo-adam=1e-4", "--lr", "zo-cons=1e-3", "--lr", "zo-momentum=1e-5"],
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_batched_resume_past_the_old_steps_equals_a_straight_run(command, tmp_path):
+    args = [*COMMANDS[command], "-o", FAMILY, "--quiet"]
+    straight = zoflat(*args, "--steps", 60, "--out", tmp_path / "a")
+    first = zoflat(*args, "--steps", 30, "--out", tmp_path / "b")
+    assert json.loads((first / "summary.json").read_text())["status"] == "completed"
+    zoflat(command, "--resume", first, "--steps", 60, "--quiet")
+    assert table(first) == table(straight)
+    assert json.loads((first / "summary.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_batched_resume_after_ctrl_c_equals_a_straight_run(command, tmp_path, monkeypatch):
+    args = [*COMMANDS[command], "-o", FAMILY, "--steps", 60, "--quiet"]
+    straight = zoflat(*args, "--out", tmp_path / "a")
+    sent = interrupt_at(monkeypatch, 20)
+    stopped = zoflat(*args, "--out", tmp_path / "b", code=130)
+    assert sent and json.loads((stopped / "summary.json").read_text())["status"] == "interrupted"
+    assert max(int(step) for _, step in table(stopped)) == 20
+    monkeypatch.undo()
+    zoflat(command, "--resume", stopped, "--quiet")
+    assert table(stopped) == table(straight)
+
+
+def test_finetune_resume_with_stateful_rules_is_bit_exact(tiny_mlm, tmp_path, monkeypatch):
+    args = ["finetune", "--model", tiny_mlm, "--task", "sst2", "--k", 8, "--log-every", 2, "--eval-every", 4,
+            "--trace", "none", "-o", "zo-adam,zo-momentum", "--lr", "zo-adam=1e-4", "--lr", "zo-momentum=1e-3",
+            "--checkpoint-every", 3, "--quiet"]
+    straight = zoflat(*args, "--steps", 10, "--out", tmp_path / "a")
+    sent = interrupt_at(monkeypatch, 4)
+    stopped = zoflat(*args, "--steps", 6, "--out", tmp_path / "b", code=130)
+    assert sent
+    monkeypatch.undo()
+    zoflat("finetune", "--resume", stopped, "--quiet")  # finishes the 6 steps (Adam state from checkpoint + log)
+    zoflat("finetune", "--resume", stopped, "--steps", 10, "--quiet")  # and goes on past them
+    assert table(stopped) == table(straight)
+
+
+def test_resume_refuses_a_folder_drawn_by_another_directions_format(tmp_path):
+    folder = zoflat("toy", "--dim", 4, "--steps", 20, "--log-every", 10, "-o", "zo", "--out", tmp_path, "--quiet")
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["formats"]["directions"] = 1
+    (folder / "summary.json").write_text(json.dumps(summary))
+    before = (folder / "metrics.csv").read_bytes()
+    result = runner.invoke(app, ["toy", "--resume", str(folder), "--steps", "40"])
+    assert result.exit_code == 2 and result.output.startswith("error: --resume") and "format" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and (folder / "metrics.csv").read_bytes() == before
