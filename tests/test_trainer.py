@@ -48,6 +48,22 @@ def test_zo_mean_balance_decays_at_the_predicted_rate_and_dd_does_not():
     assert abs(some_zo["balance_theory"] - b0 * predicted) < 1e-9 * abs(b0)
 
 
+@pytest.mark.parametrize("law", ["rademacher", "sphere"])
+def test_every_direction_law_drifts_at_its_predicted_rate(law):
+    """Proposition 2.2 holds for any law with E[u] = 0, E[uuᵀ] = I and independent coordinates;
+    on the sphere of radius √n the drift is slower by κ = n/(n+2) (here n = 10: 0.83)."""
+    problem, steps, lr, lam = ToyProblem(5), 2000, 0.001, 0.5
+    runs = [RunSpec("zo", lr, s, 1, (("lambda", lam),), law) for s in range(1000)]
+    rows, _ = train(problem, runs, steps, steps)
+    kappa = problem.drift_factor(law)
+    predicted, gaussian = (1 - 2 * kappa * lr * lam**2) ** steps, (1 - 2 * lr * lam**2) ** steps
+    assert abs(balance_slope(rows, steps, "zo") / predicted - 1) < 0.04
+    if law == "sphere":
+        assert balance_slope(rows, steps, "zo") / gaussian - 1 > 0.1  # distinguishable from the Gaussian rate
+    some = next(iter(rows[steps].values()))
+    assert abs(some["balance_theory"] - rows[0][some["run_id"]]["balance"] * predicted) < 1e-9
+
+
 def test_gd_conserves_balance_up_to_its_exact_discrete_factor():
     """Gradient flow conserves B; a GD step multiplies it by exactly (1 - η² r²) = (1 - 2η² f)."""
     problem, lr = ToyProblem(10), 0.01

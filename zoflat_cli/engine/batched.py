@@ -76,7 +76,7 @@ class Group:
         values = self.problem.metrics(self.x, step)
         if self.initial_metrics is not None:
             lr, lam = self.hyper["lr"].squeeze(-1), self.hyper["lambda"].squeeze(-1)
-            theory = self.problem.theory(step, self.initial_metrics, lr, lam)
+            theory = self.problem.theory(step, self.initial_metrics, lr, lam, self.runs[0].directions)
             if not self.problem.has_theory(self.runs[0]):  # NaN: no prediction for this method
                 theory = {k: torch.full_like(v, float("nan")) for k, v in theory.items()}
             values.update(theory)

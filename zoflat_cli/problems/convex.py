@@ -285,8 +285,8 @@ class BoundConvex:
 # (SVM 1e-4, logistic 0.01); GD/SAM step sizes are ones that converge on both data sets
 # (measured: see README); DD uses ZO's.
 _MODEL_DEFAULTS = {
-    "svm": {"lambda": 0.005, "lr": default_lrs(gradient=1e-3, zo=1e-4, per_coordinate=1e-5)},
-    "logreg": {"lambda": 0.01, "lr": default_lrs(gradient=0.1, zo=0.01, per_coordinate=1e-4)},
+    "svm": {"lambda": 0.005, "lr": default_lrs(gradient=1e-3, zo=1e-4, per_coordinate=1e-3)},
+    "logreg": {"lambda": 0.01, "lr": default_lrs(gradient=0.1, zo=0.01, per_coordinate=1e-3)},
 }
 
 
