@@ -80,7 +80,7 @@ def child(model: str, mode: str, steps: int, device: torch.device):
         if mode == "inference":
             problem.loss()
         elif mode == "zo":
-            optimizer.step(problem, [step], step + 1)
+            optimizer.step(problem, [(0, step)], step + 1)
         else:
             grads = problem.gradient()
             with torch.no_grad():
@@ -93,12 +93,12 @@ def measure(model: str, repeats: int, device: torch.device):
     problem = load(model, device)
     zo_sgd = zo_optimizer(problem)
     forward = timed(problem.loss, repeats)
-    zo = timed(lambda: zo_sgd.step(problem, [1], 1), repeats)
+    zo = timed(lambda: zo_sgd.step(problem, [(1, 0)], 1), repeats)
     mezo = timed(lambda: mezo_step(problem.params, problem.loss, 1), repeats)
     gen = torch.Generator(device).manual_seed(0)
     with problem.double_backward():
         hutch = timed(lambda: hutchinson(problem.params, problem.loss_terms, 1, gen), max(1, repeats // 2))
-    fd = timed(lambda: finite_difference(zo_sgd.directions, problem.loss, [3], 1e-3), max(1, repeats // 2))
+    fd = timed(lambda: finite_difference(zo_sgd.directions, problem.loss, [(3, 0)], 1e-3), max(1, repeats // 2))
     print(f"\n{model}: {problem.n_params / 1e6:.1f}M parameters, head {problem.head}, "
           f"batch {problem.splits['train'].size} examples, "
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}")
@@ -128,12 +128,12 @@ def rules(problem, repeats: int, sgd: float):
     for update in UPDATES:
         if update != "sgd":
             opt = zo_optimizer(problem, update)
-            t = timed(lambda: opt.step(problem, [next(keys)], 1), repeats)
+            t = timed(lambda: opt.step(problem, [(0, next(keys))], 1), repeats)
             print(f"  ZO step, update {update:12s} {t * 1e3:8.1f} ms   {100 * (t / sgd - 1):+.1f}% vs sgd")
     for law in LAWS:
         opt = zo_optimizer(problem, law=law)
-        step = timed(lambda: opt.step(problem, [next(keys)], 1), repeats)
-        one_pass = timed(lambda: opt.directions.add([(next(keys), 0.0)]), repeats)
+        step = timed(lambda: opt.step(problem, [(0, next(keys))], 1), repeats)
+        one_pass = timed(lambda: opt.directions.add([((0, next(keys)), 0.0)]), repeats)
         print(f"  ZO step, {law:10s} directions {step * 1e3:8.1f} ms   {100 * (step / sgd - 1):+.1f}% vs gaussian; "
               f"one parameter pass {one_pass * 1e3:.1f} ms")
 

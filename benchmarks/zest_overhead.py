@@ -84,7 +84,7 @@ def in_place(pairs: int, repeats: int):
         train, _, _ = kshot(TASKS["sst2"], 16, 13)
         problem = lm.LMProblem(config, TASKS["sst2"], {"train": train.examples()}, torch.device("cpu"), torch.float32)
         d = ParameterDirections(problem.params)
-        seeds = list(range(pairs))
+        seeds = [(i, 0) for i in range(pairs)]
         hyper = {"lr": 1e-6, "lambda": 1e-3, "tilt": 1.0}
         zo_step = InPlaceOptimizer(d, ESTIMATORS["two-point"], UPDATES["sgd"], hyper)
         zest_step = InPlaceOptimizer(d, ESTIMATORS["tilted"], UPDATES["sgd"], hyper)

@@ -94,11 +94,11 @@ def test_directions_are_standard_normal_and_thread_independent(tiny_mlm, monkeyp
     problem = make_problem(tiny_mlm, dtype=torch.float32)
     monkeypatch.setattr("zoflat_cli.optim.directions.CHUNK", 1000)  # many chunks
     d = ParameterDirections(problem.params)
-    z = flat(d.draw(123))
+    z = flat(d.draw((123, 0)))
     assert abs(z.mean()) < 0.03 and abs(z.std() - 1) < 0.03
-    assert torch.equal(z, flat(d.draw(123))) and not torch.equal(z, flat(d.draw(124)))
+    assert torch.equal(z, flat(d.draw((123, 0)))) and not torch.equal(z, flat(d.draw((124, 0))))
     d._pool = None  # one thread: same numbers
-    assert torch.equal(z, flat(d.draw(123)))
+    assert torch.equal(z, flat(d.draw((123, 0))))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -107,14 +107,14 @@ def test_zo_step_estimates_directional_derivative_and_restores(tiny_mlm, device)
     d = ParameterDirections(problem.params)
     before = flat(problem.params).clone()
     grad = flat(problem.gradient())
-    z = flat(d.draw(7))
+    z = flat(d.draw((7, 0)))
     lam = 1e-6
-    (c,), _ = in_place(d, **{"lambda": lam}).step(problem, [7], 1)
+    (c,), _ = in_place(d, **{"lambda": lam}).step(problem, [(7, 0)], 1)
     assert c == pytest.approx(float(z @ grad), rel=1e-6)  # central difference: error O(λ²)
     restored = flat(problem.params)
     # in place, restoring is exact up to one rounding of (x + λz) - λz per parameter
     assert (restored - before).abs().max() <= 4 * torch.finfo(torch.float64).eps * (before.abs() + lam * z.abs()).max()
-    (c,), _ = in_place(d, lr=0.5, **{"lambda": lam}).step(problem, [7], 1)
+    (c,), _ = in_place(d, lr=0.5, **{"lambda": lam}).step(problem, [(7, 0)], 1)
     torch.testing.assert_close(flat(problem.params), before - 0.5 * c * z)
 
 
@@ -124,7 +124,7 @@ def test_replaying_the_update_log_is_bit_identical(tiny_mlm, device):
     opt = in_place(ParameterDirections(problem.params), lr=1e-2, **{"lambda": 1e-3})
     log = []
     for step in range(5):
-        keys = [1000 + step, 2000 + step]
+        keys = [(1000, step), (2000, step)]
         log.append((keys, opt.step(problem, keys, step + 1)))
     trained = flat(problem.params).clone()
     problem.load_base()
@@ -139,7 +139,7 @@ def test_zest_in_place_uses_the_tilted_weights_and_replays_bit_identically(tiny_
     problem = make_problem(tiny_mlm, device=device)
     d = ParameterDirections(problem.params)
     before = flat(problem.params).clone()
-    keys, lam, t, lr = [3, 4, 5], 1e-3, 10.0, 0.1
+    keys, lam, t, lr = [(3, 0), (4, 0), (5, 0)], 1e-3, 10.0, 0.1
     evaluated = []
 
     class Recording:
@@ -210,14 +210,14 @@ def test_hutchinson_and_fd_match_the_exact_hessian(tiny_mlm, device):
     assert one == pytest.approx(float(v @ H @ v), rel=1e-8)
     # fd: uᵀHu up to O(δ²), for the same Gaussian u
     d = ParameterDirections(problem.params)
-    u = flat(d.draw(11))
-    fd_one, _ = finite_difference(d, problem.loss, [11], 1e-4)
+    u = flat(d.draw((11, 0)))
+    fd_one, _ = finite_difference(d, problem.loss, [(11, 0)], 1e-4)
     assert fd_one == pytest.approx(float(u @ H @ u), rel=1e-4)
     # both unbiased: many probes land within 4 standard errors of the exact trace
     with problem.double_backward():
         mean, stderr = hutchinson(problem.params, problem.loss_terms, 200, torch.Generator(device).manual_seed(1))
     assert abs(mean - exact) < 4 * stderr and stderr < 0.2 * abs(exact)
-    mean, stderr = finite_difference(d, problem.loss, list(range(200)), 1e-4)
+    mean, stderr = finite_difference(d, problem.loss, [(k, 0) for k in range(200)], 1e-4)
     assert abs(mean - exact) < 4 * stderr and stderr < 0.3 * abs(exact)
 
 
@@ -236,7 +236,7 @@ def test_power_iteration_finds_the_top_eigenvalue(tiny_mlm, device):
 def test_fd_trace_leaves_parameters_bit_identical(tiny_mlm):
     problem = make_problem(tiny_mlm, dtype=torch.float32)
     before = flat(problem.params).clone()
-    finite_difference(ParameterDirections(problem.params), problem.loss, [1, 2, 3], 1e-3)
+    finite_difference(ParameterDirections(problem.params), problem.loss, [(1, 0), (2, 0), (3, 0)], 1e-3)
     assert torch.equal(flat(problem.params), before)
 
 

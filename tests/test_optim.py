@@ -16,7 +16,7 @@ from zoflat_cli.optim.inplace import InPlaceOptimizer
 from zoflat_cli.optim.presets import PRESETS, UPDATE_DEFAULTS, estimator_of, hyper_names
 from zoflat_cli.optim.updates import UPDATES, apply, get_update
 from zoflat_cli.problems.toy import ToyProblem
-from zoflat_cli.streams import direction_key
+from zoflat_cli.streams import direction_base
 from zoflat_cli.testing import BatchedAsModel
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -104,11 +104,15 @@ def test_direction_laws_have_zero_mean_and_identity_covariance(law):
         assert set(u.unique().tolist()) == {-1.0, 1.0}
 
 
+@pytest.mark.parametrize("unit", [4, 64])
 @pytest.mark.parametrize("law", laws.LAWS)
-def test_in_place_chunked_draws_equal_the_batched_draws(law, monkeypatch):
+def test_in_place_chunked_draws_equal_the_batched_draws(law, unit, monkeypatch):
     """One seed convention: the in-place path, cutting several parameter tensors into chunks,
-    regenerates exactly the batched path's directions for the same run, step and sample."""
-    monkeypatch.setattr(laws, "CHUNK", 7)  # chunks that cut across tensors
+    regenerates exactly the batched path's directions for the same run, step and sample: for
+    vectors longer than a unit (chunks of 7 cutting across tensors) and shorter (several steps'
+    directions in one unit)."""
+    monkeypatch.setattr(laws, "UNIT", unit)
+    monkeypatch.setattr(laws, "CHUNK", 7)
     shapes = [(3, 4), (5,), (2, 3, 2)]
     params = [torch.zeros(s) for s in shapes]
     dim = sum(p.numel() for p in params)
@@ -117,19 +121,19 @@ def test_in_place_chunked_draws_equal_the_batched_draws(law, monkeypatch):
     u = stream.next()  # step 6
     d = ParameterDirections(params, law)
     for sample in range(2):
-        z = torch.cat([t.reshape(-1) for t in d.draw(direction_key(12, 6, sample), torch.float64)])
+        z = torch.cat([t.reshape(-1) for t in d.draw((direction_base(12, sample), 6), torch.float64)])
         torch.testing.assert_close(z, u[sample, 1], rtol=1e-6, atol=1e-6)  # float32 draws, scaled in float64
     again = ParameterDirections(params, law)
-    assert torch.equal(torch.cat([t.reshape(-1) for t in again.draw(123)]),
-                       torch.cat([t.reshape(-1) for t in d.draw(123)]))
+    assert torch.equal(torch.cat([t.reshape(-1) for t in again.draw((123, 0))]),
+                       torch.cat([t.reshape(-1) for t in d.draw((123, 0))]))
 
 
 def test_sphere_in_place_has_norm_sqrt_d_and_adds_along_it():
     params = [torch.zeros(1000), torch.zeros(24)]
     d = ParameterDirections(params, "sphere")
-    z = torch.cat([t.reshape(-1) for t in d.draw(9, torch.float64)])
+    z = torch.cat([t.reshape(-1) for t in d.draw((9, 0), torch.float64)])
     assert z.norm().item() == pytest.approx(math.sqrt(1024), rel=1e-6)
-    d.add([(9, 0.5)])
+    d.add([((9, 0), 0.5)])
     torch.testing.assert_close(torch.cat(params).double(), 0.5 * z, rtol=1e-6, atol=1e-6)
 
 
@@ -150,7 +154,7 @@ def test_fwd_grad_equals_the_directional_derivative_from_autograd():
     # in place, on a model: the JVP of the model's loss
     model = BatchedAsModel(problem, x[0])
     d = ParameterDirections(model.params)
-    z = d.draw(5)[0]
+    z = d.draw((5, 0))[0]
     assert model.jvp([z]) == pytest.approx(float(z @ grad), rel=1e-12)
 
 
@@ -193,7 +197,7 @@ def test_every_preset_follows_the_same_trajectory_batched_and_in_place(preset, l
         for step in range(steps):
             group.step(step)
     for step in range(steps):
-        keys = [direction_key(run.seed, step, i) for i in range(run.samples)]
+        keys = [(direction_base(run.seed, i), step) for i in range(run.samples)]
         optimizer.step(model, keys, step + 1)
     assert torch.isfinite(group.x).all() and float(problem.loss(group.x)[0]) < start  # it trained
     torch.testing.assert_close(model.x.detach(), group.x[0], rtol=1e-9, atol=1e-10)

@@ -41,7 +41,7 @@ def metrics(runner, step: int) -> dict:
 def trace(runner, step: int) -> tuple:
     cfg, problem, seed = runner.config, runner.problem, runner.run.seed
     if cfg["trace"] == "fd":  # Gaussian probes, whatever law the run draws its directions from
-        keys = [step_key(seed, "probes", step, i) for i in range(cfg["trace_probes"])]
+        keys = [(step_key(seed, "probes", step, i), 0) for i in range(cfg["trace_probes"])]
         return finite_difference(ParameterDirections(problem.params), lambda: problem.loss("train"), keys,
                                  cfg["trace_delta"])
     gen = generator(seed, "probes", problem.device, step)

@@ -59,16 +59,17 @@ def top_eigenvalue(params, loss_terms, iters: int, generator: torch.Generator) -
 
 
 @torch.no_grad()
-def finite_difference(directions, loss, seeds, delta: float) -> tuple:
-    """directions: an inplace.Directions over the parameters; loss() evaluates at the current point.
+def finite_difference(directions, loss, keys, delta: float) -> tuple:
+    """directions: a ParameterDirections over the parameters, keys its probe directions; loss()
+    evaluates at the current point.
     The parameters are restored bit for bit from a copy, so estimating never moves a run."""
     f0 = float(loss())
     values = []
     with preserved(directions.params) as restore:
-        for seed in seeds:
-            directions.add([(seed, delta)])
+        for key in keys:
+            directions.add([(key, delta)])
             f_plus = float(loss())
-            directions.add([(seed, -2 * delta)])
+            directions.add([(key, -2 * delta)])
             f_minus = float(loss())
             restore()
             values.append((f_plus + f_minus - 2 * f0) / delta**2)  # python floats: float64

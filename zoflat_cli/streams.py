@@ -2,9 +2,10 @@
 
 A run's seed is split into independent named streams (initial point, search directions, ...),
 so two runs with the same seed start from the same point and, if both draw directions, see the
-same directions (common random numbers), whatever else runs beside them. Per-step draws (the
-directions of a step, a step's probes or batch) are keyed by `step_key(seed, stream, step, i)`:
-splitmix64 of the stream's seed, the step and the draw's index, cheap enough to key every step.
+same directions (common random numbers), whatever else runs beside them. Per-step draws (a step's
+probes or batch) are keyed by `step_key(seed, stream, step, i)`: splitmix64 of the stream's seed,
+the step and the draw's index, cheap enough to key every step; directions by (direction_base(seed,
+i), step), which lets a small problem draw many steps with one seeding.
 """
 
 import functools
@@ -49,8 +50,10 @@ def step_key(seed: int, stream: str, step: int, index: int = 0) -> int:
     return mix(mix(stream_base(seed, stream), step), index)
 
 
-def direction_key(seed: int, step: int, sample: int) -> int:
-    return step_key(seed, "directions", step, sample)
+def direction_base(seed: int, sample: int) -> int:
+    """The stream of a run's sample-th direction per step: direction (base, step) is drawn by
+    optim/directions.py."""
+    return mix(stream_base(seed, "directions"), sample)
 
 
 def generator(seed: int, stream: str, device, *step_index: int) -> torch.Generator:

@@ -10,6 +10,7 @@ and always writes the final summary.
 """
 
 import contextlib
+import functools
 import math
 import signal
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ class RunSpec:
     def value(self, name: str):
         return dict(self.hyper).get(name)
 
-    @property
+    @functools.cached_property  # rows are built for every run at every log: compute once
     def run_id(self) -> str:
         preset = get_preset(self.optimizer)
         parts = [self.optimizer]
@@ -50,6 +51,10 @@ class RunSpec:
         return "-".join(parts)
 
     def columns(self) -> dict:
+        return dict(self._columns)
+
+    @functools.cached_property
+    def _columns(self) -> dict:
         uses = get_preset(self.optimizer).uses_directions
         return {
             "run_id": self.run_id,

@@ -26,26 +26,27 @@ from zoflat_cli.optim.estimators import n_evals
 from zoflat_cli.optim.inplace import InPlaceOptimizer
 from zoflat_cli.optim.presets import HYPERPARAMETERS, estimator_of, get_preset
 from zoflat_cli.optim.updates import get_update
-from zoflat_cli.streams import direction_key
+from zoflat_cli.streams import direction_base
 
 UPDATE_LOG_VERSION = 2  # record layout below; run folders record it and --resume checks it
 
 
 class UpdateLog:
     """Fixed-size little-endian records: int64 step, float64 accepted (1 or 0: conservative
-    rules), then (uint64 direction key, float64 coefficient) per direction."""
+    rules), then (uint64 direction base, float64 coefficient) per direction: the step's
+    directions are (base, step)."""
 
     def __init__(self, path: Path, samples: int):
         self.path = path
         self.record = struct.Struct("<qd" + "Qd" * samples)
 
     def read(self) -> list:
-        """[(step, keys, coefs, accepted)]; a torn last record (killed mid-write) is ignored."""
+        """[(step, direction keys, coefs, accepted)]; a torn last record (killed mid-write) is ignored."""
         if not self.path.is_file():
             return []
         data = self.path.read_bytes()
         usable = len(data) - len(data) % self.record.size
-        return [(step, list(pairs[0::2]), list(pairs[1::2]), bool(accepted))
+        return [(step, [(base, step) for base in pairs[0::2]], list(pairs[1::2]), bool(accepted))
                 for step, accepted, *pairs in self.record.iter_unpack(data[:usable])]
 
     def truncate(self, records: int):
@@ -58,7 +59,7 @@ class UpdateLog:
         return self
 
     def append(self, step: int, keys, coefs, accepted: bool):
-        pairs = [v for pair in zip(keys, coefs) for v in pair]
+        pairs = [v for (base, _), c in zip(keys, coefs) for v in (base, c)]
         self._file.write(self.record.pack(step, float(accepted), *pairs))
         self._file.flush()
 
@@ -164,7 +165,7 @@ class ModelRunner:
                         self.save_checkpoint(step)
                     return
                 self.problem.draw_batch(self.config["batch_size"], run.seed, step)
-                keys = [direction_key(run.seed, step, i) for i in range(run.samples)] if self.replayable else []
+                keys = [(direction_base(run.seed, i), step) for i in range(run.samples)] if self.replayable else []
                 coefs, accepted = self.optimizer.step(self.problem, keys, step + 1)
                 if self.replayable:
                     self.log.append(step, keys, coefs, accepted)

@@ -147,7 +147,7 @@ class RunFolder:
         if self._csv_file is not None:
             self._csv_file.close()
         self._csv_file = open(path, "a", newline="")
-        self._writer = csv.DictWriter(self._csv_file, fieldnames=fields)
+        self._writer = csv.DictWriter(self._csv_file, fieldnames=fields, extrasaction="ignore")
 
     def on_log(self, step: int, rows: list, states: dict):
         if rows:
@@ -155,7 +155,8 @@ class RunFolder:
                 path = self.path / "metrics.csv"
                 kept = self.logged_rows()
                 self._csv_file = open(path, "a" if kept else "w", newline="")
-                self._writer = csv.DictWriter(self._csv_file, fieldnames=list(kept[0]) if kept else list(rows[0]))
+                self._writer = csv.DictWriter(self._csv_file, fieldnames=list(kept[0]) if kept else list(rows[0]),
+                                              extrasaction="ignore")  # every row has the header's keys: skip the check
                 if not kept:
                     self._writer.writeheader()
             self._writer.writerows(rows)

@@ -1,31 +1,44 @@
 """Direction laws and the one seed convention that both training paths draw them by.
 
-A direction is named by a 64-bit key, `streams.direction_key(run seed, step, sample)`. Its numbers are
-drawn chunk by chunk: the parameters, taken in order as one flat vector, are cut into chunks of
-CHUNK elements, and chunk c comes from a torch generator seeded with mix(key, c). So the batched
-path (a (runs, dim) tensor per step) and the in-place path (one model, chunk by chunk, never
-storing z) draw the very same numbers for the same run, step and sample.
+A direction is named by (base, step): `streams.direction_base(run seed, sample)` names the
+sample's stream and `step` the direction in it. Its numbers come from torch generators, one
+seeding per unit, so any direction can be regenerated alone:
+  dim > UNIT    direction s is cut into units of CHUNK numbers, unit k seeded with mix(base, s·units + k)
+                (a model's parameters, taken in order as one flat vector: a chunk spans many small tensors);
+  dim <= UNIT   P = UNIT // dim consecutive directions share one unit of P·dim numbers, seeded with
+                mix(base, s // P): a small problem draws P steps with one seeding (the toy: P = 81).
+The batched path (a (runs, dim) tensor per step, blocks of steps on a background thread) and the
+in-place path (chunk by chunk, z never stored) draw the very same numbers for the same run, step
+and sample.
 
 Laws (each with E[u] = 0 and E[uuᵀ] = I):
   gaussian    u ~ N(0, I)
   rademacher  u_j = ±1 with probability 1/2 each
   sphere      u uniform on the sphere of radius √d: a Gaussian draw times √d/‖g‖; in place the norm
-              needs every chunk, so it is one extra draw-only pass per key, computed once and cached.
+              needs every chunk, so it is one extra draw-only pass per direction, computed once and cached.
 """
 
-import threading
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-from zoflat_cli.streams import direction_key, mix, mix_array, stream_base
+from zoflat_cli.streams import direction_base, mix, mix_array
 
 LAWS = ("gaussian", "rademacher", "sphere")
-CHUNK = 1 << 21  # elements per chunk: 8 MiB of float32 scratch
-# Bumped whenever the numbers drawn for a key change: run folders record it, --resume checks it.
+UNIT = 1 << 14  # vectors up to this length are packed several to a seeding
+CHUNK = 1 << 21  # numbers per seeding of longer ones: 8 MiB of float32 scratch per thread in place
+# Bumped whenever the numbers drawn for a direction change: run folders record it, --resume checks it.
 FORMAT_VERSION = 2
+
+
+def layout(dim: int) -> tuple:
+    """(units per direction, directions per unit) for vectors of length dim."""
+    return (1, UNIT // dim) if dim <= UNIT else (-(-dim // CHUNK), 1)
+
+
 def check_law(law: str) -> str:
     from zoflat_cli.errors import ZoflatError
 
@@ -35,7 +48,7 @@ def check_law(law: str) -> str:
 
 
 def fill(out: torch.Tensor, law: str, gen: torch.Generator) -> torch.Tensor:
-    """One chunk's numbers from a seeded generator, before the sphere's scaling (float32)."""
+    """Numbers from a seeded generator, before the sphere's scaling (float32)."""
     if law == "rademacher":
         return out.bernoulli_(0.5, generator=gen).mul_(2).sub_(1)
     return out.normal_(generator=gen)
@@ -49,7 +62,7 @@ def sphere_scale(square_norm: float, dim: int) -> float:
 # The batched path draws blocks of steps on a background thread while the trainer steps (torch
 # drops the GIL inside a draw), so drawing overlaps with training on a second core.
 _DRAWER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zoflat-directions")
-BLOCK_ELEMENTS = 1 << 16  # numbers per background block (at least MIN_BLOCK_STEPS steps)
+BLOCK_ELEMENTS = 1 << 16  # numbers per background block (at least MIN_BLOCK_STEPS steps, whole units)
 MIN_BLOCK_STEPS = 8
 
 
@@ -60,31 +73,47 @@ class DirectionStream:
 
     def __init__(self, seeds, samples: int, dim: int, law: str, dtype, device, start_step: int = 0):
         self.unique = list(dict.fromkeys(seeds))
-        self.bases = np.array([stream_base(s, "directions") for s in self.unique], dtype=np.uint64)
         self.rows = torch.tensor([self.unique.index(s) for s in seeds], device=device)
         self.shared = len(self.unique) == len(seeds)  # no index_select needed
+        self.bases = [[direction_base(s, i) for s in self.unique] for i in range(samples)]
         self.samples, self.dim, self.law, self.dtype, self.device = samples, dim, law, dtype, device
-        self.block = max(MIN_BLOCK_STEPS, BLOCK_ELEMENTS // (samples * dim * len(self.unique)))
+        self.units, self.per_unit = layout(dim)
+        steps = max(MIN_BLOCK_STEPS, BLOCK_ELEMENTS // (samples * dim * len(self.unique)))
+        self.block = -(-steps // self.per_unit) * self.per_unit  # whole units
         self.gen = torch.Generator(device=device)
         self.step, self.chunk, self.position = start_step, None, 0
         self.pending = _DRAWER.submit(self._draw, self.step)
 
     def _draw(self, first: int) -> torch.Tensor:
         """Steps first .. first + block - 1 as (steps, samples, runs, dim) in the run's dtype."""
-        g = torch.empty(self.block, self.samples, len(self.unique), self.dim, dtype=torch.float32,
-                        device=self.device)
-        steps = np.arange(first, first + self.block, dtype=np.uint64)[:, None, None]
-        samples = np.arange(self.samples, dtype=np.uint64)[None, :, None]
-        keys = mix_array(mix_array(self.bases[None, None, :], steps), samples)  # direction_key, vectorised
-        chunks = range(0, self.dim, CHUNK)
-        seeds = [mix_array(keys, np.uint64(c)).ravel().tolist() for c in range(len(chunks))]
-        for j, row in enumerate(g.view(-1, self.dim).unbind(0)):
-            for c, start in enumerate(chunks):
-                self.gen.manual_seed(seeds[c][j])
-                fill(row if len(chunks) == 1 else row[start:start + CHUNK], self.law, self.gen)
+        count, per = self.block, self.per_unit
+        g = torch.empty(self.samples, len(self.unique), count, self.dim, dtype=torch.float32, device=self.device)
+        if self.dim <= UNIT:  # whole units of `per` steps, sliced to [first, first + count)
+            u0, u1 = first // per, (first + count - 1) // per
+            scratch = torch.empty(u1 - u0 + 1, per * self.dim, dtype=torch.float32, device=self.device)
+            skip = first - u0 * per
+            for i, bases in enumerate(self.bases):
+                for r, base in enumerate(bases):
+                    seeds = mix_array(np.uint64(base), np.arange(u0, u1 + 1, dtype=np.uint64)).tolist()
+                    for unit, seed in zip(scratch, seeds):
+                        self.gen.manual_seed(seed)
+                        fill(unit, self.law, self.gen)
+                    g[i, r] = scratch.view(-1, self.dim)[skip:skip + count]
+        else:  # each step its own units
+            units = np.arange(first * self.units, (first + count) * self.units, dtype=np.uint64)
+            for i, bases in enumerate(self.bases):
+                for r, base in enumerate(bases):
+                    seeds = mix_array(np.uint64(base), units).tolist()
+                    flat = g[i, r].view(-1)
+                    for k, seed in enumerate(seeds):
+                        step, part = divmod(k, self.units)
+                        self.gen.manual_seed(seed)
+                        start = step * self.dim + part * CHUNK
+                        fill(flat[start:start + min(CHUNK, self.dim - part * CHUNK)], self.law, self.gen)
         u = g.to(self.dtype)
         if self.law == "sphere":  # √d/‖g‖ per direction, from the float32 draw's norm in float64
             u *= (self.dim / g.double().square().sum(-1, keepdim=True)).sqrt().to(self.dtype)
+        u = u.permute(2, 0, 1, 3).contiguous()  # (steps, samples, runs, dim): one block per step
         return u if self.shared else u.index_select(2, self.rows)
 
     def next(self) -> torch.Tensor:
@@ -100,7 +129,7 @@ class DirectionStream:
 class ParameterDirections:
     """Directions over a model's parameter tensors, regenerated chunk by chunk, never stored.
 
-    `add(terms)` computes params += Σ scale·z(key) in one pass with one chunk of scratch per thread.
+    A direction's key is (base, step). `add(terms)` computes params += Σ scale·z(key) in one pass with one chunk of scratch per thread.
     A chunk spans many small tensors (biases, norms), so one draw and one fused multi-tensor add
     serve them all: on a GPU the pass costs a few kernel launches per chunk, not per tensor."""
 
@@ -109,15 +138,17 @@ class ParameterDirections:
         self.law = check_law(law)
         self.device = self.params[0].device
         self.numel = sum(p.numel() for p in self.params)
-        # chunk = [(parameter index, start in the parameter, start, stop in the chunk)]: one cut for every key
+        # chunk = [(parameter index, start in the parameter, start, stop in the chunk)]: one cut for every
+        # key; a small model is one chunk (its direction is a slice of a shared unit)
+        size = CHUNK if self.numel > UNIT else self.numel
         self.chunks, pieces, filled = [], [], 0
         for index, p in enumerate(self.params):
             start = 0
             while start < p.numel():
-                take = min(CHUNK - filled, p.numel() - start)
+                take = min(size - filled, p.numel() - start)
                 pieces.append((index, start, filled, filled + take))
                 start, filled = start + take, filled + take
-                if filled == CHUNK:
+                if filled == size:
                     self.chunks.append(pieces)
                     pieces, filled = [], 0
         if pieces:
@@ -127,6 +158,7 @@ class ParameterDirections:
         self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
         self._local = threading.local()
         self._scales = {}  # the sphere's √d/‖g‖ per key, computed once
+        self.layout = layout(self.numel)
 
     def views(self, tensors, index: int) -> list:
         """The flat slices of `tensors` (shaped like the parameters) that chunk `index` covers."""
@@ -135,17 +167,24 @@ class ParameterDirections:
 
     def _scratch(self):
         if not hasattr(self._local, "buffer"):
-            self._local.buffer = torch.empty(CHUNK, dtype=torch.float32, device=self.device)
+            self._local.buffer = torch.empty(UNIT if self.numel <= UNIT else CHUNK, dtype=torch.float32,
+                                             device=self.device)
             self._local.generator = torch.Generator(device=self.device)
         return self._local.buffer, self._local.generator
 
-    def chunk(self, key: int, index: int) -> torch.Tensor:
-        """Chunk `index` of z(key) before the sphere's scaling, in this thread's scratch (float32)."""
+    def chunk(self, key: tuple, index: int) -> torch.Tensor:
+        """Chunk `index` of direction key = (base, step) before the sphere's scaling, in this
+        thread's scratch (float32)."""
+        (base, step), (units, per) = key, self.layout
         buffer, gen = self._scratch()
-        gen.manual_seed(mix(key, index))
+        if self.numel <= UNIT:  # a small model: the whole unit its step shares with others, then its slice
+            gen.manual_seed(mix(base, step // per))
+            offset = (step % per) * self.numel
+            return fill(buffer[: per * self.numel], self.law, gen)[offset:offset + self.numel]
+        gen.manual_seed(mix(base, step * units + index))
         return fill(buffer[: self.chunks[index][-1][3]], self.law, gen)
 
-    def scale(self, key: int) -> float:
+    def scale(self, key: tuple) -> float:
         """The factor that turns the drawn numbers into z(key): 1, or √d/‖g‖ for the sphere."""
         if self.law != "sphere":
             return 1.0
@@ -165,7 +204,7 @@ class ParameterDirections:
     @torch.no_grad()
     def add(self, terms):
         """params += Σ scale · z(key) for (key, scale) in terms, in one pass."""
-        terms = [(int(k), float(a) * self.scale(int(k))) for k, a in terms]
+        terms = [(k, float(a) * self.scale(k)) for k, a in terms]
 
         def add_chunk(index):
             targets = self.views(self.params, index)
@@ -177,7 +216,7 @@ class ParameterDirections:
         self.map_chunks(add_chunk)
 
     @torch.no_grad()
-    def dot(self, key: int, tensors) -> float:
+    def dot(self, key: tuple, tensors) -> float:
         """z(key)ᵀ t for t shaped like the parameters, in float64 (dd's uᵀ∇f)."""
         def chunk_dot(index):
             z = self.chunk(key, index)
@@ -185,7 +224,7 @@ class ParameterDirections:
                        for t, (_, _, offset, stop) in zip(self.views(tensors, index), self.chunks[index]))
         return sum(self.map_chunks(chunk_dot)) * self.scale(key)
 
-    def draw(self, key: int, dtype=None) -> list:
+    def draw(self, key: tuple, dtype=None) -> list:
         """z(key) materialised, shaped like the parameters (forward-gradient tangents, tests)."""
         out = [torch.zeros_like(p, dtype=dtype or p.dtype) for p in self.params]
         scale = self.scale(key)
