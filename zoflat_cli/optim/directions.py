@@ -18,6 +18,7 @@ Laws (each with E[u] = 0 and E[uuᵀ] = I):
               needs every chunk, so it is one extra draw-only pass per direction, computed once and cached.
 """
 
+import functools
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -49,9 +50,17 @@ def check_law(law: str) -> str:
 
 def fill(out: torch.Tensor, law: str, gen: torch.Generator) -> torch.Tensor:
     """Numbers from a seeded generator, before the sphere's scaling (float32)."""
-    if law == "rademacher":
-        return out.bernoulli_(0.5, generator=gen).mul_(2).sub_(1)
+    if law == "rademacher":  # 32 signs per random int32 word: about half the cost of a Gaussian draw
+        n = out.numel()
+        words = torch.randint(-2**31, 2**31, (-(-n // 32),), dtype=torch.int32, generator=gen, device=out.device)
+        bits = (words[:, None] >> _bit_positions(out.device)) & 1
+        return out.copy_(bits.view(-1)[:n]).mul_(2).sub_(1)
     return out.normal_(generator=gen)
+
+
+@functools.lru_cache(maxsize=8)
+def _bit_positions(device) -> torch.Tensor:
+    return torch.arange(32, dtype=torch.int32, device=device)
 
 
 def sphere_scale(square_norm: float, dim: int) -> float:
