@@ -132,3 +132,30 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
     assert "Traceback" not in proc.stdout
     assert not (tmp_path / "runs").exists()  # nothing is created for a rejected config
+
+
+def test_composing_an_optimizer_from_flags(tmp_path):
+    """A preset plus --update, --directions and the rule's hyperparameters, per optimizer and as sweeps."""
+    zoflat("toy", "--dim", 4, "--steps", 20, "--log-every", 10, "-o", "zo,gd", "--update", "zo=adam",
+           "--betas", "0.8,0.99", "--directions", "rademacher,sphere", "--weight-decay", "gd=0,0.1",
+           "--out", tmp_path)
+    df = pd.read_csv(only_run_folder(tmp_path) / "metrics.csv")
+    assert set(df["run_id"]) == {"zo-rademacher-adam-lam0.1-b10.8-b20.99-lr0.001-s13",
+                                 "zo-sphere-adam-lam0.1-b10.8-b20.99-lr0.001-s13",
+                                 "gd-lr0.01-s13", "gd-wd0.1-lr0.01-s13"}
+    zo = df[df.optimizer == "zo"]
+    assert set(zo["update"]) == {"adam"} and set(zo["beta1"]) == {0.8} and set(zo["directions"]) == {"rademacher", "sphere"}
+    assert df[df.optimizer == "gd"]["directions"].isna().all() and set(df["weight_decay"].dropna()) == {0.0, 0.1}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--update", "nesterov"], "unknown update 'nesterov'"),
+    (["--momentum", "1.5", "-o", "zo-momentum"], "momentum must be < 1"),
+    (["--betas", "0.9"], "--betas: give 2 numbers"),
+    (["-o", "zo-cons", "--weight-decay", "0.1"], "the conservative update takes no weight decay"),
+    (["--lr", "zoo=0.5"], "lr names an unknown optimizer 'zoo' (did you mean 'zo'?)"),
+])
+def test_bad_optimizer_flags_are_one_line(tmp_path, args, message):
+    result = runner.invoke(app, ["toy", "--steps", "2", "--out", str(tmp_path), *args])
+    assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "toy").exists()

@@ -3,6 +3,7 @@
 import contextlib
 import functools
 import inspect
+import keyword
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -13,7 +14,7 @@ from typing_extensions import Annotated
 import zoflat_cli
 from zoflat_cli.errors import ZoflatError
 from zoflat_cli.optim.directions import LAWS
-from zoflat_cli.optim.presets import PRESETS, SAMPLES
+from zoflat_cli.optim.presets import FLAG_GROUPS, HYPERPARAMETERS, PRESETS, SAMPLES
 from zoflat_cli.optim.updates import UPDATES
 
 app = typer.Typer(
@@ -52,6 +53,11 @@ def root(
     pass
 
 
+def _param(name: str) -> str:
+    """A flag's Python parameter name (`lambda` is a keyword)."""
+    return name + "_" if keyword.iskeyword(name) else name
+
+
 # Options shared by the experiment subcommands, declared once: @experiment adds them to a command.
 SHARED_OPTIONS = {
     "config": Annotated[Optional[Path], typer.Option("--config", "-c", help="Recipe YAML; flags override it.")],
@@ -60,12 +66,6 @@ SHARED_OPTIONS = {
     "steps": Annotated[Optional[int], typer.Option("--steps", help="Iterations per run.")],
     "lr": Annotated[Optional[List[str]], typer.Option(
         "--lr", help="Step size: 0.01, a sweep 0.01,0.001, or per optimizer gd=0.01 (repeatable).")],
-    "lam": Annotated[Optional[List[str]], typer.Option(
-        "--lambda", help="Smoothing radius λ for ZO: 0.1, a sweep 0.1,0.05,0.01, or zo=0.1 (repeatable).")],
-    "rho": Annotated[Optional[List[str]], typer.Option(
-        "--rho", help="SAM's ascent radius ρ: 0.05, a sweep, or sam=0.05 (repeatable).")],
-    "tilt": Annotated[Optional[List[str]], typer.Option(
-        "--tilt", help="ZEST's tilt t >= 0 (0: plain smoothed loss; large: toward SAM), or a sweep 0.1,1,10.")],
     "pairs": Annotated[Optional[int], typer.Option("--pairs", help="ZEST's antithetic pairs n per step.")],
     "samples": Annotated[Optional[List[str]], typer.Option(
         "--samples", help="Directions averaged per step by ZO-type optimizers (n independent estimates).")],
@@ -73,11 +73,11 @@ SHARED_OPTIONS = {
         "--directions", help="Direction law: " + ", ".join(LAWS) + " (a sweep, or zo=sphere).")],
     "update": Annotated[Optional[List[str]], typer.Option(
         "--update", help="Update rule instead of the optimizer's own: " + ", ".join(UPDATES) + " (or zo=adam).")],
-    "momentum": Annotated[Optional[List[str]], typer.Option("--momentum", help="μ of the momentum rule (0.9).")],
-    "betas": Annotated[Optional[List[str]], typer.Option(
-        "--betas", help="Adam's β₁,β₂ (0.9,0.999), or zo-adam=0.9,0.99.")],
-    "weight_decay": Annotated[Optional[List[str]], typer.Option(
-        "--weight-decay", help="Decoupled weight decay (0: none), a sweep, or per optimizer.")],
+    # one sweepable flag per hyperparameter of the optimizer table, and its flag groups (--betas)
+    **{_param(name): Annotated[Optional[List[str]], typer.Option("--" + name.replace("_", "-"), help=hyper.help)]
+       for name, hyper in HYPERPARAMETERS.items()},
+    **{_param(flag): Annotated[Optional[List[str]], typer.Option("--" + flag.replace("_", "-"), help=text)]
+       for flag, (_, text) in FLAG_GROUPS.items()},
     "seeds": Annotated[Optional[str], typer.Option(
         "--seeds", help="A count n (seeds 0..n-1) or a list 13,21,42 (one seed: 13,).")],
     "log_every": Annotated[Optional[int], typer.Option("--log-every", help="Log metrics every N steps.")],
@@ -113,37 +113,38 @@ def experiment(fn):
 
 def config_flags(options: dict) -> dict:
     """Options as config values: those not given (None or empty) are left to the recipe;
-    --lambda is `lambda`; --pairs n is ZEST's sample count; --betas b1,b2 sets beta1 and beta2."""
+    --pairs n is ZEST's sample count; a flag group (--betas b1,b2) sets each of its hyperparameters."""
     from zoflat_cli.config import PER_OPTIMIZER, parse_flag
 
-    given = {"lambda" if k == "lam" else k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()
-             if k not in ("config", "resume", "quiet", "pairs", "betas") and v is not None and v != []}
+    given = {k.rstrip("_"): (str(v) if isinstance(v, Path) else v) for k, v in options.items()
+             if k not in ("config", "resume", "quiet", "pairs", *FLAG_GROUPS) and v is not None and v != []}
     flags = {k: parse_flag(k, v) if k in PER_OPTIMIZER else v for k, v in given.items()}
     if options.get("pairs") is not None:
         samples = flags.get("samples", {})
         base = samples if isinstance(samples, dict) else {n: samples for n in SAMPLES} if samples != {} else {}
         flags["samples"] = {**base, "zest": options["pairs"]}
-    if options.get("betas"):
-        for k, v in parse_betas(options["betas"]).items():
-            flags[k] = v
+    for flag, (names, _) in FLAG_GROUPS.items():
+        if options.get(flag):
+            flags.update(parse_group(flag, names, options[flag]))
     return flags
 
 
-def parse_betas(occurrences: list) -> dict:
+def parse_group(flag: str, names: tuple, occurrences: list) -> dict:
     """`0.9,0.999` or `zo-adam=0.9,0.99` (repeatable) -> {beta1: ..., beta2: ...}."""
     from zoflat_cli.config import parse_flag
 
-    beta1, beta2 = {}, {}
+    values = {name: {} for name in names}
     for text in occurrences:
-        target, _, values = text.rpartition("=")
-        pair = parse_flag("betas", [values])
-        if not isinstance(pair, list) or len(pair) != 2:
-            raise ZoflatError(f"--betas: give two numbers b1,b2, got {text!r}")
-        if target:
-            beta1[target], beta2[target] = pair
-        else:
-            beta1, beta2 = pair
-    return {"beta1": beta1, "beta2": beta2}
+        target, _, numbers = text.rpartition("=")
+        parsed = parse_flag(flag, [numbers])
+        if not isinstance(parsed, list) or len(parsed) != len(names):
+            raise ZoflatError(f"--{flag}: give {len(names)} numbers ({','.join(names)}), got {text!r}")
+        for name, value in zip(names, parsed):
+            if target:
+                values[name][target] = value
+            else:
+                values[name] = value
+    return values
 
 
 def resolve_command(defaults: dict, options: dict, check=None):

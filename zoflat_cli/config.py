@@ -164,8 +164,9 @@ def _check_value(key: str, value):
         if value is not None and value not in NAMED[key]:
             raise ZoflatError(f"unknown {key} {value!r}; choose from {', '.join(NAMED[key])}")
         return
-    _check_positive(key, value, integer=(key == "samples"), zero_ok=(key in ("tilt", "weight_decay", "momentum")))
-    if key in ("beta1", "beta2", "momentum") and value >= 1:
+    hyper = HYPERPARAMETERS.get(key)
+    _check_positive(key, value, integer=(key == "samples"), zero_ok=bool(hyper and hyper.zero_ok))
+    if hyper and hyper.below_one and value >= 1:
         raise ZoflatError(f"{key} must be < 1, got {value!r}")
 
 
@@ -186,13 +187,15 @@ def validate(config: dict) -> dict:
         raise ZoflatError(f"device must be auto, cpu or cuda, got {config['device']!r}")
     if not NAME_PATTERN.match(str(config["name"])):
         raise ZoflatError(f"name may hold letters, digits, '.', '_' and '-' only, got {config['name']!r}")
-    # Per-optimizer settings, reduced to the optimizers that use them (collapsed when all agree).
+    # Per-optimizer settings, reduced to the optimizers that use them (collapsed when all agree);
+    # every value checked first (which hyperparameters a run reads depends on its update rule).
     for key in PER_OPTIMIZER:
         value = config[key]
         for v in itertools.chain.from_iterable(
             x if isinstance(x, list) else [x] for x in (value.values() if isinstance(value, dict) else [value])
         ):
             _check_value(key, v)
+    for key in PER_OPTIMIZER:
         resolved = {}
         for preset in presets:
             if _uses(config, preset, key):

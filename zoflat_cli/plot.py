@@ -11,7 +11,7 @@ import pandas as pd  # noqa: E402
 from zoflat_cli.errors import ZoflatError  # noqa: E402
 from zoflat_cli.engine.loop import RUN_COLUMNS as SETTINGS  # noqa: E402
 from zoflat_cli.engine.runfolder import read_summary  # noqa: E402
-from zoflat_cli.optim.presets import PRESETS  # noqa: E402
+from zoflat_cli.optim.presets import HYPERPARAMETERS, PRESETS  # noqa: E402
 
 REQUIRED_COLUMNS = ["run_id", "optimizer", "lr", "seed", "samples"]  # also in older folders
 NOT_PLOTTED = set(SETTINGS) | {"step", "wall_s", "n_evals"}
@@ -40,10 +40,9 @@ def method_label(row) -> str:
     preset = PRESETS.get(row["optimizer"])
     if pd.notna(row.get("update")) and preset is not None and row["update"] != preset.update:
         parts.append(row["update"])
-    for name, symbol in (("lambda", "λ"), ("rho", "ρ"), ("tilt", "t"), ("momentum", "μ"), ("beta1", "β₁"),
-                         ("beta2", "β₂"), ("weight_decay", "wd")):
-        if pd.notna(row.get(name)) and not (name == "weight_decay" and row[name] == 0):
-            parts.append(f"{symbol}={row[name]:g}")
+    for name, hyper in HYPERPARAMETERS.items():
+        if pd.notna(row.get(name)) and (row[name] or not hyper.optional):
+            parts.append(f"{hyper.symbol}={row[name]:g}")
     parts.append(f"lr={row['lr']:g}")
     if row.get("samples", 1) != 1:
         parts.append(f"n={row['samples']:g}")

@@ -43,7 +43,7 @@ class RunSpec:
             parts.append(self.directions)
         if self.rule != preset.update:
             parts.append(self.rule)
-        parts += [f"{HYPERPARAMETERS[k]}{v:g}" for k, v in self.hyper if not (k == "weight_decay" and v == 0)]
+        parts += [f"{HYPERPARAMETERS[k].tag}{v:g}" for k, v in self.hyper if v or not HYPERPARAMETERS[k].optional]
         parts.append(f"lr{self.lr:g}")
         if self.samples != 1:
             parts.append(f"n{self.samples}")

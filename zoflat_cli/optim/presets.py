@@ -42,9 +42,29 @@ PRESETS = {
     )
 }
 
-# Per-run hyperparameters with the short tag used in run ids.
-HYPERPARAMETERS = {"lambda": "lam", "rho": "rho", "tilt": "t", "momentum": "mom", "beta1": "b1", "beta2": "b2",
-                   "weight_decay": "wd"}
+class Hyper(NamedTuple):
+    """A per-run hyperparameter: every command gets a sweepable --flag for it from this table."""
+    tag: str  # in run ids: lam0.1
+    symbol: str  # in plot legends: λ=0.1
+    help: str
+    zero_ok: bool = False  # 0 is a valid value (else it must be > 0)
+    below_one: bool = False  # it must be < 1
+    optional: bool = False  # 0 means off: left out of run ids and legends
+
+
+HYPERPARAMETERS = {
+    "lambda": Hyper("lam", "λ", "Smoothing radius λ of the ZO estimators: 0.1, a sweep 0.1,0.05,0.01, or zo=0.1."),
+    "rho": Hyper("rho", "ρ", "SAM's ascent radius ρ: 0.05, a sweep, or sam=0.05."),
+    "tilt": Hyper("t", "t", "ZEST's tilt t >= 0 (0: plain smoothed loss; large: toward SAM), or a sweep 0.1,1,10.",
+                  zero_ok=True),
+    "momentum": Hyper("mom", "μ", "μ of the momentum rule (0.9).", zero_ok=True, below_one=True),
+    "beta1": Hyper("b1", "β₁", "Adam's β₁ (0.9).", zero_ok=True, below_one=True),
+    "beta2": Hyper("b2", "β₂", "Adam's β₂ (0.999).", zero_ok=True, below_one=True),
+    "weight_decay": Hyper("wd", "wd", "Decoupled weight decay (0: none), a sweep, or per optimizer.", zero_ok=True,
+                          optional=True),
+}
+# Flags that set several hyperparameters at once: --betas 0.9,0.999 (or zo-adam=0.9,0.99).
+FLAG_GROUPS = {"betas": (("beta1", "beta2"), "Adam's β₁,β₂ (0.9,0.999), or zo-adam=0.9,0.99.")}
 # Defaults of the update rules' hyperparameters, shared by every command (torch's and optax's).
 UPDATE_DEFAULTS = {"momentum": 0.9, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.0}
 
