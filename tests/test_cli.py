@@ -12,10 +12,12 @@ import yaml
 from typer.testing import CliRunner
 
 from zoflat_cli.cli import app
+from zoflat_cli.optim.presets import HYPERPARAMETERS
 
 REPO = Path(__file__).resolve().parents[1]
-DOCUMENTED_COLUMNS = ["run_id", "optimizer", "update", "directions", "lambda", "rho", "tilt", "momentum", "beta1",
-                      "beta2", "weight_decay", "lr", "seed", "samples", "step", "wall_s", "n_evals", "loss", "hessian_trace", "lambda_max", "grad_norm", "balance", "balance_theory"]
+# README: the settings, one column per hyperparameter of the optimizer table, then the metrics
+DOCUMENTED_COLUMNS = ["run_id", "optimizer", "update", "directions", *HYPERPARAMETERS, "lr", "seed", "samples", "step",
+                      "wall_s", "n_evals", "loss", "hessian_trace", "lambda_max", "grad_norm", "balance", "balance_theory"]
 runner = CliRunner()
 
 
