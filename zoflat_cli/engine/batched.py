@@ -22,7 +22,7 @@ from zoflat_cli.engine.runfolder import RunFolder, create_run_dir, open_for_resu
 from zoflat_cli.optim.directions import DirectionStream
 from zoflat_cli.optim.estimators import estimate, n_evals
 from zoflat_cli.optim.presets import HYPERPARAMETERS, estimator_of
-from zoflat_cli.optim.updates import apply, get_update
+from zoflat_cli.optim.updates import apply, get_update, state_to
 from zoflat_cli.streams import generator
 
 CHECKPOINT = "checkpoints/batched.pt"
@@ -131,7 +131,7 @@ class Trainer:
         path = self.folder.path / CHECKPOINT
         path.parent.mkdir(exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        torch.save({"step": step, "groups": {g.key(): {"x": g.x.cpu(), "state": to_device(g.state, "cpu")}
+        torch.save({"step": step, "groups": {g.key(): {"x": g.x.cpu(), "state": state_to(g.state, "cpu")}
                                              for g in self.groups}}, tmp)
         os.replace(tmp, path)
 
@@ -144,7 +144,7 @@ class Trainer:
         for group in self.groups:
             entry = saved["groups"][group.key()]
             group.x = entry["x"].to(group.device)
-            group.state = to_device(entry["state"], group.device)
+            group.state = state_to(entry["state"], group.device)
         step = saved["step"]
         earlier = [float(r["wall_s"]) for r in logged_rows if int(r["step"]) <= step]
         self.wall_offset = max(earlier, default=0.0)
@@ -171,11 +171,6 @@ class Trainer:
                 rows.append(row)
         for callback in self.on_log:
             callback(step, rows, states)
-
-
-def to_device(state, device):
-    """An update rule's state (nested tuples of tensors) on another device."""
-    return tuple(to_device(s, device) if isinstance(s, tuple) else s.to(device) for s in state)
 
 
 def run_batched(config: dict, make_problem, quiet: bool = False, resume=None, console=None):

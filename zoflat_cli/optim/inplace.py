@@ -15,7 +15,7 @@ import contextlib
 import torch
 
 from zoflat_cli.optim.estimators import Estimator, ascent_scale
-from zoflat_cli.optim.updates import UpdateRule, apply
+from zoflat_cli.optim.updates import UpdateRule, apply, state_to
 
 
 @contextlib.contextmanager
@@ -163,16 +163,8 @@ class InPlaceOptimizer:
     # -- checkpoints
 
     def state_dict(self):
-        return None if self.state is None else [tuple_to_cpu(s) for s in self.state]
+        return None if self.state is None else [state_to(s, "cpu") for s in self.state]
 
     def load_state_dict(self, state):
         if state is not None:
-            self.state = [tuple_to(s, self.directions.device) for s in state]
-
-
-def tuple_to_cpu(state):
-    return tuple(tuple_to_cpu(s) if isinstance(s, tuple) else s.cpu() for s in state)
-
-
-def tuple_to(state, device):
-    return tuple(tuple_to(s, device) if isinstance(s, tuple) else s.to(device) for s in state)
+            self.state = [state_to(s, self.directions.device) for s in state]

@@ -105,6 +105,11 @@ def get_update(name: str) -> UpdateRule:
     return UPDATES[name]
 
 
+def state_to(state, device):
+    """A rule's state (nested tuples of tensors) on another device (checkpoints: the CPU)."""
+    return tuple(state_to(s, device) if isinstance(s, tuple) else s.to(device) for s in state)
+
+
 def apply(transform: Transform, x, g, state, hyper, count):
     """One step: (x - lr·d, new state)."""
     d, state = transform.update(g, state, x, hyper, count)
