@@ -16,7 +16,6 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from zoflat_cli.errors import ZoflatError
 
 
 class Estimator(NamedTuple):
@@ -95,12 +94,6 @@ ESTIMATORS = {
                   coefficients=directional, jvp=True),
     )
 }
-
-
-def get_estimator(name: str) -> Estimator:
-    if name not in ESTIMATORS:
-        raise ZoflatError(f"unknown estimator {name!r}; choose from {', '.join(ESTIMATORS)}")
-    return ESTIMATORS[name]
 
 
 def n_evals(estimator: Estimator, samples: int) -> int:

@@ -80,11 +80,6 @@ class UpdateRule(NamedTuple):
     def build(self, weight_decay: bool) -> Transform:
         return chain(self.transform(), add_decayed_weights()) if weight_decay else self.transform()
 
-    @property
-    def state_size(self) -> int:
-        """Tensors of state per parameter (momentum 1, Adam 2)."""
-        return len(self.transform().init(torch.zeros(1)))
-
 
 UPDATES = {
     u.name: u
