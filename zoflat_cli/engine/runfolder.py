@@ -20,7 +20,8 @@ import zoflat_cli
 from zoflat_cli.engine.loop import RUN_COLUMNS
 from zoflat_cli.errors import ZoflatError
 
-SUMMARY_EVERY_S = 1.0  # summary.json is rewritten at most this often while running
+SUMMARY_EVERY_S = 1.0
+SETTINGS = {*RUN_COLUMNS, "step"}  # a row's columns that are not metrics
 
 
 def utc_now() -> str:
@@ -167,13 +168,13 @@ class RunFolder:
             self._write_summary()
 
     def _record(self, row: dict, state):
-        entry = self.summary["runs"].setdefault(
-            row["run_id"], {k: row[k] for k in RUN_COLUMNS if k != "run_id"}
-        )
+        entry = self.summary["runs"].get(row["run_id"])
+        if entry is None:
+            entry = self.summary["runs"][row["run_id"]] = {k: row[k] for k in RUN_COLUMNS if k != "run_id"}
         entry.update(status=state.status, steps_done=state.steps_done)
-        metrics = {k: v for k, v in row.items() if k not in entry and k not in ("run_id", "step")}
         final = entry.setdefault("final", {})
-        final.update({"step": row["step"], **{k: v for k, v in metrics.items() if v is not None}})
+        final["step"] = row["step"]
+        final.update((k, v) for k, v in row.items() if v is not None and k not in SETTINGS)
         best = entry.setdefault("best", {})
         for name, direction in self.problem.best.items():
             value = row[name]

@@ -96,7 +96,7 @@ class DirectionStream:
     def _draw(self, first: int) -> torch.Tensor:
         """Steps first .. first + block - 1 as (steps, samples, runs, dim) in the run's dtype."""
         count, per = self.block, self.per_unit
-        g = torch.empty(self.samples, len(self.unique), count, self.dim, dtype=torch.float32, device=self.device)
+        g = torch.empty(count, self.samples, len(self.unique), self.dim, dtype=torch.float32, device=self.device)
         if self.dim <= UNIT:  # whole units of `per` steps, sliced to [first, first + count)
             u0, u1 = first // per, (first + count - 1) // per
             scratch = torch.empty(u1 - u0 + 1, per * self.dim, dtype=torch.float32, device=self.device)
@@ -107,22 +107,18 @@ class DirectionStream:
                     for unit, seed in zip(scratch, seeds):
                         self.gen.manual_seed(seed)
                         fill(unit, self.law, self.gen)
-                    g[i, r] = scratch.view(-1, self.dim)[skip:skip + count]
+                    g[:, i, r] = scratch.view(-1, self.dim)[skip:skip + count]
         else:  # each step its own units
             units = np.arange(first * self.units, (first + count) * self.units, dtype=np.uint64)
             for i, bases in enumerate(self.bases):
                 for r, base in enumerate(bases):
-                    seeds = mix_array(np.uint64(base), units).tolist()
-                    flat = g[i, r].view(-1)
-                    for k, seed in enumerate(seeds):
+                    for k, seed in enumerate(mix_array(np.uint64(base), units).tolist()):
                         step, part = divmod(k, self.units)
                         self.gen.manual_seed(seed)
-                        start = step * self.dim + part * CHUNK
-                        fill(flat[start:start + min(CHUNK, self.dim - part * CHUNK)], self.law, self.gen)
-        u = g.to(self.dtype)
+                        fill(g[step, i, r, part * CHUNK:(part + 1) * CHUNK], self.law, self.gen)
+        u = g.to(self.dtype)  # (steps, samples, runs, dim): one contiguous block per step
         if self.law == "sphere":  # √d/‖g‖ per direction, from the float32 draw's norm in float64
             u *= (self.dim / g.double().square().sum(-1, keepdim=True)).sqrt().to(self.dtype)
-        u = u.permute(2, 0, 1, 3).contiguous()  # (steps, samples, runs, dim): one block per step
         return u if self.shared else u.index_select(2, self.rows)
 
     def next(self) -> torch.Tensor:
