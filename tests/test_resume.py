@@ -99,3 +99,12 @@ def test_resume_refuses_a_folder_drawn_by_another_directions_format(tmp_path):
     result = runner.invoke(app, ["toy", "--resume", str(folder), "--steps", "40"])
     assert result.exit_code == 2 and result.output.startswith("error: --resume") and "format" in result.output
     assert len(result.output.strip().splitlines()) == 1 and (folder / "metrics.csv").read_bytes() == before
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_resume_below_the_steps_done_is_refused_and_keeps_every_row(command, tmp_path):
+    folder = zoflat(*COMMANDS[command], "-o", "zo", "--steps", 30, "--out", tmp_path, "--quiet")
+    before = (folder / "metrics.csv").read_bytes(), (folder / "config.yaml").read_bytes()
+    result = runner.invoke(app, [command, "--resume", str(folder), "--steps", "20"])
+    assert result.exit_code == 2 and "below the 30 steps already done" in result.output
+    assert ((folder / "metrics.csv").read_bytes(), (folder / "config.yaml").read_bytes()) == before

@@ -54,7 +54,7 @@ def run_finetune(config: dict, quiet: bool = False, resume: Path = None):
     task = get_task(config["task"])
     device, dtype = resolve_device(config["device"]), DTYPES[config["dtype"]]
     runs = runs_from(config)
-    previous = open_for_resume(resume, runs, device) if resume else {}  # checked before the model loads
+    previous = open_for_resume(resume, runs, device, config["steps"]) if resume else {}  # before the model loads
     train, _dev, test = kshot(task, config["k"], config["split_seed"], config["data_dir"], config["test_mode"])
     problem = LMProblem(config, task, {"train": train.examples(), "test": test.examples()}, device, dtype)
     return run_models(config, problem, runs, metrics, quiet, Path(resume) if resume else None, previous)

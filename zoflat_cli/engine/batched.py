@@ -179,7 +179,7 @@ def run_batched(config: dict, make_problem, quiet: bool = False, resume=None, co
     runs = runs_from(config)
     device, dtype = resolve_device(config["device"]), DTYPES[config["dtype"]]
     if resume:
-        previous = open_for_resume(resume, runs, device)
+        previous = open_for_resume(resume, runs, device, config["steps"])
     problem = make_problem(device, dtype)
     groups = make_groups(problem, runs, dtype, device)
     path = resume or create_run_dir(config["out"], config["command"], config["name"])

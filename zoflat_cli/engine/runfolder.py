@@ -63,12 +63,16 @@ def formats() -> dict:
     return {"directions": FORMAT_VERSION, "update_log": UPDATE_LOG_VERSION}
 
 
-def open_for_resume(folder: Path, runs, device) -> dict:
-    """Checks that this zoflat can continue the folder's runs on `device` bit for bit; returns the
-    recorded runs ({run_id: entry})."""
+def open_for_resume(folder: Path, runs, device, steps: int) -> dict:
+    """Checks that this zoflat can continue the folder's runs on `device` bit for bit, up to
+    `steps`; returns the recorded runs ({run_id: entry})."""
     from zoflat_cli.optim.presets import get_preset
 
     summary = read_summary(folder)
+    done = max((entry.get("steps_done", 0) for entry in summary.get("runs", {}).values()), default=0)
+    if steps < done:  # resuming would drop rows already logged
+        raise ZoflatError(f"--resume: --steps {steps} is below the {done} steps already done; give --steps {done} "
+                          f"or more")
     drawing = [r.run_id for r in runs if get_preset(r.optimizer).uses_directions]
     if drawing:
         recorded = summary.get("formats", {"directions": 1, "update_log": 1})
