@@ -5,6 +5,7 @@ trace (Hutchinson or forward-only fd), λ_max by power iteration and ‖∇f‖.
 from pathlib import Path
 
 from zoflat_cli.config import DTYPES, resolve_device, runs_from
+from zoflat_cli.engine.loop import due
 from zoflat_cli.engine.model import run_models
 from zoflat_cli.engine.runfolder import open_for_resume
 from zoflat_cli.hessian import finite_difference, hutchinson, top_eigenvalue
@@ -15,24 +16,20 @@ from zoflat_cli.streams import generator, step_key
 from zoflat_cli.text_tasks import get_task, kshot
 
 
-def _due(step: int, every: int, steps: int) -> bool:
-    return step % every == 0 or step == steps
-
-
 def metrics(runner, step: int) -> dict:
     cfg, problem, seed = runner.config, runner.problem, runner.run.seed
     loss, accuracy = problem.evaluate("train")
     row = {"loss": loss, "accuracy": accuracy, "test_loss": None, "test_accuracy": None,
            "hessian_trace": None, "hessian_trace_stderr": None, "lambda_max": None, "grad_norm": None}
-    if _due(step, cfg["eval_every"], cfg["steps"]):
+    if due(step, cfg["eval_every"], cfg["steps"]):
         row["test_loss"], row["test_accuracy"] = problem.evaluate("test")
         grads = problem.gradient("train")
         row["grad_norm"] = dot(grads, grads) ** 0.5
-    if cfg["eig_every"] and _due(step, cfg["eig_every"], cfg["steps"]):
+    if cfg["eig_every"] and due(step, cfg["eig_every"], cfg["steps"]):
         gen = generator(seed, "probes", problem.device, step, 1)  # not the trace probes
         with problem.double_backward():
             row["lambda_max"] = top_eigenvalue(problem.params, problem.loss_terms, cfg["eig_iters"], gen)
-    if cfg["trace"] != "none" and _due(step, cfg["trace_every"], cfg["steps"]):
+    if cfg["trace"] != "none" and due(step, cfg["trace_every"], cfg["steps"]):
         row["hessian_trace"], row["hessian_trace_stderr"] = trace(runner, step)
     row["peak_memory_mib"] = round(peak_memory_mib(problem.device), 1)
     return row

@@ -17,7 +17,7 @@ import torch
 
 from zoflat_cli.config import DTYPES, resolve_device, runs_from
 from zoflat_cli.engine.live import LiveView
-from zoflat_cli.engine.loop import RunState, judge, session
+from zoflat_cli.engine.loop import RunState, due, judge, session
 from zoflat_cli.engine.runfolder import RunFolder, create_run_dir, open_for_resume
 from zoflat_cli.optim.directions import DirectionStream
 from zoflat_cli.optim.estimators import estimate, n_evals
@@ -111,7 +111,7 @@ class Trainer:
         step = start
         with torch.inference_mode():  # skips autograd bookkeeping: ~20% off each small op
             for step in range(start, self.steps + 1):
-                if step % self.log_every == 0 or step == self.steps:
+                if due(step, self.log_every, self.steps):
                     self._log(step, self.wall_offset + time.perf_counter() - began)
                     if not any(s.status == "running" for s in self.states.values()):
                         break

@@ -86,6 +86,12 @@ def judge(state: RunState, step: int, finite: bool, steps: int):
         state.status = "completed"
 
 
+def due(step: int, every: int, steps: int) -> bool:
+    """Whether a periodic event (a log, an evaluation, a trace) happens at `step`: every `every`
+    steps and at the last one."""
+    return step % every == 0 or step == steps
+
+
 def finite(value) -> bool:
     return value is not None and math.isfinite(value)
 

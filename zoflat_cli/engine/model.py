@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from zoflat_cli.engine.live import LiveView
-from zoflat_cli.engine.loop import RunState, finite, judge, session
+from zoflat_cli.engine.loop import RunState, due, finite, judge, session
 from zoflat_cli.engine.runfolder import RunFolder, create_run_dir
 from zoflat_cli.optim.directions import ParameterDirections
 from zoflat_cli.optim.estimators import n_evals
@@ -138,9 +138,6 @@ class ModelRunner:
 
     # -- the loop
 
-    def _due(self, step: int, every: int) -> bool:
-        return step % every == 0 or step == self.config["steps"]
-
     def train(self, start: int, stop):
         steps, every, run = self.config["steps"], self.config["checkpoint_every"], self.run
         began = time.perf_counter()
@@ -149,7 +146,7 @@ class ModelRunner:
             self.log.open()
         try:
             for step in range(start, steps + 1):
-                if self._due(step, self.config["log_every"]):
+                if due(step, self.config["log_every"], steps):
                     row = run.columns()
                     row.update(step=step, wall_s=None, n_evals=step * self.evals_per_step)
                     row.update(self.metrics(self, step))
