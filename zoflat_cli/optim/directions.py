@@ -158,6 +158,7 @@ class ParameterDirections:
                     pieces, filled = [], 0
         if pieces:
             self.chunks.append(pieces)
+        self.param_views = [self.views(self.params, i) for i in range(len(self.chunks))]  # cut once, used every pass
         # CPU: threads share the chunks (torch releases the GIL while it draws); CUDA: one stream
         self.workers = torch.get_num_threads() if self.device.type == "cpu" else 1
         self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
@@ -212,7 +213,7 @@ class ParameterDirections:
         terms = [(k, float(a) * self.scale(k)) for k, a in terms]
 
         def add_chunk(index):
-            targets = self.views(self.params, index)
+            targets = self.param_views[index]
             for key, alpha in terms:
                 z = self.chunk(key, index)
                 parts = [z[offset:stop].to(t.dtype) for t, (_, _, offset, stop) in zip(targets, self.chunks[index])]

@@ -143,7 +143,7 @@ class InPlaceOptimizer:
         scaled = [] if grads is not None else [(k, c * directions.scale(k)) for k, c in zip(keys, coefs)]
 
         def update_chunk(index):
-            targets = directions.views(self.params, index)
+            targets = directions.param_views[index]
             x = torch.cat([t.to(self.work_dtype) for t in targets])
             if grads is not None:
                 g = torch.cat([t.to(self.work_dtype) for t in directions.views(grads, index)])
