@@ -20,8 +20,8 @@ from zoflat_cli.engine.live import LiveView
 from zoflat_cli.engine.loop import RunState, due, judge, session
 from zoflat_cli.engine.runfolder import RunFolder, create_run_dir, open_for_resume
 from zoflat_cli.optim.directions import DirectionStream
-from zoflat_cli.optim.estimators import estimate, n_evals
-from zoflat_cli.optim.presets import HYPERPARAMETERS, estimator_of
+from zoflat_cli.optim.estimators import estimate
+from zoflat_cli.optim.presets import HYPERPARAMETERS, estimator_of, evals_per_step
 from zoflat_cli.optim.updates import apply, get_update, state_to
 from zoflat_cli.streams import generator
 
@@ -34,7 +34,7 @@ class Group:
     def __init__(self, problem, runs, dtype, device):
         first = runs[0]
         self.problem = problem.bind(runs)  # the problem as seen by these runs (e.g. their seeds' features)
-        self.runs, self.name = runs, first.optimizer
+        self.runs = runs
         self.estimator, self.rule = estimator_of(first.optimizer), get_update(first.rule)
         # initial points are drawn on the CPU so every device starts from the same place
         cpu = torch.device("cpu")
@@ -50,9 +50,9 @@ class Group:
         self.transform = self.rule.build(weight_decay=decay)
         self.plain_sgd = self.rule.name == "sgd" and not decay  # the fast path: one addcmul
         self.state = self.transform.init(self.x)
-        self.seeds, self.dtype, self.device = [r.seed for r in runs], dtype, device
+        self.dtype, self.device = dtype, device
         self.directions = None
-        self.evals_per_step = n_evals(self.estimator, first.samples) + (2 if self.rule.conservative else 0)
+        self.evals_per_step = evals_per_step(first.optimizer, first.rule, first.samples)
         # the theory predicts from the initial point (also when the group resumes later on)
         self.initial_metrics = self.problem.metrics(self.x, 0) if hasattr(self.problem, "theory") else None
 
@@ -60,7 +60,7 @@ class Group:
         """Iteration `step` (from 0); a resumed group's first step starts its directions there."""
         if self.estimator.uses_directions and self.directions is None:
             first = self.runs[0]
-            self.directions = DirectionStream(self.seeds, first.samples, self.x.shape[-1], first.directions,
+            self.directions = DirectionStream([r.seed for r in self.runs], first.samples, self.x.shape[-1], first.directions,
                                               self.dtype, self.device, start_step=step)
         u = self.directions.next() if self.directions else None
         g = estimate(self.estimator, self.problem, self.x, u, self.hyper)

@@ -22,9 +22,8 @@ from zoflat_cli.engine.live import LiveView
 from zoflat_cli.engine.loop import RunState, due, finite, judge, session
 from zoflat_cli.engine.runfolder import RunFolder, create_run_dir
 from zoflat_cli.optim.directions import ParameterDirections
-from zoflat_cli.optim.estimators import n_evals
 from zoflat_cli.optim.inplace import InPlaceOptimizer
-from zoflat_cli.optim.presets import HYPERPARAMETERS, estimator_of, get_preset
+from zoflat_cli.optim.presets import HYPERPARAMETERS, estimator_of, evals_per_step, get_preset
 from zoflat_cli.optim.updates import get_update
 from zoflat_cli.streams import direction_base
 
@@ -92,8 +91,7 @@ class ModelRunner:
                                           run_hyper(run))
         self.replayable = get_preset(run.optimizer).uses_directions  # its steps are a few logged numbers
         self.log = UpdateLog(update_log_path(folder.path, run.run_id), run.samples)
-        self.evals_per_step = (n_evals(estimator_of(run.optimizer), run.samples)
-                               + (2 if self.optimizer.rule.conservative else 0))
+        self.evals_per_step = evals_per_step(run.optimizer, run.rule, run.samples)
         self.wall_offset = 0.0
         self.passes_offset = 0.0
 

@@ -9,7 +9,7 @@ estimators.py).
 from typing import NamedTuple
 
 from zoflat_cli.errors import ZoflatError
-from zoflat_cli.optim.estimators import ESTIMATORS, Estimator
+from zoflat_cli.optim.estimators import ESTIMATORS, Estimator, n_evals
 from zoflat_cli.optim.updates import UPDATES
 
 
@@ -87,6 +87,11 @@ def hyper_names(preset: str, update: str) -> tuple:
 
 
 SAMPLES = {p.name: p.samples for p in PRESETS.values() if p.uses_directions}
+
+
+def evals_per_step(preset: str, update: str, samples: int) -> int:
+    """Oracle calls per step of a run: its estimator's, plus f(x) and f(x_new) for a conservative rule."""
+    return n_evals(estimator_of(preset), samples) + (2 if UPDATES[update].conservative else 0)
 
 
 def default_lrs(gradient: float, zo: float, per_coordinate: float) -> dict:
