@@ -27,7 +27,7 @@ runner = CliRunner()
 
 
 def make_problem(model, dtype=torch.float64, task="sst2", k=8, head="auto", device="cpu", **extra):
-    config = resolve(lm.DEFAULTS, None, {"model": model, "task": task, "k": k, "head": head, **extra}, lm.validate)
+    config = resolve(lm.DEFAULTS, None, {"model": model, "task": task, "k": k, "head": head, **extra}, lm.SETTINGS)
     train, _, test = kshot(TASKS[task], k, 13)
     return lm.LMProblem(config, TASKS[task], {"train": train.examples(), "test": test.examples()[:40]},
                         torch.device(device), dtype)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperGroup
 from typing_extensions import Annotated
 
 import zoflat_cli
@@ -17,26 +18,62 @@ from zoflat_cli.optim.directions import LAWS
 from zoflat_cli.optim.presets import FLAG_GROUPS, HYPERPARAMETERS, PRESETS, SAMPLES
 from zoflat_cli.optim.updates import UPDATES
 
+try:  # Typer vendors click from 0.2x on
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+except ImportError:
+    from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+
+EXIT_INTERRUPTED = 130
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+class OneLineErrors(TyperGroup):
+    """The CLI's one error boundary: bad input (ours, Typer's usage errors, a path the system
+    refuses) ends in one `error:` line on stderr and a non-zero exit, never a traceback."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NoArgsIsHelpError as err:  # `zoflat data`: the help, as click shows it
+            typer.echo(err.ctx.get_help())
+            code = err.exit_code
+        except UsageError as err:
+            where = f"; see {err.ctx.command_path} --help" if err.ctx else ""
+            code = _error(one_line(err.format_message()) + where, err.exit_code)
+        except ClickException as err:
+            code = _error(one_line(err.format_message()), err.exit_code)
+        except typer.Abort:
+            code = EXIT_INTERRUPTED
+        except ZoflatError as err:
+            code = _error(one_line(err), err.exit_code)
+        except OSError as err:  # a user's path: not found, not writable, a file where a folder should be
+            where = f": {err.filename}" if err.filename else ""
+            code = _error(f"{err.strerror or one_line(err)}{where}", ZoflatError.exit_code)
+        except MemoryError:
+            code = _error("out of memory: use a smaller problem (fewer runs, --samples, --dim or --features)",
+                          ZoflatError.exit_code)
+        if standalone_mode:
+            sys.exit(code or 0)
+        return code
+
+
+def _error(message: str, code: int) -> int:
+    with contextlib.suppress(OSError):
+        typer.echo(f"error: {message}", err=True)
+    return code
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     help="zoflat: experiments on zeroth-order optimization and flat minima.",
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
     no_args_is_help=True,
     add_completion=False,
 )
-
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
-
-
-@contextlib.contextmanager
-def user_errors():
-    """Input and environment problems end in one line on stderr, never a traceback."""
-    try:
-        yield
-    except ZoflatError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(EXIT_USER_ERROR)
 
 
 def _version(value: bool):
@@ -147,7 +184,7 @@ def parse_group(flag: str, names: tuple, occurrences: list) -> dict:
     return values
 
 
-def resolve_command(defaults: dict, options: dict, check=None):
+def resolve_command(defaults: dict, options: dict, settings: dict, check=None):
     """The resolved config of an experiment command, and the folder to resume (or None)."""
     from zoflat_cli.config import resolve
 
@@ -160,7 +197,7 @@ def resolve_command(defaults: dict, options: dict, check=None):
         if not (resume / "config.yaml").is_file():
             raise ZoflatError(f"--resume {resume}: not a run folder (no config.yaml)")
         config = resume / "config.yaml"
-    return resolve(defaults(config, flags) if callable(defaults) else defaults, config, flags, check), resume
+    return resolve(defaults(config, flags) if callable(defaults) else defaults, config, flags, settings, check), resume
 
 
 def _finish(path: Path, status: str, quiet: bool):
@@ -176,11 +213,10 @@ def _finish(path: Path, status: str, quiet: bool):
 def toy(dim: Annotated[Optional[int], typer.Option("--dim", help="d: y, z in R^d.")] = None, **options):
     """Example 2.1: f(y, z) = (yᵀz - 1)²/2. ZO drifts to the flat minimum (Hessian trace 2)."""
     from zoflat_cli.engine.batched import run_batched
-    from zoflat_cli.problems.toy import DEFAULTS, ToyProblem
+    from zoflat_cli.problems.toy import DEFAULTS, SETTINGS, ToyProblem
 
-    with user_errors():
-        cfg, resume = resolve_command(DEFAULTS, {**options, "dim": dim})
-        path, status = run_batched(cfg, lambda device, dtype: ToyProblem(cfg["dim"]), options["quiet"], resume)
+    cfg, resume = resolve_command(DEFAULTS, {**options, "dim": dim}, SETTINGS)
+    path, status = run_batched(cfg, lambda device, dtype: ToyProblem(cfg["dim"]), options["quiet"], resume)
     _finish(path, status, options["quiet"])
 
 
@@ -209,18 +245,17 @@ def convex(
 
     own = dict(dataset=dataset, data_file=data_file, test_file=test_file, train_size=train_size,
                split_seed=split_seed, model=model, features=features, dense=dense, eig_every=eig_every)
-    with user_errors():
-        def defaults(recipe, flags):  # the model and data chosen decide some defaults
-            return problem.defaults({**(load_recipe(recipe) if recipe else {}), **flags})
+    def defaults(recipe, flags):  # the model and data chosen decide some defaults
+        return problem.defaults({**(load_recipe(recipe) if recipe else {}), **flags})
 
-        cfg, resume = resolve_command(defaults, {**options, **own})
-        train, test, description = datasets.load_splits(cfg)
+    cfg, resume = resolve_command(defaults, {**options, **own}, problem.SETTINGS, problem.check)
+    train, test, description = datasets.load_splits(cfg)
 
-        def make_problem(device, dtype):
-            return problem.ConvexProblem(train, test, cfg["model"], cfg["features"], cfg["dense"],
-                                         dtype, device, description, cfg["eig_every"])
+    def make_problem(device, dtype):
+        return problem.ConvexProblem(train, test, cfg["model"], cfg["features"], cfg["dense"],
+                                     dtype, device, description, cfg["eig_every"])
 
-        path, status = run_batched(cfg, make_problem, options["quiet"], resume)
+    path, status = run_batched(cfg, make_problem, options["quiet"], resume)
     _finish(path, status, options["quiet"])
 
 
@@ -260,9 +295,8 @@ def finetune(
                head=head, max_length=max_length, micro_batch=micro_batch, batch_size=batch_size,
                eval_every=eval_every, trace=trace, trace_every=trace_every, trace_probes=trace_probes,
                trace_delta=trace_delta, eig_every=eig_every, eig_iters=eig_iters)
-    with user_errors():
-        cfg, resume = resolve_command(lm.DEFAULTS, {**options, **own}, check=lm.validate)
-        path, status = run_finetune(cfg, options["quiet"], resume)
+    cfg, resume = resolve_command(lm.DEFAULTS, {**options, **own}, lm.SETTINGS)
+    path, status = run_finetune(cfg, options["quiet"], resume)
     _finish(path, status, options["quiet"])
 
 
@@ -297,10 +331,9 @@ def data_import(
     """Copy a downloaded LIBSVM file into the cache (checked against the registry's sizes)."""
     from zoflat_cli import datasets
 
-    with user_errors():
-        if split not in ("train", "test"):
-            raise ZoflatError(f"--split must be train or test, got {split!r}")
-        typer.echo(f"imported {name} ({split}): {datasets.import_file(path, name, split)}")
+    if split not in ("train", "test"):
+        raise ZoflatError(f"--split must be train or test, got {split!r}")
+    typer.echo(f"imported {name} ({split}): {datasets.import_file(path, name, split)}")
 
 
 @data_app.command("kshot")
@@ -316,10 +349,9 @@ def data_kshot(
     """Write LM-BFF K-shot splits (train, dev, test) byte for byte as LM-BFF's generator does."""
     from zoflat_cli.text_tasks import SPLIT_SEEDS, get_task, write_kshot
 
-    with user_errors():
-        spec = get_task(task)
-        for s in seed or SPLIT_SEEDS:
-            typer.echo(str(write_kshot(spec, k, s, out, data_dir, test_mode)))
+    spec = get_task(task)
+    for s in seed or SPLIT_SEEDS:
+        typer.echo(str(write_kshot(spec, k, s, out, data_dir, test_mode)))
 
 
 @app.command()
@@ -330,9 +362,8 @@ def plot(
     """Paper-style figures (PNG and PDF) of one or more run folders."""
     from zoflat_cli.plot import plot_paths
 
-    with user_errors():
-        for written in plot_paths(paths, out):
-            typer.echo(str(written))
+    for written in plot_paths(paths, out):
+        typer.echo(str(written))
 
 
 def main():

@@ -7,7 +7,9 @@ command line. The resolved config is saved with the run and is itself a valid re
 
 import difflib
 import itertools
+import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +25,64 @@ from zoflat_cli.optim.updates import UPDATES, get_update
 PER_OPTIMIZER = ("lr", *HYPERPARAMETERS, "samples", "directions", "update")
 NAMED = {"directions": LAWS, "update": tuple(UPDATES)}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
+MAX_STEPS = 10**10
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding (the LM-BFF splits) takes no larger seed
+MAX_SAMPLES = 10_000
+MAX_SEED_COUNT = 10_000
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What one config key takes: `kind` int, number (finite), text, path or flag; bounds
+    (inclusive, or `low` exclusive with above=True); the allowed choices; whether None is allowed."""
+
+    kind: str
+    low: float = None
+    high: float = None
+    choices: tuple = ()
+    optional: bool = False
+    above: bool = False
+
+    def check(self, key: str, value):
+        """The value, normalised (an integral float for an int, a path as text), or a ZoflatError."""
+        if value is None:
+            if self.optional:
+                return None
+            raise ZoflatError(f"{key} needs a value, got null")
+        kinds = {"int": "an integer", "number": "a number", "text": "a text", "path": "a path", "flag": "true or false"}
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = {"int": number and math.isfinite(value) and value == int(value),
+              "number": number and math.isfinite(value),
+              "text": isinstance(value, str), "path": isinstance(value, (str, Path)) and str(value) != "",
+              "flag": isinstance(value, bool)}[self.kind]
+        if not ok:
+            raise ZoflatError(f"{key} must be {kinds[self.kind]}, got {value!r}")
+        if self.kind == "int":
+            value = int(value)
+        if self.kind == "path":
+            value = str(value)
+        if self.choices and value not in self.choices:
+            close = difflib.get_close_matches(value, self.choices, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ZoflatError(f"{key} must be one of {', '.join(self.choices)}, got {value!r}{hint}")
+        if self.low is not None and (value <= self.low if self.above else value < self.low):
+            raise ZoflatError(f"{key} must be {'>' if self.above else '>='} {self.low:g}, got {value!r}")
+        if self.high is not None and value > self.high:
+            raise ZoflatError(f"{key} must be <= {self.high:g}, got {value!r}")
+        return value
+
+
+# Settings every experiment command has (the optimizers, seeds and per-optimizer values have
+# their own parsers below); each command adds its own table (problems/*.SETTINGS).
+COMMON_SETTINGS = {
+    "out": Setting("path"),
+    "device": Setting("text", choices=("auto", "cpu", "cuda")),
+    "dtype": Setting("text", choices=tuple(DTYPES)),
+    "steps": Setting("int", 1, MAX_STEPS),
+    "log_every": Setting("int", 1, MAX_STEPS),
+    "checkpoint_every": Setting("int", 0, MAX_STEPS),
+}
 
 
 # ---------------------------------------------------------------- reading recipes and flags
@@ -33,7 +92,9 @@ def load_recipe(path) -> dict:
     if not path.is_file():
         raise ZoflatError(f"recipe not found: {path}")
     try:
-        recipe = yaml.safe_load(path.read_text())
+        recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ZoflatError(f"recipe {path} is not UTF-8 text") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
@@ -79,16 +140,18 @@ def parse_seeds(value):
         try:
             numbers = [int(p) for p in parts if p]
         except ValueError:
-            raise ZoflatError(f"--seeds: {value!r} is not a count or a comma-separated list") from None
+            numbers = []
+        if not numbers:
+            raise ZoflatError(f"--seeds: {value!r} is not a count or a comma-separated list of seeds")
         value = numbers if "," in value else numbers[0]
     if isinstance(value, bool) or not isinstance(value, (int, list)):
         raise ZoflatError(f"seeds must be a count or a list of integers, got {value!r}")
     if isinstance(value, int):
-        if value < 1:
-            raise ZoflatError(f"seeds: a count must be >= 1, got {value}")
+        if not 1 <= value <= MAX_SEED_COUNT:
+            raise ZoflatError(f"seeds: a count must be between 1 and {MAX_SEED_COUNT}, got {value}")
         return list(range(value))
-    if not value or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value):
-        raise ZoflatError(f"seeds must be non-negative integers, got {value!r}")
+    if not value or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED for s in value):
+        raise ZoflatError(f"seeds must be integers from 0 to {MAX_SEED}, got {value!r}")
     return list(dict.fromkeys(value))
 
 
@@ -107,13 +170,15 @@ def _as_mapping(value) -> dict:
 def merge(base: dict, override: dict, source: str) -> dict:
     merged = dict(base)
     for key, value in override.items():
+        if not isinstance(key, str):
+            raise ZoflatError(f"{source}: a key must be a setting's name, got {key!r}")
         if key not in base:
             close = difflib.get_close_matches(key, base, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ZoflatError(f"{source}: unknown key {key!r}{hint}")
         if key in PER_OPTIMIZER and isinstance(value, dict):
             for name in value:  # a typo here would otherwise be silently ignored
-                if name not in PRESETS:
+                if not isinstance(name, str) or name not in PRESETS:
                     close = difflib.get_close_matches(str(name), PRESETS, n=1)
                     hint = f" (did you mean {close[0]!r}?)" if close else ""
                     raise ZoflatError(f"{source}: {key} names an unknown optimizer {name!r}{hint}")
@@ -122,9 +187,10 @@ def merge(base: dict, override: dict, source: str) -> dict:
     return merged
 
 
-def resolve(defaults: dict, recipe_path, flags: dict, check=None) -> dict:
+def resolve(defaults: dict, recipe_path, flags: dict, settings: dict = None, check=None) -> dict:
     """The full config for one invocation: defaults, then the recipe, then the given flags.
-    `check(config)`, if given, validates a command's own settings before the shared ones."""
+    `settings` types the command's own keys; `check(config)`, if given, checks what depends on
+    several keys, after every key has been checked alone."""
     config = dict(defaults)
     if recipe_path is not None:
         recipe = load_recipe(recipe_path)
@@ -133,7 +199,8 @@ def resolve(defaults: dict, recipe_path, flags: dict, check=None) -> dict:
             raise ZoflatError(f"recipe {recipe_path} is for `zoflat {command}`, not `zoflat {defaults['command']}`")
         config = merge(config, recipe, str(recipe_path))
     config = merge(config, {k: v for k, v in flags.items() if v is not None}, "command line")
-    return validate(check(config) if check else config)
+    config = validate(config, settings or {})
+    return check(config) if check else config
 
 
 # ---------------------------------------------------------------- validation and expansion
@@ -153,7 +220,8 @@ def values_for(config: dict, key: str, optimizer: str) -> list:
 def _check_positive(key: str, value, integer=False, zero_ok=False):
     kind = "an integer" if integer else "a number"
     bound = ">= 0" if zero_ok else "> 0"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and value != int(value)):
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or (integer and value != int(value))):
         raise ZoflatError(f"{key} must be {kind} {bound}, got {value!r}")
     if not (value >= 0 if zero_ok else value > 0):
         raise ZoflatError(f"{key} must be {bound}, got {value!r}")
@@ -168,25 +236,27 @@ def _check_value(key: str, value):
     _check_positive(key, value, integer=(key == "samples"), zero_ok=bool(hyper and hyper.zero_ok))
     if hyper and hyper.below_one and value >= 1:
         raise ZoflatError(f"{key} must be < 1, got {value!r}")
+    if key == "samples" and value > MAX_SAMPLES:
+        raise ZoflatError(f"samples must be <= {MAX_SAMPLES}, got {value!r}")
 
 
-def validate(config: dict) -> dict:
+def validate(config: dict, settings: dict = None) -> dict:
+    """Every key checked against its Setting (COMMON_SETTINGS and the command's own), then the
+    optimizers, seeds and per-optimizer values."""
     config = dict(config)
+    for key, setting in {**COMMON_SETTINGS, **(settings or {})}.items():
+        if key in config:
+            config[key] = setting.check(key, config[key])
+    if not isinstance(config["name"], str) or not NAME_PATTERN.match(config["name"]):
+        raise ZoflatError(f"name may hold 1 to 100 letters, digits, '.', '_' and '-', got {config['name']!r}")
+    if not isinstance(config["optimizer"], (str, list)) or not all(isinstance(o, str) for o in (
+            config["optimizer"] if isinstance(config["optimizer"], list) else [])):
+        raise ZoflatError(f"optimizer must be a name or a list of names, got {config['optimizer']!r}")
     config["optimizer"] = list(dict.fromkeys(parse_list(config["optimizer"])))
     if not config["optimizer"]:
         raise ZoflatError("optimizer: give at least one optimizer")
     presets = [get_preset(o) for o in config["optimizer"]]
     config["seeds"] = parse_seeds(config["seeds"])
-    for key in ("steps", "log_every", "dim", "features", "train_size", "eig_every", "checkpoint_every"):
-        if config.get(key) is not None:
-            _check_positive(key, config[key], integer=True, zero_ok=(key in ("eig_every", "checkpoint_every")))
-            config[key] = int(config[key])
-    if config["dtype"] not in DTYPES:
-        raise ZoflatError(f"dtype must be one of {', '.join(DTYPES)}, got {config['dtype']!r}")
-    if config["device"] not in ("auto", "cpu", "cuda"):
-        raise ZoflatError(f"device must be auto, cpu or cuda, got {config['device']!r}")
-    if not NAME_PATTERN.match(str(config["name"])):
-        raise ZoflatError(f"name may hold letters, digits, '.', '_' and '-' only, got {config['name']!r}")
     # Per-optimizer settings, reduced to the optimizers that use them (collapsed when all agree);
     # every value checked first (which hyperparameters a run reads depends on its update rule).
     for key in PER_OPTIMIZER:

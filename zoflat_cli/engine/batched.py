@@ -10,7 +10,6 @@ state at a step) when it stops, when it ends, and every --checkpoint-every steps
 a function of (seed, step, sample), so `--resume` continues bit for bit, also past the old --steps.
 """
 
-import os
 import time
 
 import torch
@@ -25,7 +24,7 @@ from zoflat_cli.optim.presets import HYPERPARAMETERS, estimator_of, evals_per_st
 from zoflat_cli.optim.updates import apply, get_update, state_to
 from zoflat_cli.streams import generator
 
-CHECKPOINT = "checkpoints/batched.pt"
+CHECKPOINT = "batched.pt"  # under checkpoints/
 
 
 class Group:
@@ -128,19 +127,14 @@ class Trainer:
     def save(self, step: int):
         if self.folder is None:
             return
-        path = self.folder.path / CHECKPOINT
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"step": step, "groups": {g.key(): {"x": g.x.cpu(), "state": state_to(g.state, "cpu")}
-                                             for g in self.groups}}, tmp)
-        os.replace(tmp, path)
+        self.folder.save_checkpoint(CHECKPOINT, {
+            "step": step, "groups": {g.key(): {"x": g.x.cpu(), "state": state_to(g.state, "cpu")} for g in self.groups}})
 
     def restore(self, logged_rows: list) -> int:
         """Load the checkpoint of a resumed folder; returns its step (0 without one)."""
-        path = self.folder.path / CHECKPOINT
-        if not path.is_file():
+        saved = self.folder.load_checkpoint(CHECKPOINT)
+        if saved is None:
             return 0
-        saved = torch.load(path, map_location="cpu")
         for group in self.groups:
             entry = saved["groups"][group.key()]
             group.x = entry["x"].to(group.device)

@@ -129,6 +129,7 @@ def session(folder, view, states: dict, result: dict):
     """Runs the body with signals handled; afterwards every unfinished run is marked (interrupted
     after a stop request or a second Ctrl-C, failed after an error) and the summary is final.
     result["status"] gets the overall status."""
+    error = None
     try:
         with view, GracefulStop() as stop:
             yield stop
@@ -136,8 +137,9 @@ def session(folder, view, states: dict, result: dict):
                 mark_unfinished(states, "interrupted")
     except KeyboardInterrupt:
         mark_unfinished(states, "interrupted")
-    except BaseException:
+    except BaseException as err:
         mark_unfinished(states, "failed")
+        error = f"{type(err).__name__}: {' '.join(str(err).split())}"
         raise
     finally:
-        result["status"] = folder.finish(states)
+        result["status"] = folder.finish(states, error)

@@ -16,7 +16,6 @@ import struct
 import time
 from pathlib import Path
 
-import torch
 
 from zoflat_cli.engine.live import LiveView
 from zoflat_cli.engine.loop import RunState, due, finite, judge, session
@@ -70,8 +69,8 @@ def update_log_path(run_dir: Path, run_id: str) -> Path:
     return run_dir / "updates" / f"{run_id}.bin"
 
 
-def checkpoint_path(run_dir: Path, run_id: str) -> Path:
-    return run_dir / "checkpoints" / f"{run_id}.pt"
+def checkpoint_name(run_id: str) -> str:
+    return f"{run_id}.pt"  # under checkpoints/
 
 
 def run_hyper(run) -> dict:
@@ -99,10 +98,9 @@ class ModelRunner:
 
     def restore(self, logged_rows: list) -> int:
         """Bring the model to the latest recoverable step of this run; returns that step."""
-        path = checkpoint_path(self.folder.path, self.run.run_id)
+        saved = self.folder.load_checkpoint(checkpoint_name(self.run.run_id))
         step = 0
-        if path.is_file():
-            saved = torch.load(path, map_location="cpu")
+        if saved is not None:
             self.problem.load_state(saved["state"])
             self.optimizer.load_state_dict(saved.get("optimizer"))
             step = saved["step"]
@@ -127,12 +125,9 @@ class ModelRunner:
         return step
 
     def save_checkpoint(self, step: int):
-        path = checkpoint_path(self.folder.path, self.run.run_id)
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save({"step": step, "state": {k: v.cpu() for k, v in self.problem.state().items()},
-                    "optimizer": self.optimizer.state_dict()}, tmp)
-        os.replace(tmp, path)
+        self.folder.save_checkpoint(checkpoint_name(self.run.run_id), {
+            "step": step, "state": {k: v.cpu() for k, v in self.problem.state().items()},
+            "optimizer": self.optimizer.state_dict()})
 
     # -- the loop
 
@@ -163,7 +158,8 @@ class ModelRunner:
                 keys = [(direction_base(run.seed, i), step) for i in range(run.samples)] if self.replayable else []
                 coefs, accepted = self.optimizer.step(self.problem, keys, step + 1)
                 if self.replayable:
-                    self.log.append(step, keys, coefs, accepted)
+                    with self.folder.writing(f"updates/{run.run_id}.bin"):
+                        self.log.append(step, keys, coefs, accepted)
                 self.state.steps_done = step + 1
                 if every and (step + 1) % every == 0:
                     self.save_checkpoint(step + 1)

@@ -3,13 +3,26 @@
 runs/<command>/<UTC timestamp>-<name>/
     config.yaml    the fully resolved config; `zoflat <command> --config` on it re-runs it
     metrics.csv    tidy: one row per run x logged step, appended and flushed at every log
-    summary.json   per-run status, final and best values, versions, device; rewritten atomically
+    summary.json   per-run status, final and best values, versions, device; strict JSON
+                   (NaN and Inf written as null), rewritten atomically
+    .lock          held (flock) by the one process writing the folder
+    .reserve       64 KiB set aside at the start: freed on a full disk, so that the final
+                   summary (status failed, with the reason) can still be written
+
+Integrity: rows are only appended; a write that fails (disk full) is cut back to the last whole
+row; readers skip a torn last row (a process killed mid-write).
 """
 
+import contextlib
 import csv
+import errno
+import fcntl
+import io
 import json
+import math
 import os
 import platform
+import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,9 +31,10 @@ import yaml
 
 import zoflat_cli
 from zoflat_cli.engine.loop import RUN_COLUMNS
-from zoflat_cli.errors import ZoflatError
+from zoflat_cli.errors import RunFailed, ZoflatError
 
 SUMMARY_EVERY_S = 1.0
+RESERVE_BYTES = 64 * 1024
 SETTINGS = {*RUN_COLUMNS, "step"}  # a row's columns that are not metrics
 
 
@@ -31,16 +45,62 @@ def utc_now() -> str:
 def create_run_dir(out: Path, command: str, name: str) -> Path:
     """A new folder runs/<command>/<timestamp>-<name>; never reuses an existing one."""
     parent = Path(out) / command
-    parent.mkdir(parents=True, exist_ok=True)
     stem = f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}-{name}"
-    for attempt in range(1, 1000):
-        path = parent / (stem if attempt == 1 else f"{stem}-{attempt}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free run folder name under {parent}")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        for attempt in range(1, 1000):
+            path = parent / (stem if attempt == 1 else f"{stem}-{attempt}")
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                continue
+    except OSError as err:
+        raise ZoflatError(f"--out {out}: cannot make a run folder there ({err.strerror})") from None
+    raise ZoflatError(f"--out {out}: no free run folder name under {parent}")
+
+
+def strict(value):
+    """value with every non-finite float as None: strict JSON has no NaN or Infinity."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    return value
+
+
+def complete_metrics(folder: Path) -> str:
+    """The text of a run folder's metrics.csv up to its last whole row ("" when there is none):
+    a torn last row (a write cut short) is left out; damage before it is an error."""
+    path = Path(folder) / "metrics.csv"
+    if not path.is_file():
+        return ""
+    data = path.read_bytes()
+    damaged = f"{path} is damaged"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ZoflatError(f"{damaged} (not UTF-8 text); restore it, or start a new run folder") from None
+    if "\0" in text:
+        raise ZoflatError(f"{damaged} (binary data); restore it, or start a new run folder")
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()  # torn: killed mid-row
+    if not lines:
+        return ""
+    header = next(csv.reader(lines[:1]))
+    if "run_id" not in header or "step" not in header:
+        raise ZoflatError(f"{path} is not a zoflat metrics file (no run_id and step columns)")
+    at = header.index("step")
+    for number, row in enumerate(csv.reader(lines[1:]), start=2):
+        whole = len(row) == len(header) and row[at].isdigit()
+        if not whole and number == len(lines):
+            lines.pop()  # torn: a last row cut short
+        elif not whole:
+            raise ZoflatError(f"{damaged} at line {number}; restore it, or start a new run folder")
+    return "".join(lines)
 
 
 def read_summary(folder: Path) -> dict:
@@ -49,9 +109,17 @@ def read_summary(folder: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ZoflatError(f"{path} is damaged ({err}); restore it, or start a new run folder") from None
+        summary = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ZoflatError(f"{path} is damaged ({one_line(err)}); restore it, or start a new run folder") from None
+    runs = summary.get("runs", {}) if isinstance(summary, dict) else None
+    if not isinstance(runs, dict) or not all(isinstance(entry, dict) for entry in runs.values()):
+        raise ZoflatError(f"{path} is damaged (not a zoflat summary); restore it, or start a new run folder")
+    return summary
+
+
+def one_line(err) -> str:
+    return " ".join(str(err).split())
 
 
 def formats() -> dict:
@@ -101,17 +169,34 @@ def versions() -> dict:
 
 
 class RunFolder:
+    """The writer of one run folder. It holds the folder's lock for as long as it lives; every
+    write goes through `_writing`, which turns a failed write into RunFailed (the folder keeps
+    every earlier byte; the final summary says failed and why)."""
+
     def __init__(self, path: Path, config: dict, problem, device: str):
         self.path = Path(path)
         self.problem = problem
-        (self.path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        self._lock = _lock(self.path)
         self._csv_file = None
         self._writer = None
         self._last_summary = 0.0
+        self.error = None
         recorded = read_summary(self.path)
+        try:
+            with self.writing("config.yaml"):
+                _atomic_write(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+                reserve = self.path / ".reserve"
+                if not reserve.is_file() or reserve.stat().st_size < RESERVE_BYTES:
+                    _atomic_write(reserve, "\0" * RESERVE_BYTES)
+        except RunFailed:
+            self._lock.close()
+            if not recorded:  # nothing ran: leave no half-made folder behind
+                shutil.rmtree(self.path, ignore_errors=True)
+            raise RunFailed(f"cannot start a run folder in {self.path.parent}: {self.error}") from None
         if recorded:  # a resumed run: keep what the first session recorded
             self.summary = recorded
             self.summary.update(status="running", device=device, versions=versions())
+            self.summary.pop("error", None)
             return
         self.summary = {
             "command": config["command"],
@@ -128,44 +213,99 @@ class RunFolder:
             "runs": {},
         }
 
-    def logged_rows(self) -> list:
-        """The rows of metrics.csv so far, as dicts of strings ([] before the first log)."""
-        path = self.path / "metrics.csv"
+    @contextlib.contextmanager
+    def writing(self, what: str):
+        try:
+            yield
+        except OSError as err:
+            if err.errno == errno.ENOSPC:  # let the final summary be written in the reserve's room
+                (self.path / ".reserve").unlink(missing_ok=True)
+            self.error = f"writing {what} failed: {err.strerror or one_line(err)}"
+            raise RunFailed(f"{self.error}; the run folder {self.path} keeps everything written before and is "
+                            f"marked failed (free space, then --resume it)") from None
+
+    def save_checkpoint(self, name: str, content: dict):
+        """checkpoints/<name>, replaced atomically (a failed save keeps the previous one)."""
+        import torch
+
+        path = self.path / "checkpoints" / name
+        tmp = path.with_name(path.name + ".tmp")
+        with self.writing(f"checkpoints/{name}"):
+            path.parent.mkdir(exist_ok=True)
+            try:
+                torch.save(content, tmp)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            os.replace(tmp, path)
+
+    def load_checkpoint(self, name: str):
+        """checkpoints/<name> (None when there is none)."""
+        import torch
+
+        path = self.path / "checkpoints" / name
         if not path.is_file():
-            return []
-        with open(path, newline="") as f:
-            return list(csv.DictReader(f))
+            return None
+        try:
+            return torch.load(path, map_location="cpu")
+        except Exception as err:  # torch raises several kinds on a damaged file
+            raise ZoflatError(f"{path} is damaged ({type(err).__name__}); delete it to resume from the start of "
+                              f"its runs, or start a new run folder") from None
+
+    def logged_rows(self) -> list:
+        """The whole rows of metrics.csv so far, as dicts of strings ([] before the first log)."""
+        return list(csv.DictReader(io.StringIO(complete_metrics(self.path))))
 
     def keep_rows(self, keep):
         """Resuming: drop the logged rows for which keep(row) is false, append after the rest."""
-        path = self.path / "metrics.csv"
         rows = self.logged_rows()
         if not rows:
             return
         fields, rows = list(rows[0]), [r for r in rows if keep(r)]
-        tmp = path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+        with self.writing("metrics.csv"):
+            _atomic_write(self.path / "metrics.csv", text.getvalue())
+        self._close_csv()
+        self._open_csv(fields)
+
+    def _open_csv(self, fields: list):
+        """Append after the whole rows written so far (a torn last row is cut off first)."""
+        path = self.path / "metrics.csv"
+        kept = complete_metrics(self.path).encode()
+        with self.writing("metrics.csv"):
+            if path.is_file():
+                os.truncate(path, len(kept))
+            self._csv_file = open(path, "a", newline="")
+            self._writer = csv.DictWriter(self._csv_file, fieldnames=fields, extrasaction="ignore")
+            if not kept:
+                self._writer.writeheader()
+                self._csv_file.flush()
+            self._good_bytes = self._csv_file.tell()
+
+    def _close_csv(self):
         if self._csv_file is not None:
-            self._csv_file.close()
-        self._csv_file = open(path, "a", newline="")
-        self._writer = csv.DictWriter(self._csv_file, fieldnames=fields, extrasaction="ignore")
+            with contextlib.suppress(OSError):
+                self._csv_file.close()
+            self._csv_file = self._writer = None
 
     def on_log(self, step: int, rows: list, states: dict):
         if rows:
-            if self._writer is None:  # append after what an earlier session wrote, never over it
-                path = self.path / "metrics.csv"
+            if self._writer is None:  # the header of what an earlier session wrote, else these rows'
                 kept = self.logged_rows()
-                self._csv_file = open(path, "a" if kept else "w", newline="")
-                self._writer = csv.DictWriter(self._csv_file, fieldnames=list(kept[0]) if kept else list(rows[0]),
-                                              extrasaction="ignore")  # every row has the header's keys: skip the check
-                if not kept:
-                    self._writer.writeheader()
-            self._writer.writerows(rows)
-            self._csv_file.flush()
+                self._open_csv(list(kept[0]) if kept else list(rows[0]))
+            try:
+                with self.writing("metrics.csv"):
+                    self._writer.writerows(rows)
+                    self._csv_file.flush()
+            except RunFailed:  # cut a partly written row back to the last whole one
+                with contextlib.suppress(OSError):
+                    os.truncate(self.path / "metrics.csv", self._good_bytes)
+                self._csv_file = self._writer = None  # its buffer holds the rows that failed
+                raise
+            self._good_bytes = self._csv_file.tell()
         for row in rows:
             self._record(row, states[row["run_id"]])
         if time.monotonic() - self._last_summary >= SUMMARY_EVERY_S:
@@ -182,7 +322,7 @@ class RunFolder:
         best = entry.setdefault("best", {})
         for name, direction in self.problem.best.items():
             value = row[name]
-            if value is None:  # not evaluated at this step
+            if value is None or not math.isfinite(value):  # not evaluated at this step, or diverged
                 continue
             old = best.get(name)
             if old is None or (value < old["value"] if direction == "min" else value > old["value"]):
@@ -190,14 +330,13 @@ class RunFolder:
 
     def _write_summary(self):
         self.summary["updated_utc"] = utc_now()
-        tmp = self.path / "summary.json.tmp"
-        tmp.write_text(json.dumps(self.summary, indent=2, allow_nan=True))
-        os.replace(tmp, self.path / "summary.json")
+        with self.writing("summary.json"):
+            _atomic_write(self.path / "summary.json", json.dumps(strict(self.summary), indent=2, allow_nan=False))
         self._last_summary = time.monotonic()
 
-    def finish(self, states: dict) -> str:
+    def finish(self, states: dict, error: str = None) -> str:
         """Final statuses; returns the overall status: the first of failed, interrupted,
-        diverged that any run has, else completed."""
+        diverged that any run has, else completed. `error`: why the runs failed."""
         for run_id, state in states.items():
             entry = self.summary["runs"].get(run_id)
             if entry is not None:
@@ -205,7 +344,42 @@ class RunFolder:
         statuses = {s.status for s in states.values()}
         overall = next((s for s in ("failed", "interrupted", "diverged") if s in statuses), "completed")
         self.summary["status"] = overall
-        if self._csv_file is not None:
-            self._csv_file.close()
-        self._write_summary()
+        if self.error or error:
+            self.summary["error"] = self.error or error
+        self._close_csv()
+        try:
+            try:
+                self._write_summary()
+            except RunFailed:  # a full disk: the reserve is free now, so once more
+                self._write_summary()
+        finally:
+            self._lock.close()
         return overall
+
+
+def _lock(folder: Path):
+    """An exclusive lock on the folder for this process (released when it exits, also on kill -9)."""
+    try:
+        handle = open(folder / ".lock", "a+")
+    except OSError as err:
+        raise ZoflatError(f"cannot write in the run folder {folder} ({err.strerror})") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ZoflatError(f"{folder} is being written by another zoflat process; wait for it to end "
+                          f"(or stop it) before resuming it") from None
+    return handle
+
+
+def _atomic_write(path: Path, text: str):
+    """path holds either its old content or all of text, whatever happens; a partial temporary
+    file is removed."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)

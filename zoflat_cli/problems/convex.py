@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import torch
 
+from zoflat_cli.config import MAX_SEED, MAX_STEPS, Setting
 from zoflat_cli.optim.presets import SAMPLES, UPDATE_DEFAULTS, default_lrs
 from zoflat_cli.errors import ZoflatError
 from zoflat_cli.streams import generator
@@ -290,11 +291,34 @@ _MODEL_DEFAULTS = {
 }
 
 
+SETTINGS = {
+    "dataset": Setting("text", optional=True),
+    "data_file": Setting("path", optional=True),
+    "test_file": Setting("path", optional=True),
+    "train_size": Setting("int", 1, 10**9, optional=True),
+    "split_seed": Setting("int", 0, MAX_SEED),
+    "model": Setting("text", choices=tuple(MODELS)),
+    "features": Setting("int", 1, 10**8),  # memory is checked separately
+    "dense": Setting("flag"),
+    "eig_every": Setting("int", 0, MAX_STEPS),
+}
+
+
+def check(config: dict) -> dict:
+    """What depends on several settings."""
+    if config["test_file"] is not None and config["data_file"] is None:
+        raise ZoflatError("--test-file needs --data-file (the training file it tests)")
+    if config["eig_every"] and config["eig_every"] % config["log_every"]:
+        raise ZoflatError(f"eig_every ({config['eig_every']}) must be a multiple of log_every "
+                          f"({config['log_every']}): λ_max is computed at logged steps only")
+    return config
+
+
 def defaults(chosen: dict) -> dict:
     """Defaults given what the recipe and flags chose (the model sets λ and step sizes; the
     w5a-like re-split of the bundled w8a applies only when no data set is chosen)."""
     model = chosen.get("model", "svm")
-    if model not in MODELS:
+    if not isinstance(model, str) or model not in MODELS:
         raise ZoflatError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
     data_chosen = "dataset" in chosen or "data_file" in chosen
     return {

@@ -21,10 +21,11 @@ from urllib.parse import urlparse
 import torch
 import torch.nn.functional as F
 
+from zoflat_cli.config import MAX_SEED, MAX_STEPS, Setting
 from zoflat_cli.errors import ZoflatError
 from zoflat_cli.optim.presets import SAMPLES, UPDATE_DEFAULTS, default_lrs
 from zoflat_cli.streams import generator
-from zoflat_cli.text_tasks import SPLIT_SEEDS, Task
+from zoflat_cli.text_tasks import SPLIT_SEEDS, TASKS, TEST_MODES, Task
 
 HEADS = ("auto", "prompt", "linear")
 TRACE_METHODS = ("hutchinson", "fd", "none")
@@ -68,26 +69,25 @@ DEFAULTS = {
     "dtype": "float32",
     "out": "runs",
 }
-INTEGER_KEYS = ("k", "split_seed", "max_length", "micro_batch", "batch_size", "eval_every", "trace_every",
-                "trace_probes", "checkpoint_every", "eig_every", "eig_iters")
-
-
-def validate(config: dict) -> dict:
-    """The settings only `finetune` has (run by config.resolve before the shared checks)."""
-    for key in INTEGER_KEYS:
-        value = config[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ZoflatError(f"{key} must be a non-negative integer, got {value!r}")
-    for key in ("k", "max_length", "micro_batch", "eval_every", "trace_every", "trace_probes", "eig_iters"):
-        if config[key] < 1:
-            raise ZoflatError(f"{key} must be >= 1, got {config[key]}")
-    if config["head"] not in HEADS:
-        raise ZoflatError(f"head must be one of {', '.join(HEADS)}, got {config['head']!r}")
-    if config["trace"] not in TRACE_METHODS:
-        raise ZoflatError(f"trace must be one of {', '.join(TRACE_METHODS)}, got {config['trace']!r}")
-    if not (isinstance(config["trace_delta"], (int, float)) and config["trace_delta"] > 0):
-        raise ZoflatError(f"trace_delta must be a positive number, got {config['trace_delta']!r}")
-    return config
+SETTINGS = {
+    "task": Setting("text", choices=tuple(TASKS)),
+    "k": Setting("int", 1, 10**6),
+    "split_seed": Setting("int", 0, MAX_SEED),
+    "test_mode": Setting("text", choices=TEST_MODES),
+    "data_dir": Setting("path", optional=True),
+    "model": Setting("text"),
+    "head": Setting("text", choices=HEADS),
+    "max_length": Setting("int", 1, 10**6),
+    "micro_batch": Setting("int", 1, 10**6),
+    "batch_size": Setting("int", 0, 10**9),
+    "eval_every": Setting("int", 1, MAX_STEPS),
+    "trace": Setting("text", choices=TRACE_METHODS),
+    "trace_every": Setting("int", 1, MAX_STEPS),
+    "trace_probes": Setting("int", 1, 10**5),
+    "trace_delta": Setting("number", 0, 1, above=True),
+    "eig_every": Setting("int", 0, MAX_STEPS),
+    "eig_iters": Setting("int", 1, 10**5),
+}
 
 
 # ---------------------------------------------------------------- loading models

@@ -8,6 +8,7 @@ ZO descends the smoothed loss f + λ²(‖y‖² + ‖z‖²)/2 + const, under w
 
 import torch
 
+from zoflat_cli.config import Setting
 from zoflat_cli.optim.presets import SAMPLES, UPDATE_DEFAULTS, default_lrs
 
 
@@ -99,6 +100,7 @@ class ToyProblem:
 
 
 # The paper's setting (Section 2, Figure 1): d = 100, T = 100,000, GD lr 0.01, ZO lr 0.001, λ = 0.1.
+SETTINGS = {"dim": Setting("int", 1, 10**9)}  # memory is checked separately
 DEFAULTS = {
     "command": "toy",
     "name": "toy",
