@@ -62,7 +62,7 @@ def test_kshot_1k_test_mode_samples_like_pandas(tmp_path):
     _, _, cut = kshot(TASKS["trec"], 2, 13, tmp_path, "1k")
     _, _, full = kshot(TASKS["trec"], 2, 13, tmp_path, "full")
     assert len(full.rows) == 1500
-    expected = pd.read_csv(tmp_path / "trec" / "test.csv", header=None).sample(n=1000, random_state=42)
+    expected = pd.read_csv(tmp_path / "trec" / "test.csv", header=None, dtype=str).sample(n=1000, random_state=42)
     assert cut.rows == expected.values.tolist()
 
 

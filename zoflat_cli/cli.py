@@ -201,11 +201,13 @@ def resolve_command(defaults: dict, options: dict, settings: dict, check=None):
 
 
 def _finish(path: Path, status: str, quiet: bool):
-    typer.echo(str(path) if quiet else f"{status}: {path}")
+    from zoflat_cli.engine.live import say
+
+    say(str(path) if quiet else f"{status}: {path}")
     if status == "diverged" and not quiet:
-        typer.echo("note: some runs diverged (NaN/Inf); see summary.json", err=True)
+        say("note: some runs diverged (NaN/Inf); see summary.json", err=True)
     if status == "interrupted":
-        typer.echo("interrupted: the run folder keeps everything logged so far", err=True)
+        say("interrupted: the run folder keeps everything logged so far", err=True)
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
@@ -319,6 +321,8 @@ def data_list():
     for spec in datasets.REGISTRY.values():
         table.add_row(spec.name, str(spec.n_features), f"{spec.n_train:,}", f"{spec.n_test:,}",
                       datasets.availability(spec.name, "train"), datasets.availability(spec.name, "test"))
+    for name in datasets.imported_names():  # imported under names of their own
+        table.add_row(name, "?", "?", "?", "imported", datasets.availability(name, "test"))
     Console().print(table)
 
 
@@ -347,9 +351,13 @@ def data_kshot(
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="LM-BFF data/original layout.")] = None,
 ):
     """Write LM-BFF K-shot splits (train, dev, test) byte for byte as LM-BFF's generator does."""
+    from zoflat_cli.config import MAX_SEED, Setting
     from zoflat_cli.text_tasks import SPLIT_SEEDS, get_task, write_kshot
 
     spec = get_task(task)
+    for s in seed or SPLIT_SEEDS:
+        Setting("int", 0, MAX_SEED).check("--seed", s)
+    Setting("int", 1, 10**6).check("--k", k)
     for s in seed or SPLIT_SEEDS:
         typer.echo(str(write_kshot(spec, k, s, out, data_dir, test_mode)))
 

@@ -8,6 +8,7 @@ command line. The resolved config is saved with the run and is itself a valid re
 import difflib
 import itertools
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,6 +309,26 @@ def runs_from(config: dict) -> list:
     # settings vary slowest, seeds fastest: runs of one setting sit together
     return sorted(runs, key=lambda r: (config["optimizer"].index(r.optimizer), r.rule, r.directions, r.hyper, r.lr,
                                        r.samples, config["seeds"].index(r.seed)))
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory free for a new allocation: the GPU's free memory, or the system's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):  # not Linux: what is not yet used at all
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(needed: int, device: torch.device, what: str):
+    """Refuses, before anything is allocated or written, a problem that cannot fit in memory."""
+    free = available_bytes(device)
+    if needed > free:
+        raise ZoflatError(f"{what}: about {needed / 2**30:.1f} GiB of memory needed, {free / 2**30:.1f} GiB free "
+                          f"on {device.type}; make it smaller")
 
 
 def resolve_device(requested: str) -> torch.device:

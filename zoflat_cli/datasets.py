@@ -10,6 +10,7 @@ import difflib
 import io
 import lzma
 import os
+import re
 import shutil
 import urllib.error
 import urllib.request
@@ -25,6 +26,8 @@ from zoflat_cli.errors import ZoflatError
 
 LIBSVM_URL = os.environ.get("ZOFLAT_LIBSVM_URL", "https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/binary")
 DOWNLOAD_TIMEOUT_S = 30
+MAX_RAW_FEATURES = 1_000_000  # the random-features map holds a dense (rows x raw features) matrix
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,99}$")  # a plain file name: no separators
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,24 @@ def cached_path(name: str, split: str) -> Path:
     return cache_dir() / "libsvm" / (name if split == "train" else f"{name}.t")
 
 
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise ZoflatError(f"data set name {name!r}: use 1 to 100 letters, digits, '.', '_' and '-' (no path "
+                          f"separators, not starting with '.')")
+    return name
+
+
+def imported(name: str) -> bool:
+    """A name outside the registry whose training file was imported into the cache."""
+    return name not in REGISTRY and NAME_PATTERN.match(name) is not None and cached_path(name, "train").is_file()
+
+
+def imported_names() -> list:
+    folder = cache_dir() / "libsvm"
+    names = [p.name for p in folder.glob("*")] if folder.is_dir() else []
+    return sorted(n for n in names if imported(n))
+
+
 def lookup(name: str) -> LibsvmSet:
     if name not in REGISTRY:
         close = difflib.get_close_matches(name, REGISTRY, n=3)
@@ -125,6 +146,13 @@ def parse_svmlight(data: bytes, source: str, n_features: int = None) -> Split:
         raise ZoflatError(_first_bad_line(data.decode("utf-8", "replace").splitlines(), source)) from None
     if X.shape[0] == 0:
         raise ZoflatError(f"{source}: no rows")
+    if X.shape[1] > MAX_RAW_FEATURES:
+        raise ZoflatError(f"{source}: feature index {X.shape[1]:,} is beyond the {MAX_RAW_FEATURES:,} features "
+                          f"zoflat handles (the random-features map stores rows x features densely)")
+    if not (np.isfinite(X.data).all() and np.isfinite(y).all()):
+        bad = int(np.flatnonzero(~np.isfinite(y))[0]) if not np.isfinite(y).all() else int(
+            np.searchsorted(X.indptr, np.flatnonzero(~np.isfinite(X.data))[0], side="right") - 1)
+        raise ZoflatError(f"{source}: row {bad + 1} holds a value that is not finite (nan or inf)")
     labels = np.unique(y)
     if len(labels) != 2:
         raise ZoflatError(f"{source}: needs exactly two labels (binary classification), found {len(labels)}: "
@@ -136,8 +164,11 @@ def _read(path: Path) -> bytes:
     if not path.is_file():
         raise ZoflatError(f"data file not found: {path}")
     opener = lzma.open if path.suffix == ".xz" else open
-    with opener(path, "rb") as f:
-        return f.read()
+    try:
+        with opener(path, "rb") as f:
+            return f.read()
+    except (lzma.LZMAError, EOFError):
+        raise ZoflatError(f"{path}: not a whole .xz file (truncated or not xz)") from None
 
 
 def load_file(path, n_features: int = None) -> Split:
@@ -185,6 +216,12 @@ def download(spec: LibsvmSet, which: str) -> Path:
 
 def load_registered(name: str, which: str) -> Split:
     """A registry set's split: bundled, else cached, else downloaded; verified either way."""
+    if imported(name):
+        path = cached_path(name, which)
+        if not path.is_file():
+            raise ZoflatError(f"{name} has no imported {which} file; import one (zoflat data import FILE --name "
+                              f"{name} --split {which}) or re-split its training file with --train-size")
+        return load_file(path)
     spec = lookup(name)
     if which == "train" and name in BUNDLED:
         data = lzma.decompress(resources.files("zoflat_cli").joinpath("data/libsvm", BUNDLED[name]).read_bytes())
@@ -198,7 +235,7 @@ def load_registered(name: str, which: str) -> Split:
 
 def import_file(path, name: str, which: str) -> Path:
     """Copy a local svmlight file into the cache as `name` (verified against the registry)."""
-    spec = REGISTRY.get(name)
+    spec = REGISTRY.get(check_name(name))
     split = load_file(path, spec.n_features if spec else None)
     if spec:
         _verify(split, spec, which)

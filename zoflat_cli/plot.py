@@ -1,5 +1,6 @@
 """`zoflat plot`: paper-style figures from run folders, one panel per metric against step."""
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -10,7 +11,7 @@ import pandas as pd  # noqa: E402
 
 from zoflat_cli.errors import ZoflatError  # noqa: E402
 from zoflat_cli.engine.loop import RUN_COLUMNS as SETTINGS  # noqa: E402
-from zoflat_cli.engine.runfolder import read_summary  # noqa: E402
+from zoflat_cli.engine.runfolder import complete_metrics, read_summary  # noqa: E402
 from zoflat_cli.optim.presets import HYPERPARAMETERS, PRESETS  # noqa: E402
 
 REQUIRED_COLUMNS = ["run_id", "optimizer", "lr", "seed", "samples"]  # also in older folders
@@ -58,16 +59,20 @@ def _wants_log(values: pd.Series, reference=None) -> bool:
     return len(positive) > 0 and (finite >= 0).all() and positive.max() / positive.min() > 20
 
 
-def plot_run(folder: Path, out_dir: Path = None) -> list:
-    try:
-        df = pd.read_csv(folder / "metrics.csv")
-    except (pd.errors.EmptyDataError, pd.errors.ParserError) as err:
-        raise ZoflatError(f"cannot read {folder / 'metrics.csv'}: {err}") from None
+def plot_run(folder: Path, out_dir: Path = None, stem: str = None) -> list:
+    """The figure of one run folder, as <folder>/figure.* or <out_dir>/<stem>.*."""
+    text = complete_metrics(folder)  # a torn last row is left out
+    df = pd.read_csv(io.StringIO(text)) if text.count("\n") > 1 else pd.DataFrame()
     if df.empty or not set(REQUIRED_COLUMNS) <= set(df.columns):
         raise ZoflatError(f"{folder / 'metrics.csv'} has no rows or is not a zoflat metrics file")
     summary = read_summary(folder)
-    metrics = summary.get("panels") or [
-        c for c in df.columns if c not in NOT_PLOTTED and not c.endswith(("_theory", "_stderr"))]
+    metrics = [m for m in summary.get("panels") or df.columns
+               if m in df.columns and m not in NOT_PLOTTED and not m.endswith(("_theory", "_stderr"))]
+    for column in df.columns:  # a cell that is not a number is a gap in its line, not an error
+        if column not in ("run_id", "optimizer", "update", "directions"):
+            df[column] = pd.to_numeric(df[column], errors="coerce")
+    if not metrics:
+        raise ZoflatError(f"{folder / 'metrics.csv'} has no metric columns to plot")
     df["method"] = df.apply(method_label, axis=1)
     methods = list(dict.fromkeys(df["method"]))
     colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
@@ -117,7 +122,7 @@ def plot_run(folder: Path, out_dir: Path = None) -> list:
 
     target = out_dir if out_dir is not None else folder
     target.mkdir(parents=True, exist_ok=True)
-    stem = "figure" if out_dir is None else folder.name
+    stem = "figure" if out_dir is None else stem or folder.name
     written = [target / f"{stem}.{fmt}" for fmt in FORMATS]
     for path in written:
         fig.savefig(path, dpi=150)
@@ -126,7 +131,13 @@ def plot_run(folder: Path, out_dir: Path = None) -> list:
 
 
 def plot_paths(paths, out: Path = None) -> list:
-    written = []
+    written, stems = [], set()
     for folder in find_run_folders(paths):
-        written.extend(plot_run(folder, out))
+        # same-named folders under different parents: one figure each, never one over another
+        base = folder.name if folder.name not in stems else f"{folder.parent.name}-{folder.name}"
+        stem, n = base, 2
+        while stem in stems:
+            stem, n = f"{base}-{n}", n + 1
+        stems.add(stem)
+        written.extend(plot_run(folder, out, stem))
     return written

@@ -88,10 +88,15 @@ class Split:
 
 def _open_text(folder: Path, name: str) -> str:
     plain, packed = folder / name, folder / f"{name}.xz"
-    if plain.is_file():
-        return plain.read_text()
-    if packed.is_file():
-        return lzma.decompress(packed.read_bytes()).decode()
+    try:
+        if plain.is_file():
+            return plain.read_bytes().decode("utf-8")
+        if packed.is_file():
+            return lzma.decompress(packed.read_bytes()).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ZoflatError(f"{plain}: not UTF-8 text") from None
+    except (lzma.LZMAError, EOFError):
+        raise ZoflatError(f"{packed}: not a whole .xz file (truncated or not xz)") from None
     raise ZoflatError(f"missing {plain}: --data-dir must hold <task folder>/{name} in LM-BFF layout "
                       f"(e.g. {folder.parent}/SST-2/train.tsv)")
 
@@ -101,12 +106,41 @@ def read_original(task: Task, data_dir=None, file: str = None) -> Split:
     root = Path(data_dir) if data_dir else BUNDLED_DIR
     if data_dir and not root.is_dir():
         raise ZoflatError(f"--data-dir {root} is not a directory")
-    text = _open_text(root / task.folder, file or task.train_file)
+    name = file or task.train_file
+    text = _open_text(root / task.folder, name)
+    source = root / task.folder / name
     if task.glue:
         lines = text.splitlines(keepends=True)
-        return Split(task, lines[:1], lines[1:])
-    rows = pd.read_csv(io.StringIO(text), header=None).values.tolist()
-    return Split(task, [], rows)
+        split = Split(task, lines[:1], lines[1:])
+    else:
+        try:  # empty cells stay "" (pandas would read them as NaN, then the text "nan")
+            rows = pd.read_csv(io.StringIO(text), header=None, keep_default_na=False, dtype=str).values.tolist()
+        except (pd.errors.EmptyDataError, pd.errors.ParserError) as err:
+            raise ZoflatError(f"{source}: not a label,sentence csv ({' '.join(str(err).split())})") from None
+        split = Split(task, [], rows)
+    _check_rows(split, source)
+    return split
+
+
+def _check_rows(split: Split, source: Path):
+    """Every row: a sentence that is not empty and a label of the task, else one line naming it."""
+    task, first = split.task, 2 if split.task.glue else 1  # line numbers in the file
+    if not split.rows:
+        raise ZoflatError(f"{source}: no rows")
+    for number, row in enumerate(split.rows, start=first):
+        if task.glue:
+            parts = row.rstrip("\n").rsplit("\t", 1)
+            sentence, label = parts if len(parts) == 2 else ("", None)
+        else:
+            label, sentence = row if len(row) == 2 else (None, "")
+        if label is None:
+            raise ZoflatError(f"{source} line {number}: expected " + (
+                "<sentence><TAB><label>" if task.glue else "label,sentence"))
+        if str(label).strip() not in [str(i) for i in range(task.n_labels)]:
+            raise ZoflatError(f"{source} line {number}: label {str(label)[:20]!r} is not one of the {task.name} "
+                              f"labels 0..{task.n_labels - 1}")
+        if not str(sentence).strip():
+            raise ZoflatError(f"{source} line {number}: empty sentence")
 
 
 def _label(task: Task, row):

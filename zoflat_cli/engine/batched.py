@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from zoflat_cli.config import DTYPES, resolve_device, runs_from
+from zoflat_cli.config import DTYPES, check_memory, resolve_device, runs_from
 from zoflat_cli.engine.live import LiveView
-from zoflat_cli.engine.loop import RunState, due, judge, session
+from zoflat_cli.engine.loop import NUMERICAL_ERRORS, RunState, due, judge, session
 from zoflat_cli.engine.runfolder import RunFolder, create_run_dir, open_for_resume
 from zoflat_cli.optim.directions import DirectionStream
 from zoflat_cli.optim.estimators import estimate
@@ -32,6 +32,7 @@ class Group:
 
     def __init__(self, problem, runs, dtype, device):
         first = runs[0]
+        self.source = problem
         self.problem = problem.bind(runs)  # the problem as seen by these runs (e.g. their seeds' features)
         self.runs = runs
         self.estimator, self.rule = estimator_of(first.optimizer), get_update(first.rule)
@@ -72,7 +73,10 @@ class Group:
         self.x, self.state = moved, state
 
     def metrics(self, step: int) -> dict:
-        values = self.problem.metrics(self.x, step)
+        try:
+            values = self.problem.metrics(self.x, step)
+        except NUMERICAL_ERRORS:  # some run's values broke a solver: find it, keep the others'
+            values = self._metrics_per_run(step)
         if self.initial_metrics is not None:
             lr, lam = self.hyper["lr"].squeeze(-1), self.hyper["lambda"].squeeze(-1)
             theory = self.problem.theory(step, self.initial_metrics, lr, lam, self.runs[0].directions)
@@ -80,6 +84,18 @@ class Group:
                 theory = {k: torch.full_like(v, float("nan")) for k, v in theory.items()}
             values.update(theory)
         return values
+
+    def _metrics_per_run(self, step: int) -> dict:
+        """The metrics run by run; a run whose own computation fails gets NaN (so: diverged)."""
+        per_run = []
+        for i, run in enumerate(self.runs):
+            try:
+                per_run.append(self.source.bind([run]).metrics(self.x[i:i + 1], step))
+            except NUMERICAL_ERRORS:
+                per_run.append(None)
+        shape = self.source.bind(self.runs[:1]).metrics(torch.zeros_like(self.x[:1]), step)
+        nan = {k: torch.full_like(v, float("nan")) for k, v in shape.items()}
+        return {k: torch.cat([(m or nan)[k] for m in per_run]) for k in shape}
 
     def key(self) -> str:
         return "|".join(r.run_id for r in self.runs)
@@ -175,6 +191,7 @@ def run_batched(config: dict, make_problem, quiet: bool = False, resume=None, co
     if resume:
         previous = open_for_resume(resume, runs, device, config["steps"])
     problem = make_problem(device, dtype)
+    check_memory(problem.memory_bytes(runs, dtype.itemsize), device, f"{len(runs)} runs of `zoflat {config['command']}`")
     groups = make_groups(problem, runs, dtype, device)
     path = resume or create_run_dir(config["out"], config["command"], config["name"])
     folder = RunFolder(path, config, problem, str(device))

@@ -1,5 +1,6 @@
 """What a run shows while it trains: a Rich live table on a terminal, plain lines otherwise."""
 
+import os
 import sys
 import time
 
@@ -12,6 +13,20 @@ from zoflat_cli.engine.loop import RUN_COLUMNS
 
 PLAIN_EVERY_S = 10.0  # plain mode prints a block of lines at most this often
 HIDDEN = {*RUN_COLUMNS, "wall_s", "n_evals"}
+
+
+def say(text: str, err: bool = False) -> bool:
+    """Print a line; a closed stdout (`zoflat ... | head -1`) silences further output instead of
+    stopping the run. Returns whether the line went out."""
+    stream = sys.stderr if err else sys.stdout
+    try:
+        print(text, file=stream, flush=True)
+        return True
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)  # so that the interpreter's last flush cannot fail
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+        return False
 
 
 def _fmt(value) -> str:
@@ -58,8 +73,9 @@ class LiveView:
             metrics = " ".join(f"{k}={_fmt(row[k])}" for k in self._metric_names(row))
             rate = row["step"] / row["wall_s"] if row["wall_s"] > 0 else 0.0
             status = self.states[run_id].status
-            print(f"[{row['step']}/{self.steps}] {run_id} {status} {metrics} ({rate:.0f} steps/s)",
-                  file=sys.stdout, flush=True)
+            if not say(f"[{row['step']}/{self.steps}] {run_id} {status} {metrics} ({rate:.0f} steps/s)"):
+                self.mode = "quiet"
+                return
 
     def __rich__(self) -> Table:
         table = Table(title=self.title, expand=False, box=box.SIMPLE_HEAD)

@@ -15,6 +15,8 @@ import math
 import signal
 from dataclasses import dataclass
 
+import torch
+
 from zoflat_cli.optim.presets import HYPERPARAMETERS, get_preset
 
 
@@ -90,6 +92,11 @@ def due(step: int, every: int, steps: int) -> bool:
     """Whether a periodic event (a log, an evaluation, a trace) happens at `step`: every `every`
     steps and at the last one."""
     return step % every == 0 or step == steps
+
+
+# Exceptions of a run's own arithmetic (an eigensolver on overflowed values, ...): that run has
+# diverged; the other runs go on.
+NUMERICAL_ERRORS = (torch.linalg.LinAlgError, ArithmeticError)
 
 
 def finite(value) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 from zoflat_cli.engine.live import LiveView
-from zoflat_cli.engine.loop import RunState, due, finite, judge, session
+from zoflat_cli.engine.loop import NUMERICAL_ERRORS, RunState, due, finite, judge, session
 from zoflat_cli.engine.runfolder import RunFolder, create_run_dir
 from zoflat_cli.optim.directions import ParameterDirections
 from zoflat_cli.optim.inplace import InPlaceOptimizer
@@ -132,40 +132,46 @@ class ModelRunner:
     # -- the loop
 
     def train(self, start: int, stop):
-        steps, every, run = self.config["steps"], self.config["checkpoint_every"], self.run
-        began = time.perf_counter()
         self.problem.forward_passes = 0.0
         if self.replayable:
             self.log.open()
         try:
-            for step in range(start, steps + 1):
-                if due(step, self.config["log_every"], steps):
-                    row = run.columns()
-                    row.update(step=step, wall_s=None, n_evals=step * self.evals_per_step)
-                    row.update(self.metrics(self, step))
-                    row["forward_passes"] = round(self.passes_offset + self.problem.forward_passes, 3)
-                    row["wall_s"] = round(self.wall_offset + time.perf_counter() - began, 3)
-                    judge(self.state, step, finite(row["loss"]), steps)
-                    self.on_log(step, [row])
-                    if self.state.status != "running":
-                        return
-                if stop.requested:
-                    self.state.status = "interrupted"
-                    if not self.replayable:
-                        self.save_checkpoint(step)
-                    return
-                self.problem.draw_batch(self.config["batch_size"], run.seed, step)
-                keys = [(direction_base(run.seed, i), step) for i in range(run.samples)] if self.replayable else []
-                coefs, accepted = self.optimizer.step(self.problem, keys, step + 1)
-                if self.replayable:
-                    with self.folder.writing(f"updates/{run.run_id}.bin"):
-                        self.log.append(step, keys, coefs, accepted)
-                self.state.steps_done = step + 1
-                if every and (step + 1) % every == 0:
-                    self.save_checkpoint(step + 1)
+            self._steps(start, stop)
+        except NUMERICAL_ERRORS as err:  # this run's arithmetic failed: it diverged, the next runs go on
+            self.state.status = "diverged"
+            self.folder.note(self.run.run_id, f"{type(err).__name__}: {' '.join(str(err).split())}")
         finally:
             if self.replayable:
                 self.log.close()
+
+    def _steps(self, start: int, stop):
+        steps, every, run = self.config["steps"], self.config["checkpoint_every"], self.run
+        began = time.perf_counter()
+        for step in range(start, steps + 1):
+            if due(step, self.config["log_every"], steps):
+                row = run.columns()
+                row.update(step=step, wall_s=None, n_evals=step * self.evals_per_step)
+                row.update(self.metrics(self, step))
+                row["forward_passes"] = round(self.passes_offset + self.problem.forward_passes, 3)
+                row["wall_s"] = round(self.wall_offset + time.perf_counter() - began, 3)
+                judge(self.state, step, finite(row["loss"]), steps)
+                self.on_log(step, [row])
+                if self.state.status != "running":
+                    return
+            if stop.requested:
+                self.state.status = "interrupted"
+                if not self.replayable:
+                    self.save_checkpoint(step)
+                return
+            self.problem.draw_batch(self.config["batch_size"], run.seed, step)
+            keys = [(direction_base(run.seed, i), step) for i in range(run.samples)] if self.replayable else []
+            coefs, accepted = self.optimizer.step(self.problem, keys, step + 1)
+            if self.replayable:
+                with self.folder.writing(f"updates/{run.run_id}.bin"):
+                    self.log.append(step, keys, coefs, accepted)
+            self.state.steps_done = step + 1
+            if every and (step + 1) % every == 0:
+                self.save_checkpoint(step + 1)
 
 
 def run_models(config: dict, problem, runs, metrics, quiet: bool = False, resume: Path = None, previous=None):

@@ -328,6 +328,10 @@ class RunFolder:
             if old is None or (value < old["value"] if direction == "min" else value > old["value"]):
                 best[name] = {"value": value, "step": row["step"]}
 
+    def note(self, run_id: str, reason: str):
+        """Why a run stopped (a numerical error), kept in its summary entry."""
+        self.summary["runs"].setdefault(run_id, {})["reason"] = reason
+
     def _write_summary(self):
         self.summary["updated_utc"] = utc_now()
         with self.writing("summary.json"):

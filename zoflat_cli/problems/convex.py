@@ -205,6 +205,15 @@ class ConvexProblem:
                                                   self.dense, self.dtype, self.device)
         return self._features[seed]
 
+    def memory_bytes(self, runs, itemsize: int) -> int:
+        """About what training `runs` holds: the dense standardised rows and their moments, per
+        seed the feature map (and the dense features when asked), per run w, its directions and
+        rule state, and its margins on every row."""
+        rows, raw = self.train.n + self.test.n, self.train.inv_s.shape[0]
+        per_seed = 2 * raw * self.n_features + (rows * (self.n_features + 1) if self.dense else 0)
+        per_run = sum((self.n_params) * (r.samples + 8) + 4 * rows for r in runs)
+        return (rows * raw + 3 * (raw + 1) ** 2 + len({r.seed for r in runs}) * per_seed + per_run) * itemsize
+
     def init(self, gen: torch.Generator, dtype, device) -> torch.Tensor:
         """w = 0.1 · N(0, I), as in the paper's code."""
         return (0.1 * torch.randn(self.n_params, generator=gen, dtype=torch.float64)).to(dtype).to(device)

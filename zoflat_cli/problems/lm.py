@@ -146,6 +146,18 @@ def from_pretrained(loader, name: str, **kwargs):
         raise ZoflatError(f"cannot load model {name!r}: {str(err).splitlines()[0]}") from None
 
 
+def check_max_length(max_length: int, model_config, name: str):
+    """--max-length within the model's positions (RoBERTa's first two are its padding offset)."""
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if positions is None:
+        return
+    offset = (getattr(model_config, "pad_token_id", None) or 1) + 1  # RoBERTa counts positions from pad + 1
+    usable = positions - (offset if model_config.model_type in ("roberta", "xlm-roberta") else 0)
+    if max_length > usable:
+        raise ZoflatError(f"--max-length {max_length} is beyond the {usable} positions of {name!r}; give at most "
+                          f"{usable}")
+
+
 def has_mlm_head(config) -> bool:
     return any(a.endswith("ForMaskedLM") for a in (config.architectures or []))
 
@@ -260,7 +272,9 @@ class LMProblem:
         # the paper's three panels, and the sharpness measures when λ_max is being computed
         sharpness = ["lambda_max", "grad_norm"] if config["eig_every"] else []
         self.panels = ["loss", "test_accuracy", "hessian_trace", *sharpness]
-        self.head = resolve_head(config["head"], from_pretrained(AutoConfig, self.name), self.name)
+        model_config = from_pretrained(AutoConfig, self.name)
+        self.head = resolve_head(config["head"], model_config, self.name)
+        check_max_length(config["max_length"], model_config, self.name)
         self.tokenizer = from_pretrained(AutoTokenizer, self.name)
         self.label_ids = label_word_ids(task, self.tokenizer) if self.head == "prompt" else None
         self.load_base()

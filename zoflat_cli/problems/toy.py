@@ -23,6 +23,10 @@ class ToyProblem:
         self.dim = dim
         self.n_params = 2 * dim
 
+    def memory_bytes(self, runs, itemsize: int) -> int:
+        """About what training `runs` holds: per run x, its directions, gradient and rule state."""
+        return sum(2 * self.dim * (r.samples + 8) for r in runs) * itemsize
+
     def init(self, generator: torch.Generator, dtype, device) -> torch.Tensor:
         """x = (y, z) ~ N(0, I), drawn in float64 whatever the run's dtype."""
         x = torch.randn(self.n_params, generator=generator, device=device, dtype=torch.float64)
