@@ -38,7 +38,7 @@ LAM, LR = 1e-3, 1e-6
 
 
 def load(model: str, device: torch.device):
-    config = resolve(lm.DEFAULTS, None, {"model": model, "k": 32, "micro_batch": 64}, lm.validate)
+    config = resolve(lm.DEFAULTS, None, {"model": model, "k": 32, "micro_batch": 64}, lm.SETTINGS)
     train, _, _ = kshot(TASKS["sst2"], 32, 13)
     return lm.LMProblem(config, TASKS["sst2"], {"train": train.examples()}, device, torch.float32)
 

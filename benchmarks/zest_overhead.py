@@ -80,7 +80,7 @@ def toy(pairs: int, repeats: int):
 def in_place(pairs: int, repeats: int):
     with tempfile.TemporaryDirectory() as tmp:
         model = save_tiny_roberta(Path(tmp), hidden=256, layers=4, vocab_size=4000)
-        config = resolve(lm.DEFAULTS, None, {"model": model, "k": 16, "micro_batch": 32}, lm.validate)
+        config = resolve(lm.DEFAULTS, None, {"model": model, "k": 16, "micro_batch": 32}, lm.SETTINGS)
         train, _, _ = kshot(TASKS["sst2"], 16, 13)
         problem = lm.LMProblem(config, TASKS["sst2"], {"train": train.examples()}, torch.device("cpu"), torch.float32)
         d = ParameterDirections(problem.params)

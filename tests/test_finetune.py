@@ -376,7 +376,7 @@ def test_resume_on_another_device_kind_is_refused_before_replaying(tiny_mlm, tmp
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--task", "mnli"], "unknown task 'mnli'"),
+    (["--task", "mnli"], "task must be one of sst2, sst5, trec, got 'mnli'"),
     (["--head", "mlp"], "head must be one of"),
     (["--task", "trec", "--k", "50"], "fewer than 2K = 100"),
     (["--data-dir", "/nonexistent"], "is not a directory"),

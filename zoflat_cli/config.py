@@ -68,9 +68,9 @@ class Setting:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ZoflatError(f"{key} must be one of {', '.join(self.choices)}, got {value!r}{hint}")
         if self.low is not None and (value <= self.low if self.above else value < self.low):
-            raise ZoflatError(f"{key} must be {'>' if self.above else '>='} {self.low:g}, got {value!r}")
+            raise ZoflatError(f"{key} must be {'>' if self.above else '>='} {self.low}, got {value!r}")
         if self.high is not None and value > self.high:
-            raise ZoflatError(f"{key} must be <= {self.high:g}, got {value!r}")
+            raise ZoflatError(f"{key} must be <= {self.high}, got {value!r}")
         return value
 
 

@@ -1,0 +1,469 @@
+"""The bad-input and fault audit of the zoflat CLI, as a new user would try it on a fresh clone.
+
+Every case runs the real command in a fresh folder and is judged by the rules of README
+("Errors"): a traceback, an exit status other than 0, 1, 2 or 130, an error that is not one
+`error:` line, a run folder left by a refused command, bad input accepted, a summary.json that is
+not strict JSON or still says `running`, or a lost row is a defect. Prints tried / handled /
+defects, and each defect.
+
+    .venv/bin/python tests/audit.py [--jobs 2] [--only toy,faults]
+"""
+
+import argparse
+import concurrent.futures
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PYTHON = sys.executable
+ZOFLAT = [PYTHON, "-m", "zoflat_cli"]
+REPO = Path(__file__).resolve().parents[1]
+TOY = ["toy", "--steps", "20", "--log-every", "10", "--dim", "5", "--seeds", "1"]
+CONVEX = ["convex", "--dataset", "a8a", "--train-size", "300", "--features", "20", "--steps", "4",
+          "--log-every", "2", "--eig-every", "2", "--seeds", "1"]
+FINETUNE = ["finetune", "--task", "sst2", "--k", "2", "--steps", "2", "--log-every", "1", "--eval-every", "2",
+            "--trace-every", "2", "--trace-probes", "1", "--max-length", "32", "-o", "zo"]
+BAD_NUMBERS = ["abc", "", "-1", "0", "inf", "nan", "1e400", "99999999999999999999", "1e12", "0.5"]
+BAD_NAMES = ["", "zz", "../x", "a b", "ZO", "gd,,", "=0.1"]
+
+
+class Case:
+    def __init__(self, label, args, expect="any", files=None, env=None, pipe_head=False):
+        self.label, self.args, self.expect = label, args, expect
+        self.files = files or {}  # relative path -> bytes, written before the command
+        self.env, self.pipe_head = env or {}, pipe_head
+
+
+def run(args, cwd, env=None, timeout=600, pipe_head=False):
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "ZOFLAT_DATA": str(Path(cwd) / "cache"),
+                "PYTHONPATH": str(REPO), **(env or {})}
+    if pipe_head:  # `zoflat ... | head -1`
+        proc = subprocess.Popen(ZOFLAT + args, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.readline()
+        proc.stdout.close()
+        err = proc.stderr.read().decode(errors="replace")
+        return proc.wait(timeout), "", err
+    done = subprocess.run(ZOFLAT + args, cwd=cwd, env=full_env, capture_output=True, timeout=timeout)
+    return done.returncode, done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace")
+
+
+def run_folders(root: Path) -> set:
+    return {p.parent for p in root.rglob("config.yaml") if (p.parent / ".lock").exists()}
+
+
+def folder_defects(folder: Path) -> list:
+    defects = []
+    summary = folder / "summary.json"
+    if summary.is_file():
+        try:
+            data = json.loads(summary.read_text(), parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+            if data.get("status") == "running":
+                defects.append(f"{folder.name}: summary says running after the command ended")
+        except ValueError as err:
+            defects.append(f"{folder.name}: summary.json is not strict JSON ({err})")
+    metrics = folder / "metrics.csv"
+    if metrics.is_file() and metrics.stat().st_size and not metrics.read_bytes().endswith(b"\n"):
+        defects.append(f"{folder.name}: metrics.csv ends in a torn row")
+    return defects
+
+
+def judge(case: Case, rc: int, out: str, err: str, before: set, after: set) -> list:
+    defects = []
+    if "Traceback (most recent call last)" in err or "Exception ignored" in err:
+        defects.append("traceback: " + err.strip().splitlines()[-1][:120])
+    if rc not in (0, 1, 2, 130):
+        defects.append(f"exit status {rc}")
+    lines = [line for line in err.splitlines() if line.strip()]
+    if rc in (1, 2) and not (lines and lines[-1].startswith("error:") and
+                             all(not line.startswith(("│", "╭", "Usage")) for line in lines)):
+        defects.append(f"not one error line: {err.strip()[:160]!r}")
+    if rc == 2 and after - before:
+        defects.append("refused, yet a run folder was made")
+    if case.expect == "error" and rc == 0:
+        defects.append("bad input accepted")
+    if case.expect == "ok" and rc != 0:
+        defects.append(f"refused good input: {err.strip()[-160:]!r}")
+    for folder in after:
+        defects.extend(folder_defects(folder))
+    return defects
+
+
+def run_case(case: Case, fixtures: dict) -> tuple:
+    with tempfile.TemporaryDirectory() as tmp:
+        cwd = Path(tmp)
+        for name, content in case.files.items():
+            (cwd / name).parent.mkdir(parents=True, exist_ok=True)
+            (cwd / name).write_bytes(content)
+        args = list(case.args)
+        for key, value in fixtures.items():  # "{tiny}" -> the tiny model's folder
+            args = [a.replace("{" + key + "}", value) for a in args]
+        before = run_folders(cwd)
+        rc, out, err = run(args, cwd, case.env, pipe_head=case.pipe_head)
+        return case, judge(case, rc, out, err, before, run_folders(cwd))
+
+
+# ---------------------------------------------------------------- the cases
+
+def flag_cases() -> list:
+    cases = []
+    numeric = {
+        "toy": (TOY, ["--steps", "--log-every", "--dim", "--seeds", "--lr", "--lambda", "--rho", "--tilt", "--samples",
+                      "--momentum", "--beta1", "--beta2", "--weight-decay", "--checkpoint-every", "--pairs",
+                      "--betas"]),
+        "convex": (CONVEX, ["--features", "--train-size", "--split-seed", "--eig-every", "--steps", "--lr", "--lambda",
+                            "--samples"]),
+        "finetune": (FINETUNE + ["--model", "{tiny}"], [
+            "--k", "--max-length", "--micro-batch", "--batch-size", "--eval-every", "--trace-every", "--trace-probes",
+            "--trace-delta", "--eig-every", "--eig-iters", "--split-seed", "--lr", "--lambda"]),
+    }
+    refused = {"abc", "", "inf", "nan", "1e400", "99999999999999999999"}
+    for command, (base, flags) in numeric.items():
+        for flag in flags:
+            for value in BAD_NUMBERS:
+                expect = "error" if value in refused else "any"
+                cases.append(Case(f"{command} {flag} {value!r}", base + [flag, value], expect))
+    named = {
+        "toy": (TOY, ["--optimizer", "--directions", "--update", "--device", "--dtype", "--name", "--seeds"]),
+        "convex": (CONVEX, ["--model", "--dataset", "--optimizer"]),
+        "finetune": (FINETUNE + ["--model", "{tiny}"], ["--task", "--head", "--trace", "--test-mode", "--model"]),
+    }
+    for command, (base, flags) in named.items():
+        for flag in flags:
+            for value in BAD_NAMES:
+                cases.append(Case(f"{command} {flag} {value!r}", base + [flag, value],
+                                  "any" if (flag, value) == ("--name", "ZO") else "error"))
+    for per_opt in ("--lr zoo=0.5", "--lambda gdd=0.1", "--samples zo=0", "--update zo=adamw", "--lr zo=1,gd=2",
+                    "--directions zo=normal", "--betas 0.9", "--betas 0.9,1.5", "--momentum zo-momentum=1"):
+        cases.append(Case(f"toy {per_opt}", TOY + per_opt.split(), "error"))
+    for usage in (["--steps"], ["--bogus"], ["-z"], ["--dim", "5", "extra"], ["--quiet=3"]):
+        cases.append(Case(f"toy {' '.join(usage)}", TOY + usage, "error"))
+    cases.append(Case("no command", ["nosuch"], "error"))
+    cases.append(Case("toy | head -1", TOY[:1] + ["--seeds", "40", "--steps", "3000", "--dim", "5", "--log-every", "10"],
+                      "ok", pipe_head=True))
+    cases.append(Case("toy gd lr 0.3 diverges", ["toy", "-o", "gd,zo", "--lr", "gd=0.3", "--steps", "2000", "--seeds", "2"],
+                      "ok"))
+    cases.append(Case("toy gd lr 0.3 float32", ["toy", "-o", "gd", "--lr", "0.3", "--dtype", "float32", "--steps", "2000"],
+                      "ok"))
+    cases.append(Case("convex gd lr 1e6 diverges", CONVEX + ["--lr", "1e6"], "ok"))
+    cases.append(Case("toy --dim 1e9 memory", ["toy", "--dim", "1000000000", "--steps", "2"], "error"))
+    cases.append(Case("toy --samples 10000 --dim 1e6", ["toy", "--dim", "1000000", "--samples", "10000"], "error"))
+    cases.append(Case("convex --features 1e8", CONVEX + ["--features", "100000000"], "error"))
+    return cases
+
+
+def recipe_cases() -> list:
+    from zoflat_cli.problems import toy
+
+    cases = []
+    wrong = ["[1]", "{a: 1}", "x", "null", "true", "-1", ".inf", "[]", "''"]
+    for key in toy.DEFAULTS:
+        if key == "command":
+            continue
+        for value in wrong:
+            cases.append(Case(f"toy recipe {key}: {value}", ["toy", "-c", "r.yaml", "--steps", "20", "--dim", "5"],
+                              "any", {"r.yaml": f"{key}: {value}\n".encode()}))
+    for label, text in {"binary": b"\x00\x01\x02\xff", "latin-1": "name: caf\xe9\n".encode("latin-1"),
+                        "int key": b"1: 2\n", "dtype list": b"dtype: [float32]\n", "out 5": b"out: 5\n",
+                        "list": b"- a\n- b\n", "tabs": b"steps:\t- 3\n", "unclosed": b"lr: [0.1\n",
+                        "name null": b"name: null\n", "empty": b"", "command convex": b"command: convex\n",
+                        "lr map typo": b"lr: {zoo: 0.5}\n", "unknown key": b"stepz: 3\n"}.items():
+        cases.append(Case(f"toy recipe {label}", ["toy", "-c", "r.yaml", "--steps", "20", "--dim", "5"],
+                          "ok" if label == "empty" else "error", {"r.yaml": text}))
+    cases.append(Case("convex recipe model: [svm]", CONVEX + ["-c", "r.yaml"], "error", {"r.yaml": b"model: [svm]\n"}))
+    cases.append(Case("recipe missing", ["toy", "-c", "nope.yaml"], "error"))
+    cases.append(Case("recipe is a folder", ["toy", "-c", "."], "error"))
+    return cases
+
+
+SVM = b"+1 1:0.5 3:1\n-1 2:1\n+1 1:1 2:0.25\n-1 3:0.5\n" * 30
+
+
+def file_cases() -> list:
+    cases = []
+    files = {"ok.svm": SVM, "nan.svm": SVM + b"+1 1:nan\n", "inf.svm": b"+1 1:inf\n" + SVM,
+             "huge.svm": SVM + b"+1 2000000000:1\n", "zero.svm": SVM + b"+1 0:1\n", "text.svm": b"hello world\n",
+             "one.svm": b"+1 1:1\n+1 2:1\n", "empty.svm": b"", "bin.svm": bytes(range(256)),
+             "trunc.xz": b"\xfd7zXZ\x00\x00\x04\xe6\xd6\xb4F", "fake.xz": SVM, "labels.svm": SVM + b"3 1:1\n"}
+    for name in files:
+        cases.append(Case(f"convex --data-file {name}", CONVEX[:1] + ["--data-file", name, "--train-size", "60",
+                                                                    "--features", "10", "--steps", "2"],
+                          "ok" if name == "ok.svm" else "error", files))
+    cases.append(Case("convex --test-file alone", CONVEX + ["--test-file", "ok.svm"], "error", files))
+    cases.append(Case("convex --eig-every 3 --log-every 5", CONVEX + ["--eig-every", "3", "--log-every", "5"], "error"))
+    cases.append(Case("convex --data-file missing", CONVEX[:1] + ["--data-file", "nope", "--train-size", "5"], "error"))
+    cases.append(Case("convex --dataset a5a offline", ["convex", "--dataset", "a5a", "--steps", "2"], "error",
+                      env={"ZOFLAT_LIBSVM_URL": "http://127.0.0.1:9"}))
+    for name in ("../../x", "", "a/b", ".hidden", "x" * 300):
+        cases.append(Case(f"data import --name {name[:20]!r}", ["data", "import", "ok.svm", "--name", name], "error",
+                          files))
+    cases.append(Case("data import then --dataset", ["data", "import", "ok.svm", "--name", "mydata"], "ok", files))
+    cases.append(Case("data import bad split", ["data", "import", "ok.svm", "--name", "m", "--split", "dev"], "error",
+                      files))
+    cases.append(Case("data import a8a wrong size", ["data", "import", "ok.svm", "--name", "a8a"], "error", files))
+    cases.append(Case("data list, ZOFLAT_DATA a file", ["data", "list"], "any", {"f": b"x"}, env={"ZOFLAT_DATA": "f"}))
+    cases.append(Case("data import, ZOFLAT_DATA a file", ["data", "import", "ok.svm", "--name", "m"], "error",
+                      {**files, "f": b"x"}, env={"ZOFLAT_DATA": "f"}))
+    for seed in ("-1", "1099511627776", "abc"):
+        cases.append(Case(f"data kshot --seed {seed}", ["data", "kshot", "--task", "trec", "--out", "k", "--seed", seed],
+                          "error"))
+    cases.append(Case("data kshot --k 0", ["data", "kshot", "--task", "trec", "--out", "k", "--k", "0"], "error"))
+    cases.append(Case("data kshot --k 10000", ["data", "kshot", "--task", "trec", "--out", "k", "--k", "10000"], "error"))
+    cases.append(Case("data kshot --task zz", ["data", "kshot", "--task", "zz", "--out", "k"], "error"))
+    cases.append(Case("data kshot --out a file", ["data", "kshot", "--task", "trec", "--out", "f"], "error", {"f": b"x"}))
+    # --data-dir text files
+    ok_train = b"".join(b"%d,sentence number %d\n" % (i % 6, i) for i in range(120))
+    ok_test = b"".join(b"%d,test %d\n" % (i % 6, i) for i in range(30))
+    bad = {"labels": ok_train + b"9,bad label\n", "empty sentence": ok_train + b"1,\n", "non-utf8": ok_train + b"1,\xff\xfe\n",
+           "header only": b"", "no comma": b"just text\n" * 5, "three columns": ok_train + b"1,a,b\n"}
+    for label, train in bad.items():
+        cases.append(Case(f"finetune --data-dir {label}", FINETUNE + ["--model", "{tiny}", "--task", "trec",
+                                                                      "--data-dir", "d"], "error",
+                          {"d/trec/train.csv": train, "d/trec/test.csv": ok_test}))
+    cases.append(Case("finetune --data-dir empty test", FINETUNE + ["--model", "{tiny}", "--task", "trec", "--data-dir",
+                                                                    "d"], "error",
+                      {"d/trec/train.csv": ok_train, "d/trec/test.csv": b""}))
+    cases.append(Case("finetune --data-dir ok", FINETUNE + ["--model", "{tiny}", "--task", "trec", "--data-dir", "d"],
+                      "ok", {"d/trec/train.csv": ok_train, "d/trec/test.csv": ok_test}))
+    cases.append(Case("finetune --data-dir glue line without tab", FINETUNE + ["--model", "{tiny}", "--data-dir", "d"],
+                      "error", {"d/SST-2/train.tsv": b"sentence\tlabel\n" + b"good\t1\nbad\t0\n" * 10 + b"no tab\n",
+                                "d/SST-2/dev.tsv": b"sentence\tlabel\ngood\t1\n"}))
+    cases.append(Case("finetune --max-length 100000", FINETUNE + ["--model", "{tiny}", "--max-length", "100000"],
+                      "error"))
+    cases.append(Case("finetune --model missing folder", FINETUNE + ["--model", "./nope"], "error"))
+    cases.append(Case("finetune --model hub offline", FINETUNE + ["--model", "nobody/nothing"], "error"))
+    # --out
+    for label, out, extra in (("a file", "f", {"f": b"x"}), ("under a file", "f/sub", {"f": b"x"}),
+                              ("not writable", "/proc/zoflat", {})):
+        cases.append(Case(f"toy --out {label}", TOY + ["--out", out], "error", extra))
+    cases.append(Case("toy --name of 240 characters", TOY + ["--name", "n" * 240], "error"))
+    cases.append(Case("toy --out '' (the current folder)", TOY + ["--out", ""], "any"))
+    # plot and resume on damaged folders (made by `toy`, then damaged)
+    for label, damage in DAMAGE.items():
+        cases.append(Case(f"plot: {label}", ["plot", "{damaged_" + label + "}", "--out", "figs"], "any"))
+        cases.append(Case(f"resume: {label}", ["toy", "--resume", "{damaged_" + label + "}"], "any"))
+    cases.append(Case("plot: no such folder", ["plot", "nope"], "error"))
+    cases.append(Case("plot: no runs", ["plot", "."], "error"))
+    cases.append(Case("resume: not a run folder", ["toy", "--resume", "."], "error"))
+    cases.append(Case("resume: other flags", ["toy", "--resume", "{damaged_none}", "--lr", "0.1"], "error"))
+    cases.append(Case("resume: --steps below done", ["toy", "--resume", "{damaged_none}", "--steps", "5"], "error"))
+    cases.append(Case("resume: other command", ["convex", "--resume", "{damaged_none}"], "error"))
+    return cases
+
+
+def _append(folder, text):
+    with open(folder / "metrics.csv", "a") as f:
+        f.write(text)
+
+
+def _torn(folder):
+    with open(folder / "metrics.csv", "ab") as f:
+        f.write(b"zo-lr0.001-s13,zo,sgd,gaus")
+
+
+def _rewrite(name, content):
+    return lambda folder: (folder / name).write_bytes(content)
+
+
+def _cell(folder):
+    text = (folder / "metrics.csv").read_text().splitlines(keepends=True)
+    cells = text[1].split(",")
+    cells[-1] = "oops\n"
+    text[1] = ",".join(cells)
+    (folder / "metrics.csv").write_text("".join(text))
+
+
+DAMAGE = {"none": lambda folder: None, "torn last row": _torn,
+          "binary metrics": _rewrite("metrics.csv", bytes(range(256)) * 4),
+          "non-numeric cell": _cell, "summary []": _rewrite("summary.json", b"[]"),
+          "summary damaged": _rewrite("summary.json", b"{\"runs\": "),
+          "row without step": lambda folder: _append(folder, "zo,zo\n"),
+          "garbage checkpoint": _rewrite("checkpoints/batched.pt", b"not a checkpoint"),
+          "config damaged": _rewrite("config.yaml", b"steps: [\n")}
+
+
+def make_fixtures(root: Path) -> dict:
+    """A tiny model, and one toy run folder per kind of damage (all interrupted halfway)."""
+    sys.path.insert(0, str(REPO))
+    from zoflat_cli.testing import save_tiny_roberta
+
+    fixtures = {"tiny": save_tiny_roberta(root / "tiny")}
+    for label, damage in DAMAGE.items():
+        folder = root / f"damaged-{len(fixtures)}"
+        rc, out, err = run(["toy", "--steps", "40", "--log-every", "10", "--dim", "5", "--seeds", "1", "-o", "zo",
+                            "--out", str(folder), "--quiet"], root)
+        path = Path(out.strip())
+        path = path if path.is_absolute() else root / path
+        damage(path)
+        fixtures["damaged_" + label] = str(path)
+    return fixtures
+
+
+# ---------------------------------------------------------------- faults
+
+def fault_kill(command_args, cwd: Path, seed: int) -> list:
+    """kill -9 at a random point, then plot and --resume: every whole row survives, and the
+    resumed metrics equal an uninterrupted run's (but wall_s and peak memory)."""
+    import pandas as pd
+
+    ignore = ["wall_s", "peak_memory_mib"]
+    straight = cwd / "straight"
+    rc, out, err = run(command_args + ["--out", str(straight), "-q"], cwd)
+    if rc != 0:
+        return [f"uninterrupted run failed: {err.strip()[-160:]}"]
+    reference = pd.read_csv(next(straight.rglob("metrics.csv"))).drop(columns=ignore, errors="ignore")
+    killed = cwd / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "ZOFLAT_DATA": str(cwd / "cache")}
+    proc = subprocess.Popen(ZOFLAT + command_args + ["--out", str(killed), "-q"], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(random.Random(seed).uniform(2.0, 6.0))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    folders = sorted({p.parent for p in killed.rglob("config.yaml")})
+    if not folders:
+        return []  # killed before the folder was made: nothing to lose
+    folder = folders[0]
+    before = (folder / "metrics.csv").read_bytes() if (folder / "metrics.csv").is_file() else b""
+    whole = before[: before.rfind(b"\n") + 1]
+    defects = []
+    rc, out, err = run(["plot", str(folder)], cwd)
+    if rc != 0 and whole.count(b"\n") > 1:
+        defects.append(f"plot after kill -9: {err.strip()[-160:]}")
+    rc, out, err = run([command_args[0], "--resume", str(folder), "-q"], cwd)
+    if rc != 0:
+        return defects + [f"resume after kill -9 failed: {err.strip()[-160:]}"]
+    after = (folder / "metrics.csv").read_bytes()
+    lost = [line for line in whole.splitlines()[1:] if line not in after.splitlines()]
+    resumed = pd.read_csv(folder / "metrics.csv").drop(columns=ignore, errors="ignore")
+    if lost and not _replaced_identically(lost, after):
+        defects.append(f"{len(lost)} whole rows lost by resume")
+    try:
+        pd.testing.assert_frame_equal(resumed.sort_values(["run_id", "step"]).reset_index(drop=True),
+                                      reference.sort_values(["run_id", "step"]).reset_index(drop=True))
+    except AssertionError as err:
+        defects.append(f"resumed metrics differ from the uninterrupted run: {str(err).splitlines()[0]}")
+    return defects
+
+
+def _replaced_identically(lost, after) -> bool:
+    """Rows after a checkpoint are recomputed on resume: the same values, a new wall_s."""
+    strip = lambda line: b",".join(line.split(b",")[:-1])  # noqa: E731
+    return all(any(strip(line)[:60] == strip(a)[:60] for a in after.splitlines()) for line in lost)
+
+
+def fault_signal(sig, cwd: Path) -> list:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(ZOFLAT + ["toy", "--steps", "2000000", "--dim", "5", "--out", "o", "-q"], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(4)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    defects = [] if proc.returncode == 130 else [f"exit {proc.returncode} after {sig.name}"]
+    for folder in run_folders(cwd):
+        summary = json.loads((folder / "summary.json").read_text())
+        if summary["status"] != "interrupted":
+            defects.append(f"{sig.name}: summary says {summary['status']}")
+        defects += folder_defects(folder)
+    return defects
+
+
+def fault_concurrent_resume(cwd: Path) -> list:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen(ZOFLAT + ["toy", "--steps", "400000", "--dim", "5", "-o", "zo", "--out", "o", "-q"],
+                             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(4)
+    folder = next(iter(run_folders(cwd)))
+    rc, out, err = run(["toy", "--resume", str(folder)], cwd)
+    first.send_signal(signal.SIGINT)
+    first.communicate(timeout=60)
+    if rc != 2 or "another zoflat process" not in err:
+        return [f"a second writer was not refused: exit {rc} {err.strip()[-120:]!r}"]
+    return []
+
+
+def fault_disk_full(cwd: Path, size_kib: int) -> list:
+    """A run on a small tmpfs (needs root; skipped elsewhere): it must end failed, with every row
+    whole and summary.json strict, and resume once there is room."""
+    mount = cwd / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        return None
+    try:
+        rc, out, err = run(["toy", "--steps", "100000", "--log-every", "10", "--dim", "5", "--seeds", "3",
+                            "--out", str(mount)], cwd)
+        defects = []
+        if "Traceback" in err:
+            defects.append("traceback on a full disk")
+        folders = run_folders(mount)
+        if rc == 2 and not folders and err.startswith("error:"):
+            return defects  # refused to start: no room for the folder
+        if rc != 1 or not err.strip().splitlines()[-1].startswith("error:"):
+            defects.append(f"disk full: exit {rc}, {err.strip()[-160:]!r}")
+        for folder in folders:
+            defects += folder_defects(folder)
+            summary = json.loads((folder / "summary.json").read_text())
+            if summary["status"] != "failed" or "error" not in summary:
+                defects.append(f"disk full: summary says {summary['status']} without the reason")
+        return defects
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def faults(fixtures) -> list:
+    """(label, defects) for each fault scenario."""
+    results = []
+    commands = {"toy": ["toy", "--steps", "60000", "--log-every", "500", "--dim", "20", "--seeds", "2",
+                        "--checkpoint-every", "5000"],
+                "convex": ["convex", "--dataset", "a8a", "--train-size", "2000", "--features", "300", "--steps", "3000",
+                           "--log-every", "100", "--eig-every", "500", "--seeds", "1", "--checkpoint-every", "200"],
+                "finetune": FINETUNE[:-2] + ["--model", fixtures["tiny"], "-o", "zo,gd", "--steps", "300",
+                                             "--log-every", "20", "--eval-every", "100", "--trace-every", "100",
+                                             "--checkpoint-every", "50"]}
+    for command, args in commands.items():
+        for seed in range(3):
+            with tempfile.TemporaryDirectory() as tmp:
+                results.append((f"kill -9 {command} (seed {seed})", fault_kill(args, Path(tmp), seed)))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with tempfile.TemporaryDirectory() as tmp:
+            results.append((f"{sig.name} toy", fault_signal(sig, Path(tmp))))
+    with tempfile.TemporaryDirectory() as tmp:
+        results.append(("two writers on one folder", fault_concurrent_resume(Path(tmp))))
+    for size in (64, 96, 160, 400):
+        with tempfile.TemporaryDirectory() as tmp:
+            found = fault_disk_full(Path(tmp), size)
+            if found is not None:
+                results.append((f"disk full ({size} KiB tmpfs)", found))
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--only", default="flags,recipes,files,faults")
+    options = parser.parse_args()
+    parts = options.only.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        fixtures = make_fixtures(Path(tmp))
+        cases = [c for part, make in (("flags", flag_cases), ("recipes", recipe_cases), ("files", file_cases))
+                 if part in parts for c in make()]
+        results = []
+        with concurrent.futures.ThreadPoolExecutor(options.jobs) as pool:
+            for case, defects in pool.map(lambda c: run_case(c, fixtures), cases):
+                results.append((case.label, defects))
+        if "faults" in parts:
+            results += faults(fixtures)
+    defects = [(label, d) for label, d in results if d]
+    for label, found in defects:
+        print(f"DEFECT {label}: {'; '.join(found)}")
+    print(f"tried {len(results)}, handled {len(results) - len(defects)}, defects {len(defects)}")
+    return 1 if defects else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
