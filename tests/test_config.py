@@ -12,6 +12,11 @@ from zoflat_cli.problems.toy import DEFAULTS, SETTINGS
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
 
 
+def test_per_optimizer_pairs_in_one_flag():
+    assert parse_flag("lr", ["zo=1e-3,2e-3,gd=0.01"]) == {"zo": [1e-3, 2e-3], "gd": 0.01}
+    assert parse_flag("lr", ["zo=1e-3", "gd=0.01"]) == parse_flag("lr", ["zo=1e-3,gd=0.01"])
+
+
 def test_flag_forms():
     assert parse_flag("lr", ["0.01"]) == 0.01
     assert parse_flag("lambda", ["0.1,0.05"]) == [0.1, 0.05]

@@ -64,6 +64,10 @@ BAD = [
     (["--steps", "abc"], "Invalid value for '--steps'"),  # Typer's usage errors
     (["--bogus"], "No such option: --bogus"),
     (["--name", "n" * 240], "name may hold 1 to 100"),
+    (["--samples", "inf"], "samples must be an integer"),
+    (["--rho", ""], "--rho: give a value"),  # also for a setting no optimizer of the run reads
+    (["--lr", "gd="], "give a value for gd"),
+    (["--lr", "zo=1,zo=2"], "gives zo twice"),
 ]
 
 
@@ -83,6 +87,7 @@ RECIPES = [
     (b"name: null\n", "name may hold"),  # no folder ending in -None
     (b"lr: {zoo: 0.5}\n", "unknown optimizer 'zoo'"),  # 7
     (b"checkpoint_every: .inf\n", "checkpoint_every must be an integer"),
+    (b"directions: null\n", "unknown directions None"),
 ]
 
 

@@ -114,21 +114,35 @@ def _number(text: str, key: str):
         value = float(text)
     except ValueError:
         raise ZoflatError(f"--{key.replace('_', '-')}: {text!r} is not a number") from None
-    return int(value) if key == "samples" and value == int(value) else value
+    return int(value) if key == "samples" and math.isfinite(value) and value == int(value) else value
 
 
 def parse_flag(key: str, occurrences: list):
-    """`--lr 0.01`, `--lambda 0.1,0.05`, `--lr gd=0.01 --lr zo=0.001` -> value, list or mapping."""
+    """`--lr 0.01`, `--lambda 0.1,0.05`, `--lr gd=0.01 --lr zo=0.001` (or `--lr gd=0.01,zo=0.001`:
+    a part with `=` starts the next optimizer's values) -> value, list or mapping."""
+    flag = "--" + key.replace("_", "-")
     plain, per_opt = [], {}
     for text in occurrences:
-        target, _, values = text.rpartition("=")
-        numbers = [_number(v, key) for v in values.split(",") if v.strip()]
-        if target:
-            per_opt[target.strip()] = numbers[0] if len(numbers) == 1 else numbers
-        else:
-            plain.extend(numbers)
+        target = None
+        for part in str(text).split(","):
+            if "=" in part:
+                target, _, part = part.partition("=")
+                target = target.strip()
+                if not target:
+                    raise ZoflatError(f"{flag}: {text!r} has a value without its optimizer")
+                if target in per_opt:
+                    raise ZoflatError(f"{flag}: {text!r} gives {target} twice")
+                per_opt[target] = []
+            if part.strip():
+                (per_opt[target] if target else plain).append(_number(part, key))
+    for target, numbers in per_opt.items():
+        if not numbers:
+            raise ZoflatError(f"{flag}: give a value for {target}")
+        per_opt[target] = numbers[0] if len(numbers) == 1 else numbers
     if per_opt and plain:
-        raise ZoflatError(f"--{key}: give either plain values or optimizer=value pairs, not both")
+        raise ZoflatError(f"{flag}: give either plain values or optimizer=value pairs, not both")
+    if not per_opt and not plain:
+        raise ZoflatError(f"{flag}: give a value, got {occurrences!r}")
     if per_opt:
         return per_opt
     return plain[0] if len(plain) == 1 else plain
@@ -229,8 +243,8 @@ def _check_positive(key: str, value, integer=False, zero_ok=False):
 
 
 def _check_value(key: str, value):
-    if key in NAMED:
-        if value is not None and value not in NAMED[key]:
+    if key in NAMED:  # update: None is each optimizer's own rule
+        if not (value is None and key == "update") and value not in NAMED[key]:
             raise ZoflatError(f"unknown {key} {value!r}; choose from {', '.join(NAMED[key])}")
         return
     hyper = HYPERPARAMETERS.get(key)
