@@ -264,8 +264,8 @@ def validate(config: dict, settings: dict = None) -> dict:
             config[key] = setting.check(key, config[key])
     if not isinstance(config["name"], str) or not NAME_PATTERN.match(config["name"]):
         raise ZoflatError(f"name may hold 1 to 100 letters, digits, '.', '_' and '-', got {config['name']!r}")
-    if not isinstance(config["optimizer"], (str, list)) or not all(isinstance(o, str) for o in (
-            config["optimizer"] if isinstance(config["optimizer"], list) else [])):
+    names = config["optimizer"] if isinstance(config["optimizer"], list) else [config["optimizer"]]
+    if not all(isinstance(name, str) for name in names):
         raise ZoflatError(f"optimizer must be a name or a list of names, got {config['optimizer']!r}")
     config["optimizer"] = list(dict.fromkeys(parse_list(config["optimizer"])))
     if not config["optimizer"]:
