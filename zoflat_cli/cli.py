@@ -13,7 +13,7 @@ from typer.core import TyperGroup
 from typing_extensions import Annotated
 
 import zoflat_cli
-from zoflat_cli.errors import ZoflatError
+from zoflat_cli.errors import ZoflatError, one_line
 from zoflat_cli.optim.directions import LAWS
 from zoflat_cli.optim.presets import FLAG_GROUPS, HYPERPARAMETERS, PRESETS, SAMPLES
 from zoflat_cli.optim.updates import UPDATES
@@ -24,10 +24,6 @@ except ImportError:
     from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
 EXIT_INTERRUPTED = 130
-
-
-def one_line(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 class OneLineErrors(TyperGroup):

@@ -1,3 +1,13 @@
+def one_line(text) -> str:
+    """A message (or an exception's) on one line: the CLI prints every error as one."""
+    return " ".join(str(text).split())
+
+
+def describe(err: BaseException) -> str:
+    """An exception as the reason a run folder records: its kind and its message, on one line."""
+    return f"{type(err).__name__}: {one_line(err)}"
+
+
 class ZoflatError(Exception):
     """A problem with the user's input or environment: shown as one line, exit status 2."""
 

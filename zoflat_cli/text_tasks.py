@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from zoflat_cli.errors import ZoflatError
+from zoflat_cli.errors import ZoflatError, one_line
 
 BUNDLED_DIR = Path(__file__).parent / "data" / "text"
 SPLIT_SEEDS = (13, 21, 42, 87, 100)  # LM-BFF's default split seeds
@@ -116,7 +116,7 @@ def read_original(task: Task, data_dir=None, file: str = None) -> Split:
         try:  # empty cells stay "" (pandas would read them as NaN, then the text "nan")
             rows = pd.read_csv(io.StringIO(text), header=None, keep_default_na=False, dtype=str).values.tolist()
         except (pd.errors.EmptyDataError, pd.errors.ParserError) as err:
-            raise ZoflatError(f"{source}: not a label,sentence csv ({' '.join(str(err).split())})") from None
+            raise ZoflatError(f"{source}: not a label,sentence csv ({one_line(err)})") from None
         split = Split(task, [], rows)
     _check_rows(split, source)
     return split

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from zoflat_cli.errors import describe
 from zoflat_cli.optim.presets import HYPERPARAMETERS, get_preset
 
 
@@ -146,7 +147,7 @@ def session(folder, view, states: dict, result: dict):
         mark_unfinished(states, "interrupted")
     except BaseException as err:
         mark_unfinished(states, "failed")
-        error = f"{type(err).__name__}: {' '.join(str(err).split())}"
+        error = describe(err)
         raise
     finally:
         result["status"] = folder.finish(states, error)

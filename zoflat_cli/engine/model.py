@@ -16,10 +16,10 @@ import struct
 import time
 from pathlib import Path
 
-
 from zoflat_cli.engine.live import LiveView
 from zoflat_cli.engine.loop import NUMERICAL_ERRORS, RunState, due, finite, judge, session
 from zoflat_cli.engine.runfolder import RunFolder, create_run_dir
+from zoflat_cli.errors import describe
 from zoflat_cli.optim.directions import ParameterDirections
 from zoflat_cli.optim.inplace import InPlaceOptimizer
 from zoflat_cli.optim.presets import HYPERPARAMETERS, estimator_of, evals_per_step, get_preset
@@ -139,7 +139,7 @@ class ModelRunner:
             self._steps(start, stop)
         except NUMERICAL_ERRORS as err:  # this run's arithmetic failed: it diverged, the next runs go on
             self.state.status = "diverged"
-            self.folder.note(self.run.run_id, f"{type(err).__name__}: {' '.join(str(err).split())}")
+            self.folder.note(self.run.run_id, describe(err))
         finally:
             if self.replayable:
                 self.log.close()

@@ -31,7 +31,7 @@ import yaml
 
 import zoflat_cli
 from zoflat_cli.engine.loop import RUN_COLUMNS
-from zoflat_cli.errors import RunFailed, ZoflatError
+from zoflat_cli.errors import RunFailed, ZoflatError, one_line
 
 SUMMARY_EVERY_S = 1.0
 RESERVE_BYTES = 64 * 1024
@@ -116,10 +116,6 @@ def read_summary(folder: Path) -> dict:
     if not isinstance(runs, dict) or not all(isinstance(entry, dict) for entry in runs.values()):
         raise ZoflatError(f"{path} is damaged (not a zoflat summary); restore it, or start a new run folder")
     return summary
-
-
-def one_line(err) -> str:
-    return " ".join(str(err).split())
 
 
 def formats() -> dict:
