@@ -33,8 +33,8 @@ import zoflat_cli
 from zoflat_cli.engine.loop import RUN_COLUMNS
 from zoflat_cli.errors import RunFailed, ZoflatError, one_line
 
-SUMMARY_EVERY_S = 1.0
-RESERVE_BYTES = 64 * 1024
+SUMMARY_EVERY_S = 1.0  # summary.json is rewritten at most this often while running
+RESERVE_BYTES = 64 * 1024  # room kept for the final summary on a full disk
 SETTINGS = {*RUN_COLUMNS, "step"}  # a row's columns that are not metrics
 
 
@@ -166,7 +166,7 @@ def versions() -> dict:
 
 class RunFolder:
     """The writer of one run folder. It holds the folder's lock for as long as it lives; every
-    write goes through `_writing`, which turns a failed write into RunFailed (the folder keeps
+    write goes through `writing`, which turns a failed write into RunFailed (the folder keeps
     every earlier byte; the final summary says failed and why)."""
 
     def __init__(self, path: Path, config: dict, problem, device: str):
@@ -268,9 +268,13 @@ class RunFolder:
         self._open_csv(fields)
 
     def _open_csv(self, fields: list):
-        """Append after the whole rows written so far (a torn last row is cut off first)."""
+        """Append after the whole rows written so far (a torn last row is cut off first), under
+        their header; `fields` heads a file that has no rows yet."""
         path = self.path / "metrics.csv"
-        kept = complete_metrics(self.path).encode()
+        text = complete_metrics(self.path)
+        if text:
+            fields = next(csv.reader(text.splitlines()[:1]))
+        kept = text.encode()
         with self.writing("metrics.csv"):
             if path.is_file():
                 os.truncate(path, len(kept))
@@ -289,9 +293,8 @@ class RunFolder:
 
     def on_log(self, step: int, rows: list, states: dict):
         if rows:
-            if self._writer is None:  # the header of what an earlier session wrote, else these rows'
-                kept = self.logged_rows()
-                self._open_csv(list(kept[0]) if kept else list(rows[0]))
+            if self._writer is None:  # after what an earlier session wrote, under its header
+                self._open_csv(list(rows[0]))
             try:
                 with self.writing("metrics.csv"):
                     self._writer.writerows(rows)
