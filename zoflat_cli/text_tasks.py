@@ -70,14 +70,15 @@ class Split:
     rows: list
 
     def examples(self) -> list:
-        """(sentence, label) pairs."""
+        """(sentence, label) pairs (rows checked by read_original)."""
+        return [(sentence, int(label)) for sentence, label in map(self.fields, self.rows)]
+
+    def fields(self, row) -> tuple:
+        """(sentence, label text) of a row; the label is None when the row has no separator."""
         if self.task.glue:
-            out = []
-            for line in self.rows:
-                sentence, label = line.rstrip("\n").rsplit("\t", 1)
-                out.append((sentence.strip(), int(label)))
-            return out
-        return [(str(sentence), int(label)) for label, sentence in self.rows]
+            parts = row.rstrip("\n").rsplit("\t", 1)
+            return (parts[0].strip(), parts[1]) if len(parts) == 2 else ("", None)
+        return (str(row[1]), row[0]) if len(row) == 2 else ("", None)
 
     def write(self, path: Path):
         if self.task.glue:
@@ -127,16 +128,13 @@ def _check_rows(split: Split, source: Path):
     task, first = split.task, 2 if split.task.glue else 1  # line numbers in the file
     if not split.rows:
         raise ZoflatError(f"{source}: no rows")
+    labels = {str(i) for i in range(task.n_labels)}
     for number, row in enumerate(split.rows, start=first):
-        if task.glue:
-            parts = row.rstrip("\n").rsplit("\t", 1)
-            sentence, label = parts if len(parts) == 2 else ("", None)
-        else:
-            label, sentence = row if len(row) == 2 else (None, "")
+        sentence, label = split.fields(row)
         if label is None:
             raise ZoflatError(f"{source} line {number}: expected " + (
                 "<sentence><TAB><label>" if task.glue else "label,sentence"))
-        if str(label).strip() not in [str(i) for i in range(task.n_labels)]:
+        if str(label).strip() not in labels:
             raise ZoflatError(f"{source} line {number}: label {str(label)[:20]!r} is not one of the {task.name} "
                               f"labels 0..{task.n_labels - 1}")
         if not str(sentence).strip():
