@@ -347,13 +347,13 @@ def data_kshot(
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="LM-BFF data/original layout.")] = None,
 ):
     """Write LM-BFF K-shot splits (train, dev, test) byte for byte as LM-BFF's generator does."""
-    from zoflat_cli.config import MAX_SEED, Setting
+    from zoflat_cli.problems.lm import SETTINGS
     from zoflat_cli.text_tasks import SPLIT_SEEDS, get_task, write_kshot
 
     spec = get_task(task)
-    for s in seed or SPLIT_SEEDS:
-        Setting("int", 0, MAX_SEED).check("--seed", s)
-    Setting("int", 1, 10**6).check("--k", k)
+    for s in seed or SPLIT_SEEDS:  # the bounds of finetune's --split-seed and --k
+        SETTINGS["split_seed"].check("--seed", s)
+    SETTINGS["k"].check("--k", k)
     for s in seed or SPLIT_SEEDS:
         typer.echo(str(write_kshot(spec, k, s, out, data_dir, test_mode)))
 
