@@ -33,6 +33,9 @@ MAX_SAMPLES = 10_000
 MAX_SEED_COUNT = 10_000
 
 
+KINDS = {"int": "an integer", "number": "a number", "text": "a text", "path": "a path", "flag": "true or false"}
+
+
 @dataclass(frozen=True)
 class Setting:
     """What one config key takes: `kind` int, number (finite), text, path or flag; bounds
@@ -51,14 +54,13 @@ class Setting:
             if self.optional:
                 return None
             raise ZoflatError(f"{key} needs a value, got null")
-        kinds = {"int": "an integer", "number": "a number", "text": "a text", "path": "a path", "flag": "true or false"}
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         ok = {"int": number and math.isfinite(value) and value == int(value),
               "number": number and math.isfinite(value),
               "text": isinstance(value, str), "path": isinstance(value, (str, Path)) and str(value) != "",
               "flag": isinstance(value, bool)}[self.kind]
         if not ok:
-            raise ZoflatError(f"{key} must be {kinds[self.kind]}, got {value!r}")
+            raise ZoflatError(f"{key} must be {KINDS[self.kind]}, got {value!r}")
         if self.kind == "int":
             value = int(value)
         if self.kind == "path":
