@@ -93,7 +93,9 @@ class Group:
                 per_run.append(self.source.bind([run]).metrics(self.x[i:i + 1], step))
             except NUMERICAL_ERRORS:
                 per_run.append(None)
-        shape = self.source.bind(self.runs[:1]).metrics(torch.zeros_like(self.x[:1]), step)
+        shape = next((m for m in per_run if m), None)  # the metrics' names and shapes
+        if shape is None:  # every run failed
+            shape = self.source.bind(self.runs[:1]).metrics(torch.zeros_like(self.x[:1]), step)
         nan = {k: torch.full_like(v, float("nan")) for k, v in shape.items()}
         return {k: torch.cat([(m or nan)[k] for m in per_run]) for k in shape}
 
