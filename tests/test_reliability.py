@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 TOY = ["toy", "--steps", "20", "--log-every", "10", "--dim", "5", "--seeds", "1"]
 
 
-def invoke(*args, cwd=None):
+def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
