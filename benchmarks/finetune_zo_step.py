@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from timing import timed  # benchmarks/timing.py (this folder is on sys.path)
+from zoflat_cli import finetune
 from zoflat_cli.config import resolve
 from zoflat_cli.hessian import finite_difference, hutchinson
 from zoflat_cli.optim.directions import LAWS, ParameterDirections
@@ -30,7 +31,7 @@ from zoflat_cli.optim.estimators import ESTIMATORS
 from zoflat_cli.optim.inplace import InPlaceOptimizer
 from zoflat_cli.optim.updates import UPDATES
 from zoflat_cli.problems import lm
-from zoflat_cli.problems.lm import peak_memory_mib
+from zoflat_cli.problems.pretrained import peak_memory_mib
 from zoflat_cli.testing import save_tiny_roberta
 from zoflat_cli.text_tasks import TASKS, kshot
 
@@ -38,7 +39,7 @@ LAM, LR = 1e-3, 1e-6
 
 
 def load(model: str, device: torch.device):
-    config = resolve(lm.DEFAULTS, None, {"model": model, "k": 32, "micro_batch": 64}, lm.SETTINGS)
+    config = resolve(finetune.DEFAULTS, None, {"model": model, "k": 32, "micro_batch": 64}, finetune.SETTINGS)
     train, _, _ = kshot(TASKS["sst2"], 32, 13)
     return lm.LMProblem(config, TASKS["sst2"], {"train": train.examples()}, device, torch.float32)
 

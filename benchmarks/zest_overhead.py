@@ -16,6 +16,7 @@ import torch
 
 from zoflat_cli import datasets
 from timing import timed  # benchmarks/timing.py (this folder is on sys.path)
+from zoflat_cli import finetune
 from zoflat_cli.config import resolve
 from zoflat_cli.optim.directions import ParameterDirections
 from zoflat_cli.optim.estimators import ESTIMATORS, estimate
@@ -80,7 +81,7 @@ def toy(pairs: int, repeats: int):
 def in_place(pairs: int, repeats: int):
     with tempfile.TemporaryDirectory() as tmp:
         model = save_tiny_roberta(Path(tmp), hidden=256, layers=4, vocab_size=4000)
-        config = resolve(lm.DEFAULTS, None, {"model": model, "k": 16, "micro_batch": 32}, lm.SETTINGS)
+        config = resolve(finetune.DEFAULTS, None, {"model": model, "k": 16, "micro_batch": 32}, finetune.SETTINGS)
         train, _, _ = kshot(TASKS["sst2"], 16, 13)
         problem = lm.LMProblem(config, TASKS["sst2"], {"train": train.examples()}, torch.device("cpu"), torch.float32)
         d = ParameterDirections(problem.params)

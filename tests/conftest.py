@@ -35,3 +35,17 @@ def tiny_encoder(tmp_path_factory):
     from zoflat_cli.testing import save_tiny_roberta
 
     return save_tiny_roberta(tmp_path_factory.mktemp("tiny-roberta-encoder"), mlm_head=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_causal(tmp_path_factory):
+    """tiny_causal(arch): a tiny random decoder LM (gpt2, opt or llama layout), built once per session."""
+    from zoflat_cli.testing import save_tiny_causal
+
+    built = {}
+
+    def get(arch: str = "gpt2") -> str:
+        if arch not in built:
+            built[arch] = save_tiny_causal(tmp_path_factory.mktemp(f"tiny-{arch}"), arch)
+        return built[arch]
+    return get

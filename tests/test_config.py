@@ -6,7 +6,8 @@ import pytest
 
 from zoflat_cli.config import load_recipe, parse_flag, parse_seeds, resolve, runs_from
 from zoflat_cli.errors import ZoflatError
-from zoflat_cli.problems import convex, lm
+from zoflat_cli import finetune
+from zoflat_cli.problems import convex
 from zoflat_cli.problems.toy import DEFAULTS, SETTINGS
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
@@ -83,7 +84,7 @@ def test_bad_recipes(tmp_path, recipe, message):
 def test_shipped_recipes_are_valid(recipe):
     command = load_recipe(recipe)["command"]
     if command == "finetune":
-        assert runs_from(resolve(lm.DEFAULTS, recipe, {}, lm.SETTINGS))
+        assert runs_from(resolve(finetune.DEFAULTS, recipe, {}, finetune.SETTINGS))
         return
     if command == "convex":
         assert runs_from(resolve(convex.defaults(load_recipe(recipe)), recipe, {}, convex.SETTINGS, convex.check))

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from zoflat_cli.engine import runfolder
 from zoflat_cli.cli import app
+from zoflat_cli import finetune
 from zoflat_cli.config import resolve
 from zoflat_cli.errors import ZoflatError
 from zoflat_cli.hessian import finite_difference, hutchinson
@@ -27,7 +28,7 @@ runner = CliRunner()
 
 
 def make_problem(model, dtype=torch.float64, task="sst2", k=8, head="auto", device="cpu", **extra):
-    config = resolve(lm.DEFAULTS, None, {"model": model, "task": task, "k": k, "head": head, **extra}, lm.SETTINGS)
+    config = resolve(finetune.DEFAULTS, None, {"model": model, "task": task, "k": k, "head": head, **extra}, finetune.SETTINGS)
     train, _, test = kshot(TASKS[task], k, 13)
     return lm.LMProblem(config, TASKS[task], {"train": train.examples(), "test": test.examples()[:40]},
                         torch.device(device), dtype)

@@ -259,23 +259,48 @@ def convex(
 
 @experiment
 def finetune(
-    task: Annotated[Optional[str], typer.Option("--task", help="sst2, sst5 or trec.")] = None,
-    k: Annotated[Optional[int], typer.Option("--k", help="Training examples per label (K-shot).")] = None,
+    task: Annotated[Optional[str], typer.Option(
+        "--task", help="Encoders: sst2, sst5, trec. Decoder LMs: sst2, rte, cb, boolq, wsc, wic, multirc, copa, "
+                       "record, piqa, arc-easy, arc-challenge, openbookqa, squad, drop.")] = None,
+    k: Annotated[Optional[int], typer.Option("--k", help="Encoder tasks: training examples per label (K-shot).")] = None,
     split_seed: Annotated[Optional[int], typer.Option(
-        "--split-seed", help="LM-BFF split seed (13, 21, 42, 87, 100 are the published ones).")] = None,
+        "--split-seed", help="Encoder tasks: LM-BFF split seed (13, 21, 42, 87, 100 are the published ones).")] = None,
     test_mode: Annotated[Optional[str], typer.Option(
-        "--test-mode", help="1k (LM-BFF k-shot-1k-test: at most 1,000 test rows) or full.")] = None,
+        "--test-mode", help="Encoder tasks: 1k (LM-BFF k-shot-1k-test: at most 1,000 test rows) or full.")] = None,
+    num_train: Annotated[Optional[int], typer.Option(
+        "--num-train", help="Decoder tasks: training examples sampled (MeZO: 1000).")] = None,
+    num_dev: Annotated[Optional[int], typer.Option(
+        "--num-dev", help="Decoder tasks: dev examples, the last of the training draw (MeZO: 500; CB, COPA 100).")] = None,
+    num_eval: Annotated[Optional[int], typer.Option(
+        "--num-eval", help="Decoder tasks: evaluation examples from the validation pool (MeZO: 1000).")] = None,
+    train_set_seed: Annotated[Optional[int], typer.Option(
+        "--train-set-seed", help="Decoder tasks: MeZO's sampling seed.")] = None,
+    train_pool: Annotated[Optional[str], typer.Option(
+        "--train-pool", help="train (MeZO), or eval: train+dev drawn from the validation pool, disjoint from the "
+                             "eval sample (offline runs of tasks whose train split is not bundled).")] = None,
+    demos: Annotated[Optional[int], typer.Option(
+        "--demos", help="In-context demonstrations from the training sample (with --steps 0).")] = None,
+    scoring: Annotated[Optional[str], typer.Option(
+        "--scoring", help="Option score: sum of its tokens' log-probabilities, or mean (length-normalised).")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        "--max-new-tokens", help="Generation tasks: greedy decoding length limit (MeZO: 50).")] = None,
+    objective: Annotated[Optional[str], typer.Option(
+        "--objective", help="What ZO minimises: loss, accuracy or f1 (1 - the metric; ZO optimizers only).")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(
-        "--data-dir", help="LM-BFF data/original layout (default: the bundled files).")] = None,
+        "--data-dir", help="Local copies: LM-BFF data/original layout, or the official files as `zoflat data "
+                           "list` names them (default: bundled, then the hub).")] = None,
     model: Annotated[Optional[str], typer.Option(
-        "--model", help="Hub id (roberta-large), a local model folder, or minilm (offline).")] = None,
-    head: Annotated[Optional[str], typer.Option("--head", help="auto, prompt (MLM + label words) or linear.")] = None,
-    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Tokens per example.")] = None,
+        "--model", help="Hub id (roberta-large, facebook/opt-13b), a local model folder, minilm, or tiny-gpt2 / "
+                        "tiny-opt / tiny-llama (random, offline).")] = None,
+    head: Annotated[Optional[str], typer.Option(
+        "--head", help="Encoders: auto, prompt (MLM + label words) or linear.")] = None,
+    max_length: Annotated[Optional[int], typer.Option(
+        "--max-length", help="Tokens per example (encoders 128; decoders: the model's, at most 2048).")] = None,
     micro_batch: Annotated[Optional[int], typer.Option(
         "--micro-batch", help="Examples per forward pass (memory; the loss is the same).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(
-        "--batch-size", help="Examples per step; 0 = the whole K-shot train set.")] = None,
-    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Test accuracy every N steps.")] = None,
+        "--batch-size", help="Examples per step; 0 = the whole training set.")] = None,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Test metrics every N steps.")] = None,
     trace: Annotated[Optional[str], typer.Option("--trace", help="hutchinson, fd or none.")] = None,
     trace_every: Annotated[Optional[int], typer.Option("--trace-every", help="Hessian trace every N steps.")] = None,
     trace_probes: Annotated[Optional[int], typer.Option("--trace-probes", help="Probes per trace estimate.")] = None,
@@ -285,27 +310,31 @@ def finetune(
     eig_iters: Annotated[Optional[int], typer.Option("--eig-iters", help="Power-iteration steps.")] = None,
     **options,
 ):
-    """Few-shot LM fine-tuning, every optimizer in place, tracking the Hessian trace (Figures 3, 6)."""
-    from zoflat_cli.finetune import run_finetune
-    from zoflat_cli.problems import lm
+    """LM fine-tuning (encoders: LM-BFF few-shot; decoders: MeZO's tasks), every optimizer in place,
+    tracking the Hessian trace (Figures 3, 6)."""
+    from zoflat_cli import finetune as finetune_command
 
-    own = dict(task=task, k=k, split_seed=split_seed, test_mode=test_mode, data_dir=data_dir, model=model,
-               head=head, max_length=max_length, micro_batch=micro_batch, batch_size=batch_size,
+    own = dict(task=task, k=k, split_seed=split_seed, test_mode=test_mode, num_train=num_train, num_dev=num_dev,
+               num_eval=num_eval, train_set_seed=train_set_seed, train_pool=train_pool, demos=demos,
+               scoring=scoring, max_new_tokens=max_new_tokens, objective=objective, data_dir=data_dir,
+               model=model, head=head, max_length=max_length, micro_batch=micro_batch, batch_size=batch_size,
                eval_every=eval_every, trace=trace, trace_every=trace_every, trace_probes=trace_probes,
                trace_delta=trace_delta, eig_every=eig_every, eig_iters=eig_iters)
-    cfg, resume = resolve_command(lm.DEFAULTS, {**options, **own}, lm.SETTINGS)
-    path, status = run_finetune(cfg, options["quiet"], resume)
+    cfg, resume = resolve_command(finetune_command.DEFAULTS, {**options, **own}, finetune_command.SETTINGS,
+                                  finetune_command.check)
+    path, status = finetune_command.run_finetune(cfg, options["quiet"], resume)
     _finish(path, status, options["quiet"])
 
 
-data_app = typer.Typer(help="Data sets: LIBSVM files (bundled, cached, imported) and LM-BFF K-shot splits.",
+data_app = typer.Typer(help="Data sets: LIBSVM files (bundled, cached, imported), LM-BFF K-shot splits, and "
+                            "MeZO's decoder-LM task samples.",
                        no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 
 @data_app.command("list")
 def data_list():
-    """The registry of LIBSVM binary sets and where each file is (bundled, cached, or missing)."""
+    """The LIBSVM sets and the decoder-LM tasks, and where each file is (bundled, cached, hub, missing)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -320,6 +349,22 @@ def data_list():
     for name in datasets.imported_names():  # imported under names of their own
         table.add_row(name, "?", "?", "?", "imported", datasets.availability(name, "test"))
     Console().print(table)
+    Console().print(_llm_task_table())
+
+
+def _llm_task_table():
+    from rich.table import Table
+
+    from zoflat_cli import llm_tasks
+
+    table = Table(title="Decoder-LM tasks (zoflat finetune with a causal LM; data sample): where each pool is")
+    for col in ("task", "kind", "metric", "train pool", "eval pool", "hub dataset", "licence"):
+        table.add_column(col)
+    for task in llm_tasks.TASKS.values():
+        hub = task.pools["eval"].hub
+        table.add_row(task.name, task.kind, task.metric, llm_tasks.availability(task, "train"),
+                      llm_tasks.availability(task, "eval"), hub[0] + (f" {hub[1]}" if hub[1] else ""), task.licence)
+    return table
 
 
 @data_app.command("import")
@@ -347,7 +392,7 @@ def data_kshot(
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="LM-BFF data/original layout.")] = None,
 ):
     """Write LM-BFF K-shot splits (train, dev, test) byte for byte as LM-BFF's generator does."""
-    from zoflat_cli.problems.lm import SETTINGS
+    from zoflat_cli.finetune import SETTINGS
     from zoflat_cli.text_tasks import SPLIT_SEEDS, get_task, write_kshot
 
     spec = get_task(task)
@@ -356,6 +401,30 @@ def data_kshot(
     SETTINGS["k"].check("--k", k)
     for s in seed or SPLIT_SEEDS:
         typer.echo(str(write_kshot(spec, k, s, out, data_dir, test_mode)))
+
+
+@data_app.command("sample")
+def data_sample(
+    task: Annotated[str, typer.Option("--task", help="A decoder-LM task (see data list).")],
+    out: Annotated[Path, typer.Option("--out", help="Writes <out>/<task>-seed<seed>/{train,dev,eval}.jsonl.")],
+    seed: Annotated[int, typer.Option("--seed", help="MeZO's --train-set-seed.")] = 0,
+    num_train: Annotated[int, typer.Option("--num-train", help="Training examples (MeZO: 1000).")] = 1000,
+    num_dev: Annotated[int, typer.Option("--num-dev", help="Dev examples, the last of the training draw.")] = 500,
+    num_eval: Annotated[int, typer.Option("--num-eval", help="Evaluation examples (MeZO: 1000).")] = 1000,
+    train_pool: Annotated[str, typer.Option("--train-pool", help="train, or eval (a re-split of it).")] = "train",
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Local copies of the official files.")] = None,
+):
+    """Write MeZO's sample of a task (in sampled order, each row with its source_index) for inspection."""
+    from zoflat_cli import llm_tasks
+    from zoflat_cli.finetune import SETTINGS
+
+    spec = llm_tasks.get_task(task)
+    config = {"num_train": num_train, "num_dev": num_dev, "num_eval": num_eval, "train_set_seed": seed,
+              "train_pool": train_pool, "data_dir": data_dir}
+    for key, value in config.items():  # the bounds of finetune's settings
+        flag = "--seed" if key == "train_set_seed" else "--" + key.replace("_", "-")
+        SETTINGS[key].check(flag, value)
+    typer.echo(str(llm_tasks.write_sample(spec, config, out)))
 
 
 @app.command()

@@ -22,7 +22,7 @@ def train_tokenizer(folder: Path, vocab_size: int = 600):
     from transformers import RobertaTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(_corpus(), vocab_size=vocab_size, min_frequency=2,
+    bpe.train_from_iterator(_corpus(), vocab_size=vocab_size, min_frequency=2, show_progress=False,
                             special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
     tok = RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
                                sep_token="</s>", cls_token="<s>", unk_token="<unk>", pad_token="<pad>",
@@ -68,3 +68,86 @@ class BatchedAsModel:
 
     def jvp(self, tangents) -> float:
         return float(torch.func.jvp(lambda v: self.problem.loss(v[None])[0], (self.x.detach(),), (tangents[0],))[1])
+
+
+# ---------------------------------------------------------------- tiny random decoder LMs
+
+CAUSAL_ARCHS = ("gpt2", "opt", "llama")
+TINY_VERSION = 1  # bump when the builder changes: cached folders are named by it
+
+
+def _causal_corpus() -> list:
+    """SST-2 sentences and rendered prompts of the bundled decoder tasks (newlines, Yes/No, answers)."""
+    from zoflat_cli import llm_tasks
+
+    texts = _corpus(1500)
+    for name in ("rte", "copa", "boolq", "squad", "cb", "piqa"):
+        task = llm_tasks.TASKS[name]
+        for example in llm_tasks.examples(task, llm_tasks.read_pool(task, "eval")[:150]):
+            texts.append(example.demonstration())
+    return texts
+
+
+def train_causal_tokenizer(folder: Path, bos: bool, vocab_size: int = 1000):
+    """A byte-level BPE with <s> </s> <pad> <unk>; `bos`: <s> is put before every text (OPT, LLaMA)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(_causal_corpus(), vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                            special_tokens=["<s>", "</s>", "<pad>", "<unk>"])
+    if bos:
+        bpe._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>", unk_token="<unk>")
+    tok.save_pretrained(folder)
+    return tok
+
+
+def save_tiny_causal(folder: Path, arch: str = "gpt2", hidden: int = 32, layers: int = 2, positions: int = 512) -> str:
+    """A random decoder LM of one of CAUSAL_ARCHS' layouts and its tokenizer, saved to folder."""
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig,
+                              OPTForCausalLM)
+
+    from zoflat_cli.problems.pretrained import quiet_transformers
+
+    quiet_transformers()
+    torch.manual_seed(0)
+    tok = train_causal_tokenizer(folder, bos=arch != "gpt2")
+    ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id)
+    if arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_embd=hidden, n_layer=layers, n_head=2, n_positions=positions, **ids))
+    elif arch == "opt":
+        model = OPTForCausalLM(OPTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                                         ffn_dim=2 * hidden, max_position_embeddings=positions,
+                                         word_embed_proj_dim=hidden, **ids))
+    elif arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                             num_attention_heads=2, num_key_value_heads=1,
+                                             max_position_embeddings=positions, tie_word_embeddings=False, **ids))
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}; one of {', '.join(CAUSAL_ARCHS)}")
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def cached_tiny_causal(arch: str) -> Path:
+    """--model tiny-<arch>: built once (seconds) into zoflat's cache, then reused."""
+    import os
+    import shutil
+    import tempfile
+
+    from zoflat_cli.datasets import cache_dir
+
+    folder = cache_dir() / "models" / f"tiny-{arch}-v{TINY_VERSION}"
+    if not (folder / "config.json").is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(dir=folder.parent))
+        save_tiny_causal(scratch, arch)
+        try:
+            os.rename(scratch, folder)  # atomic: a concurrent builder's copy wins, the same bytes
+        except OSError:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return folder
