@@ -21,14 +21,13 @@ from pathlib import Path
 
 import torch
 
-from timing import timed  # benchmarks/timing.py (this folder is on sys.path)
+from timing import peak_memory_of_mode, timed  # benchmarks/timing.py (this folder is on sys.path)
 from zoflat_cli import finetune
 from zoflat_cli.config import resolve
 from zoflat_cli.optim.directions import ParameterDirections
 from zoflat_cli.optim.estimators import ESTIMATORS
 from zoflat_cli.optim.inplace import InPlaceOptimizer
 from zoflat_cli.optim.updates import UPDATES
-from zoflat_cli.problems.pretrained import peak_memory_mib
 from zoflat_cli.testing import save_tiny_causal
 
 LAM, LR = 1e-3, 1e-6
@@ -49,24 +48,7 @@ def zo_optimizer(problem):
 def child(model: str, mode: str, steps: int, device: torch.device):
     """One mode in a fresh process; prints its peak memory."""
     problem = load(model, device)
-    optimizer = zo_optimizer(problem)
-    problem.loss()  # warm-up: allocator pools and thread scratch exist in every mode
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the high-water mark to the current resident size
-    for step in range(steps):
-        if mode == "inference":
-            problem.loss()
-        elif mode == "zo":
-            optimizer.step(problem, [(0, step)], step + 1)
-        else:
-            grads = problem.gradient()
-            with torch.no_grad():
-                for p, g in zip(problem.params, grads):
-                    p.add_(g, alpha=-LR)
-    print(json.dumps({"peak_mib": peak_memory_mib(device)}))
+    print(json.dumps(peak_memory_of_mode(problem, zo_optimizer(problem), mode, steps, LR, device)))
 
 
 def forward_calls(problem) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from timing import timed  # benchmarks/timing.py (this folder is on sys.path)
+from timing import peak_memory_of_mode, timed  # benchmarks/timing.py (this folder is on sys.path)
 from zoflat_cli import finetune
 from zoflat_cli.config import resolve
 from zoflat_cli.hessian import finite_difference, hutchinson
@@ -31,7 +31,6 @@ from zoflat_cli.optim.estimators import ESTIMATORS
 from zoflat_cli.optim.inplace import InPlaceOptimizer
 from zoflat_cli.optim.updates import UPDATES
 from zoflat_cli.problems import lm
-from zoflat_cli.problems.pretrained import peak_memory_mib
 from zoflat_cli.testing import save_tiny_roberta
 from zoflat_cli.text_tasks import TASKS, kshot
 
@@ -69,25 +68,7 @@ def mezo_step(params, loss, seed):
 def child(model: str, mode: str, steps: int, device: torch.device):
     """One mode in a fresh process; prints its peak memory."""
     problem = load(model, device)
-    optimizer = zo_optimizer(problem)
-    problem.loss()  # warm-up: allocator pools and thread scratch exist in every mode
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the high-water mark to the current resident size
-    base = peak_memory_mib(device)  # just reset: the memory in use now
-    for step in range(steps):
-        if mode == "inference":
-            problem.loss()
-        elif mode == "zo":
-            optimizer.step(problem, [(0, step)], step + 1)
-        else:
-            grads = problem.gradient()
-            with torch.no_grad():
-                for p, g in zip(problem.params, grads):
-                    p.add_(g, alpha=-LR)
-    print(json.dumps({"loaded_mib": base, "peak_mib": peak_memory_mib(device)}))
+    print(json.dumps(peak_memory_of_mode(problem, zo_optimizer(problem), mode, steps, LR, device)))
 
 
 def measure(model: str, repeats: int, device: torch.device):

@@ -22,3 +22,29 @@ def timed(fn, repeats: int) -> float:
         _finished()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def peak_memory_of_mode(problem, optimizer, mode: str, steps: int, lr: float, device) -> dict:
+    """In a fresh process: the peak memory of `steps` steps of one mode (inference, zo, gd) on a
+    model problem, from a high-water mark reset after a warm-up (allocator pools and thread
+    scratch exist in every mode), and the memory in use at the reset."""
+    from zoflat_cli.problems.pretrained import peak_memory_mib
+
+    problem.loss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the high-water mark to the current resident size
+    loaded = peak_memory_mib(device)
+    for step in range(steps):
+        if mode == "inference":
+            problem.loss()
+        elif mode == "zo":
+            optimizer.step(problem, [(0, step)], step + 1)
+        else:
+            grads = problem.gradient()
+            with torch.no_grad():
+                for p, g in zip(problem.params, grads):
+                    p.add_(g, alpha=-lr)
+    return {"loaded_mib": loaded, "peak_mib": peak_memory_mib(device)}
