@@ -206,8 +206,8 @@ class LMProblem(PretrainedProblem):
         return F.cross_entropy(at_least_float32(logits), batch.y, reduction="sum")
 
     @torch.inference_mode()
-    def evaluate(self, split: str) -> tuple:
-        """(mean loss, accuracy) over a split."""
+    def evaluate(self, split: str, decode: bool = True) -> dict:
+        """{loss (the mean), accuracy} over a split (`decode`: for the causal problem's signature)."""
         total, correct = 0.0, 0
         for batch in self.splits[split].batches:
             self._count(split, batch.examples)
@@ -215,7 +215,7 @@ class LMProblem(PretrainedProblem):
             total += float(self._batch_loss(logits, batch))
             correct += int((logits.argmax(-1) == batch.y).sum())
         size = self.splits[split].size
-        return total / size, correct / size
+        return {"loss": total / size, "accuracy": correct / size}
 
     def metric(self, split: str) -> float:
-        return self.evaluate(split)[1]
+        return self.evaluate(split)["accuracy"]
