@@ -29,6 +29,9 @@ CONVEX = ["convex", "--dataset", "a8a", "--train-size", "300", "--features", "20
           "--log-every", "2", "--eig-every", "2", "--seeds", "1"]
 FINETUNE = ["finetune", "--task", "sst2", "--k", "2", "--steps", "2", "--log-every", "1", "--eval-every", "2",
             "--trace-every", "2", "--trace-probes", "1", "--max-length", "32", "-o", "zo"]
+DECODER = ["finetune", "--model", "{causal}", "--task", "rte", "--num-train", "4", "--num-dev", "1", "--num-eval", "4",
+           "--steps", "2", "--log-every", "1", "--eval-every", "2", "--trace-every", "2", "--trace-probes", "1",
+           "--max-length", "128", "-o", "zo"]
 BAD_NUMBERS = ["abc", "", "-1", "0", "inf", "nan", "1e400", "99999999999999999999", "1e12", "0.5"]
 BAD_NAMES = ["", "zz", "../x", "a b", "ZO", "gd,,", "=0.1"]
 
@@ -144,6 +147,8 @@ def flag_cases() -> list:
         "finetune": (FINETUNE + ["--model", "{tiny}"], [
             "--k", "--max-length", "--micro-batch", "--batch-size", "--eval-every", "--trace-every", "--trace-probes",
             "--trace-delta", "--eig-every", "--eig-iters", "--split-seed", "--lr", "--lambda"]),
+        "finetune (decoder)": (DECODER, ["--num-train", "--num-dev", "--num-eval", "--train-set-seed", "--demos",
+                                         "--max-new-tokens", "--max-length", "--micro-batch", "--batch-size"]),
     }
     refused = {"abc", "", "inf", "nan", "1e400"}  # 1e20 is finite: a run that diverges, or a bound
     for command, (base, flags) in numeric.items():
@@ -155,12 +160,26 @@ def flag_cases() -> list:
         "toy": (TOY, ["--optimizer", "--directions", "--update", "--device", "--dtype", "--name", "--seeds"]),
         "convex": (CONVEX, ["--model", "--dataset", "--optimizer"]),
         "finetune": (FINETUNE + ["--model", "{tiny}"], ["--task", "--head", "--trace", "--test-mode", "--model"]),
+        "finetune (decoder)": (DECODER, ["--task", "--train-pool", "--scoring", "--objective", "--head"]),
     }
     for command, (base, flags) in named.items():
         for flag in flags:
             for value in BAD_NAMES:
                 valid = (flag == "--name" and value in ("zz", "ZO")) or value == "gd,,"  # trailing commas: a list
                 cases.append(Case(f"{command} {flag} {value!r}", base + [flag, value], "any" if valid else "error"))
+    for extra in (["-o", "gd", "--objective", "accuracy"], ["--objective", "f1"], ["--demos", "2"],
+                  ["--task", "trec"], ["--task", "boolq"], ["--task", "wic"], ["--task", "drop"],
+                  ["--task", "squad", "--max-length", "3", "--train-pool", "eval"], ["--steps", "0", "--demos", "9"]):
+        cases.append(Case(f"finetune (decoder) {' '.join(extra)}", DECODER + extra, "error"))
+    for ok in (["--steps", "0", "--demos", "2"], ["--task", "copa", "--objective", "accuracy", "-o", "zest"],
+               ["--task", "squad", "--train-pool", "eval", "--max-new-tokens", "3"]):
+        cases.append(Case(f"finetune (decoder) {' '.join(ok)}", DECODER + ok, "ok"))
+    cases.append(Case("finetune encoder --task rte", FINETUNE + ["--model", "{tiny}", "--task", "rte"], "error"))
+    for flag in ("--num-train", "--num-dev", "--num-eval", "--seed"):
+        for value in BAD_NUMBERS:
+            expect = "error" if value in {"abc", "", "inf", "nan", "1e400", "-1", "0.5"} else "any"
+            cases.append(Case(f"data sample {flag} {value!r}", ["data", "sample", "--task", "cb", "--out", "s", flag,
+                                                                 value], expect))
     for per_opt in ("--lr zoo=0.5", "--lambda gdd=0.1", "--samples zo=0", "--update zo=adamw", "--lr zo=1,zo=2", "--lr =1",
                     "--directions zo=normal", "--betas 0.9", "--betas 0.9,1.5", "--momentum zo-momentum=1"):
         cases.append(Case(f"toy {per_opt}", TOY + per_opt.split(), "error"))
@@ -314,9 +333,9 @@ DAMAGE = {"none": lambda folder: None, "torn last row": _torn,
 def make_fixtures(root: Path) -> dict:
     """A tiny model, and one toy run folder per kind of damage (all interrupted halfway)."""
     sys.path.insert(0, str(REPO))
-    from zoflat_cli.testing import save_tiny_roberta
+    from zoflat_cli.testing import save_tiny_causal, save_tiny_roberta
 
-    fixtures = {"tiny": save_tiny_roberta(root / "tiny")}
+    fixtures = {"tiny": save_tiny_roberta(root / "tiny"), "causal": save_tiny_causal(root / "causal")}
     for label, damage in DAMAGE.items():
         folder = root / f"damaged-{len(fixtures)}"
         rc, out, err = run(["toy", "--steps", "40", "--log-every", "10", "--dim", "5", "--seeds", "1", "-o", "zo",
