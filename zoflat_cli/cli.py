@@ -1,9 +1,11 @@
 """The `zoflat` command line: subcommands merge recipe + flags and hand off to the trainers."""
 
 import contextlib
+import contextvars
 import functools
 import inspect
 import keyword
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -13,7 +15,7 @@ from typer.core import TyperGroup
 from typing_extensions import Annotated
 
 import zoflat_cli
-from zoflat_cli.errors import ZoflatError, one_line
+from zoflat_cli.errors import RunFailed, ZoflatError, one_line
 from zoflat_cli.optim.directions import LAWS
 from zoflat_cli.optim.presets import FLAG_GROUPS, HYPERPARAMETERS, PRESETS, SAMPLES
 from zoflat_cli.optim.updates import UPDATES
@@ -122,6 +124,9 @@ SHARED_OPTIONS = {
     "dtype": Annotated[Optional[str], typer.Option("--dtype", help="float64 or float32.")],
     "out": Annotated[Optional[Path], typer.Option("--out", help="Parent folder of run folders.")],
     "name": Annotated[Optional[str], typer.Option("--name", help="Suffix of the run folder's name.")],
+    "logger": Annotated[Optional[str], typer.Option(
+        "--logger", help="Also stream metrics.csv's rows to wandb (offline unless WANDB_MODE), tensorboard or "
+                         "mlflow (files in the run folder).")],
     "quiet": Annotated[bool, typer.Option("--quiet", "-q", help="Print only the run folder.")],
 }
 RESUMABLE_CHANGES = {"steps", "device"}  # what --resume may change in the saved config
@@ -193,7 +198,35 @@ def resolve_command(defaults: dict, options: dict, settings: dict, check=None):
         if not (resume / "config.yaml").is_file():
             raise ZoflatError(f"--resume {resume}: not a run folder (no config.yaml)")
         config = resume / "config.yaml"
-    return resolve(defaults(config, flags) if callable(defaults) else defaults, config, flags, settings, check), resume
+    resolved = resolve(defaults(config, flags) if callable(defaults) else defaults, config, flags, settings, check)
+    if PLANNING.get():  # zoflat sweep wants the config, not the run
+        raise Planned(resolved)
+    return resolved, resume
+
+
+PLANNING = contextvars.ContextVar("planning", default=False)
+
+
+class Planned(Exception):
+    """Raised by resolve_command while planning: carries the resolved config out of the command."""
+
+    def __init__(self, config: dict):
+        super().__init__("planned")
+        self.config = config
+
+
+def planned_config(command: str, args: list) -> dict:
+    """The config an experiment command would resolve from these arguments, without running it."""
+    click_command = typer.main.get_command(app).commands[command]
+    token = PLANNING.set(True)
+    try:
+        with click_command.make_context(command, list(args)) as ctx:
+            click_command.invoke(ctx)
+    except Planned as planned:
+        return planned.config
+    finally:
+        PLANNING.reset(token)
+    raise ZoflatError(f"internal: {command} resolved no config")
 
 
 def _finish(path: Path, status: str, quiet: bool):
@@ -425,6 +458,89 @@ def data_sample(
         flag = "--seed" if key == "train_set_seed" else "--" + key.replace("_", "-")
         SETTINGS[key].check(flag, value)
     typer.echo(str(llm_tasks.write_sample(spec, config, out)))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def sweep(
+    ctx: typer.Context,
+    recipe: Annotated[Optional[Path], typer.Argument(
+        help="A recipe (its `command:` names the experiment); experiment flags after it override it.")] = None,
+    launcher: Annotated[str, typer.Option("--launcher", help="local, ray or slurm.")] = "local",
+    jobs: Annotated[int, typer.Option("--jobs", help="Jobs at a time (local; ray: CPUs of a local instance; "
+                                                     "slurm: array parallelism).")] = 2,
+    address: Annotated[Optional[str], typer.Option("--address", help="ray: auto or ray://host:port (default: a "
+                                                                      "local instance).")] = None,
+    cpus_per_job: Annotated[int, typer.Option("--cpus-per-job", help="ray, slurm: CPUs per job.")] = 1,
+    gpus_per_job: Annotated[float, typer.Option("--gpus-per-job", help="ray, slurm: GPUs per job.")] = 0,
+    partition: Annotated[Optional[str], typer.Option("--partition", help="slurm: the partition.")] = None,
+    time_min: Annotated[int, typer.Option("--time", help="slurm: minutes per job before requeue.")] = 60,
+    slurm_local: Annotated[bool, typer.Option("--slurm-local", help="slurm: submitit's local executor.")] = False,
+    resume: Annotated[Optional[Path], typer.Option(
+        "--resume", help="Relaunch the unfinished jobs of this sweep folder (interrupted runs resume).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the sweep folder.")] = False,
+):
+    """A recipe's grid as one job per run on a launcher, under one sweep folder (sweep.yaml)."""
+    from zoflat_cli import sweep as sweeps
+    from zoflat_cli.config import load_recipe
+    from zoflat_cli.engine.live import say
+
+    if launcher not in sweeps.LAUNCHERS:
+        raise ZoflatError(f"--launcher must be one of {', '.join(sweeps.LAUNCHERS)}, got {launcher!r}")
+    for flag, value, low in (("--jobs", jobs, 1), ("--cpus-per-job", cpus_per_job, 1), ("--time", time_min, 1)):
+        if value < low:
+            raise ZoflatError(f"{flag} must be >= {low}, got {value}")
+    if gpus_per_job < 0:
+        raise ZoflatError(f"--gpus-per-job must be >= 0, got {gpus_per_job}")
+    options = dict(launcher=launcher, jobs=jobs, address=address, cpus_per_job=cpus_per_job,
+                   gpus_per_job=gpus_per_job, partition=partition, time=time_min, slurm_local=slurm_local)
+    if resume is not None:
+        if recipe is not None or ctx.args:
+            raise ZoflatError("--resume relaunches the saved grid: give no recipe or experiment flags")
+        folder = sweeps.Sweep.open(resume)
+        runner = sweeps.make_launcher(options)
+    else:
+        if recipe is None or str(recipe).startswith("-"):  # an experiment flag before any recipe
+            raise ZoflatError("give a recipe first (zoflat sweep recipes/toy/fig4.yaml [flags]), or --resume "
+                              "SWEEP_FOLDER")
+        if "--resume" in ctx.args:
+            raise ZoflatError("zoflat sweep --resume takes a sweep folder; a run folder resumes with its command")
+        command = load_recipe(recipe).get("command")
+        if command not in ("toy", "convex", "finetune"):
+            raise ZoflatError(f"{recipe}: a sweep recipe needs `command: toy|convex|finetune`, got {command!r}")
+        config = planned_config(command, ["--config", str(recipe), *ctx.args])
+        sweeps.expand(config)  # every job stands alone, checked before the launcher starts
+        runner = sweeps.make_launcher(options)
+        folder = sweeps.Sweep.create(config["out"], config["name"], command, config, options, os.getcwd())
+    if not quiet:
+        started = f", Ray up in {runner.startup_s:.1f} s" if hasattr(runner, "startup_s") else ""
+        say(f"sweep: {folder.path} ({len(folder.state['jobs'])} jobs, {len(folder.unfinished())} to run, "
+            f"launcher {launcher}{started})")
+    try:
+        counts = sweeps.run_sweep(folder, runner, options, quiet)
+    except KeyboardInterrupt:
+        say(f"interrupted: zoflat sweep --resume {folder.path} relaunches the unfinished jobs", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    say(str(folder.path) if quiet else f"{counts['done']} done, {counts['failed']} failed: {folder.path}")
+    if counts["failed"]:
+        raise RunFailed(f"{counts['failed']} of {len(folder.state['jobs'])} jobs failed (their stderr is in "
+                        f"{folder.path / sweeps.SWEEP_FILE}); zoflat sweep --resume {folder.path} relaunches them")
+
+
+@app.command()
+def table(
+    paths: Annotated[List[Path], typer.Argument(help="Run folders or sweep folders (or folders holding them).")],
+    metric: Annotated[Optional[str], typer.Option(
+        "--metric", help="Columns, comma-separated (default: loss, test accuracy or F1, Hessian trace).")] = None,
+    at: Annotated[str, typer.Option("--at", help="final, best, or a step number.")] = "final",
+    by: Annotated[Optional[str], typer.Option(
+        "--by", help="Group by these columns or config keys (default: optimizer,lambda,lr).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="markdown, csv or latex.")] = "markdown",
+):
+    """The results table: mean ± std (n) over seeds per group, the best cell of each column marked."""
+    from zoflat_cli.table import make_table
+
+    split = (lambda text: [t.strip() for t in text.split(",") if t.strip()] if text else None)
+    typer.echo(make_table(paths, split(metric), at, split(by), fmt), nl=False)
 
 
 @app.command()

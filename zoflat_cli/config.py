@@ -21,6 +21,8 @@ from zoflat_cli.engine.loop import RunSpec
 from zoflat_cli.optim.directions import LAWS
 from zoflat_cli.optim.presets import HYPERPARAMETERS, PRESETS, get_preset, hyper_names
 from zoflat_cli.optim.updates import UPDATES, get_update
+from zoflat_cli.trackers import LOGGERS
+from zoflat_cli.trackers import require as require_tracker
 
 # Settings that may differ per optimizer; the two last take names, the others numbers.
 PER_OPTIMIZER = ("lr", *HYPERPARAMETERS, "samples", "directions", "update")
@@ -85,7 +87,9 @@ COMMON_SETTINGS = {
     "steps": Setting("int", 1, MAX_STEPS),
     "log_every": Setting("int", 1, MAX_STEPS),
     "checkpoint_every": Setting("int", 0, MAX_STEPS),
+    "logger": Setting("text", choices=LOGGERS, optional=True),
 }
+COMMON_DEFAULTS = {"logger": None}  # every command's, beside its own DEFAULTS
 
 
 # ---------------------------------------------------------------- reading recipes and flags
@@ -208,7 +212,7 @@ def resolve(defaults: dict, recipe_path, flags: dict, settings: dict = None, che
     """The full config for one invocation: defaults, then the recipe, then the given flags.
     `settings` types the command's own keys; `check(config)`, if given, checks what depends on
     several keys, after every key has been checked alone."""
-    config = dict(defaults)
+    config = {**COMMON_DEFAULTS, **defaults}
     if recipe_path is not None:
         recipe = load_recipe(recipe_path)
         command = recipe.pop("command", defaults["command"])
@@ -264,6 +268,8 @@ def validate(config: dict, settings: dict = None) -> dict:
     for key, setting in {**COMMON_SETTINGS, **(settings or {})}.items():
         if key in config:
             config[key] = setting.check(key, config[key])
+    if config.get("logger"):
+        require_tracker(config["logger"])
     if not isinstance(config["name"], str) or not NAME_PATTERN.match(config["name"]):
         raise ZoflatError(f"name may hold 1 to 100 letters, digits, '.', '_' and '-', got {config['name']!r}")
     names = config["optimizer"] if isinstance(config["optimizer"], list) else [config["optimizer"]]

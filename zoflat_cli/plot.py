@@ -59,18 +59,34 @@ def _wants_log(values: pd.Series, reference=None) -> bool:
     return len(positive) > 0 and (finite >= 0).all() and positive.max() / positive.min() > 20
 
 
-def plot_run(folder: Path, out_dir: Path = None, stem: str = None) -> list:
-    """The figure of one run folder, as <folder>/figure.* or <out_dir>/<stem>.*."""
+def read_frame(folder: Path) -> tuple:
+    """(metrics as a frame with numeric columns, summary) of one run folder."""
     text = complete_metrics(folder)  # a torn last row is left out
     df = pd.read_csv(io.StringIO(text)) if text.count("\n") > 1 else pd.DataFrame()
     if df.empty or not set(REQUIRED_COLUMNS) <= set(df.columns):
         raise ZoflatError(f"{folder / 'metrics.csv'} has no rows or is not a zoflat metrics file")
-    summary = read_summary(folder)
-    metrics = [m for m in summary.get("panels") or df.columns
-               if m in df.columns and m not in NOT_PLOTTED and not m.endswith(("_theory", "_stderr"))]
     for column in df.columns:  # a cell that is not a number is a gap in its line, not an error
         if column not in ("run_id", "optimizer", "update", "directions"):
             df[column] = pd.to_numeric(df[column], errors="coerce")
+    return df, read_summary(folder)
+
+
+def plot_run(folder: Path, out_dir: Path = None, stem: str = None) -> list:
+    """The figure of one run folder, as <folder>/figure.* or <out_dir>/<stem>.*."""
+    df, summary = read_frame(folder)
+    return plot_frame(df, summary, folder, out_dir, stem)
+
+
+def plot_sweep(folder: Path, out_dir: Path = None, stem: str = None) -> list:
+    """One figure of a sweep folder: every job's runs together, as if launched in one invocation."""
+    frames = [read_frame(job) for job in find_run_folders([folder / "jobs"])]
+    df = pd.concat([f for f, _ in frames], ignore_index=True)
+    return plot_frame(df, frames[0][1], folder, out_dir, stem)
+
+
+def plot_frame(df: pd.DataFrame, summary: dict, folder: Path, out_dir: Path = None, stem: str = None) -> list:
+    metrics = [m for m in summary.get("panels") or df.columns
+               if m in df.columns and m not in NOT_PLOTTED and not m.endswith(("_theory", "_stderr"))]
     if not metrics:
         raise ZoflatError(f"{folder / 'metrics.csv'} has no metric columns to plot")
     df["method"] = df.apply(method_label, axis=1)
@@ -130,14 +146,22 @@ def plot_run(folder: Path, out_dir: Path = None, stem: str = None) -> list:
     return written
 
 
+def find_sweep_folders(paths) -> list:
+    return [Path(p).resolve() for p in paths if (Path(p) / "sweep.yaml").is_file()]
+
+
 def plot_paths(paths, out: Path = None) -> list:
+    """A figure per run folder, and one per sweep folder (not one per job)."""
     written, stems = [], set()
-    for folder in find_run_folders(paths):
+    sweeps = find_sweep_folders(paths)
+    others = [p for p in paths if Path(p).resolve() not in sweeps]
+    runs = find_run_folders(others) if others else []
+    for folder in sweeps + runs:
         # same-named folders under different parents: one figure each, never one over another
         base = folder.name if folder.name not in stems else f"{folder.parent.name}-{folder.name}"
         stem, n = base, 2
         while stem in stems:
             stem, n = f"{base}-{n}", n + 1
         stems.add(stem)
-        written.extend(plot_run(folder, out, stem))
+        written.extend((plot_sweep if folder in sweeps else plot_run)(folder, out, stem))
     return written

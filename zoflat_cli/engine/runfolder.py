@@ -32,6 +32,7 @@ import yaml
 import zoflat_cli
 from zoflat_cli.engine.loop import RUN_COLUMNS
 from zoflat_cli.errors import RunFailed, ZoflatError, one_line
+from zoflat_cli.trackers import open_tracker
 
 SUMMARY_EVERY_S = 1.0  # summary.json is rewritten at most this often while running
 RESERVE_BYTES = 64 * 1024  # room kept for the final summary on a full disk
@@ -189,6 +190,13 @@ class RunFolder:
             if not recorded:  # nothing ran: leave no half-made folder behind
                 shutil.rmtree(self.path, ignore_errors=True)
             raise RunFailed(f"cannot start a run folder in {self.path.parent}: {self.error}") from None
+        try:
+            self.tracker = open_tracker(config.get("logger"), self.path, config)
+        except Exception as err:  # a tracker's own failures come in its own types
+            self._lock.close()
+            if not recorded:
+                shutil.rmtree(self.path, ignore_errors=True)
+            raise ZoflatError(f"--logger {config.get('logger')}: cannot start it ({one_line(err)})") from None
         if recorded:  # a resumed run: keep what the first session recorded
             self.summary = recorded
             self.summary.update(status="running", device=device, versions=versions())
@@ -305,6 +313,8 @@ class RunFolder:
                 self._csv_file = self._writer = None  # its buffer holds the rows that failed
                 raise
             self._good_bytes = self._csv_file.tell()
+            if self.tracker is not None:  # a copy; metrics.csv is the record
+                self.tracker.log(rows)
         for row in rows:
             self._record(row, states[row["run_id"]])
         if time.monotonic() - self._last_summary >= SUMMARY_EVERY_S:
@@ -350,6 +360,8 @@ class RunFolder:
         if self.error or error:
             self.summary["error"] = self.error or error
         self._close_csv()
+        if self.tracker is not None:
+            self.tracker.close()
         try:
             try:
                 self._write_summary()

@@ -1,0 +1,381 @@
+"""`zoflat sweep`: a recipe's grid as jobs on a launcher, gathered under one sweep folder.
+
+A job is one run of the grid (one optimizer, hyperparameter setting and seed): its own run folder
+under `jobs/<run_id>/`, made by the experiment command itself (`python -m zoflat_cli <command>
+--config jobs/<run_id>/job.yaml`), so a job's metrics are those of the same run launched directly.
+A job that finds a run folder in its place resumes it (`--resume`): that is how `sweep --resume`,
+a requeued Slurm job and a relaunch after Ctrl-C continue; a completed run is never re-run.
+
+    <out>/sweep/<UTC timestamp>-<name>/
+        sweep.yaml          the command, the resolved grid, the launcher, and each job's state
+                            (queued, running, done, failed with its stderr's tail, cancelled)
+        jobs/<run_id>/      job.yaml (the run's config) and <command>/<timestamp>-<name>/ (its run folder)
+
+Launchers: local (threads waiting on `--jobs N` processes), ray (one Ray task per job, a local
+instance or `--address`), slurm (submitit array jobs; `--slurm-local`: submitit's local executor).
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import yaml
+
+from zoflat_cli.engine.runfolder import create_run_dir
+from zoflat_cli.errors import ZoflatError, one_line
+
+LAUNCHERS = ("local", "ray", "slurm")
+STATES = ("queued", "running", "done", "failed", "cancelled")
+SWEEP_FILE = "sweep.yaml"
+STDERR_TAIL = 2000  # characters of a failed job's stderr kept in sweep.yaml
+
+
+# ---------------------------------------------------------------- the grid as jobs
+
+def job_config(config: dict, run) -> dict:
+    """The config of one run of the grid: every swept key fixed to the run's value."""
+    from zoflat_cli.optim.presets import get_preset
+
+    job = {**config, "optimizer": [run.optimizer], "lr": run.lr, "seeds": [run.seed], "update": run.update,
+           **dict(run.hyper)}
+    if get_preset(run.optimizer).uses_directions:
+        job.update(samples=run.samples, directions=run.directions)
+    job.pop("out", None)
+    return job
+
+
+def expand(config: dict) -> dict:
+    """{run_id: job config} of a resolved config, each checked to be exactly its run."""
+    from zoflat_cli.config import runs_from
+
+    jobs = {}
+    for run in runs_from(config):
+        job = job_config(config, run)
+        again = runs_from({**job, "optimizer": list(job["optimizer"])})
+        if [r.run_id for r in again] != [run.run_id]:
+            raise ZoflatError(f"internal: run {run.run_id} does not stand alone as a job ({[r.run_id for r in again]})")
+        jobs[run.run_id] = job
+    return jobs
+
+
+# ---------------------------------------------------------------- one job, wherever it runs
+
+def job_run_folder(job_dir: Path, command: str):
+    """The run folder a job has made, if any."""
+    found = sorted((job_dir / command).glob("*/config.yaml")) if (job_dir / command).is_dir() else []
+    return found[-1].parent if found else None
+
+
+def run_job(job_dir: str, command: str, cwd: str, threads: int = 1) -> dict:
+    """Run (or resume) one job to its end in a child process; {returncode, folder, stderr}.
+    Runs on the worker: a local thread, a Ray task, a Slurm job. `threads`: the job's CPUs, which
+    its math libraries keep to (jobs side by side would otherwise each spin a thread per core)."""
+    job_dir = Path(job_dir)
+    folder = job_run_folder(job_dir, command)
+    if folder is not None:
+        args = [command, "--resume", str(folder), "--quiet"]
+    else:
+        args = [command, "--config", str(job_dir / "job.yaml"), "--out", str(job_dir), "--quiet"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")]),
+           **{name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
+    done = subprocess.run([sys.executable, "-m", "zoflat_cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True)
+    folder = job_run_folder(job_dir, command)
+    return {"returncode": done.returncode, "folder": str(folder) if folder else None,
+            "stderr": done.stderr[-STDERR_TAIL:]}
+
+
+class SlurmJob:
+    """A submitit job that, when Slurm preempts or times it out, is requeued as itself: the
+    relaunched job finds its run folder and resumes it."""
+
+    def __call__(self, job_dir: str, command: str, cwd: str, threads: int) -> dict:
+        return run_job(job_dir, command, cwd, threads)
+
+    def checkpoint(self, job_dir: str, command: str, cwd: str, threads: int):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(SlurmJob(), job_dir, command, cwd, threads)
+
+
+# ---------------------------------------------------------------- the sweep folder
+
+class Sweep:
+    def __init__(self, path: Path, state: dict):
+        self.path, self.state = path, state
+
+    @classmethod
+    def create(cls, out: Path, name: str, command: str, config: dict, launcher: dict, cwd: str):
+        jobs = expand(config)  # before any folder exists
+        path = create_run_dir(out, "sweep", name)
+        for run_id, job in jobs.items():
+            (path / "jobs" / run_id).mkdir(parents=True)
+            (path / "jobs" / run_id / "job.yaml").write_text(yaml.safe_dump(job, sort_keys=False))
+        grid = {k: v for k, v in config.items() if k != "out"}
+        state = {"command": command, "cwd": cwd, "launcher": launcher, "grid": grid,
+                 "jobs": {run_id: {"state": "queued", "folder": None} for run_id in jobs}}
+        sweep = cls(path, state)
+        sweep.save()
+        return sweep
+
+    @classmethod
+    def open(cls, path: Path):
+        file = Path(path) / SWEEP_FILE
+        if not file.is_file():
+            raise ZoflatError(f"--resume {path}: not a sweep folder (no {SWEEP_FILE})")
+        try:
+            state = yaml.safe_load(file.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ZoflatError(f"{file}: damaged ({one_line(err)})") from None
+        if not isinstance(state, dict) or not isinstance(state.get("jobs"), dict):
+            raise ZoflatError(f"{file}: damaged (no jobs)")
+        return cls(Path(path), state)
+
+    def save(self):
+        scratch = self.path / f".{SWEEP_FILE}.tmp"
+        scratch.write_text(yaml.safe_dump(self.state, sort_keys=False))
+        os.replace(scratch, self.path / SWEEP_FILE)  # atomic: a reader never sees half a file
+
+    def job_dir(self, run_id: str) -> Path:
+        return self.path / "jobs" / run_id
+
+    def set(self, run_id: str, state: str, result: dict = None):
+        entry = self.state["jobs"][run_id]
+        entry["state"] = state
+        if result is not None:
+            entry["folder"] = result["folder"]
+            if state == "failed":
+                entry["error"] = result["stderr"].strip() or f"exit status {result['returncode']}"
+            else:
+                entry.pop("error", None)
+        self.save()
+
+    def unfinished(self) -> list:
+        return [r for r, e in self.state["jobs"].items() if e["state"] != "done"]
+
+    def counts(self) -> dict:
+        counts = dict.fromkeys(STATES, 0)
+        for entry in self.state["jobs"].values():
+            counts[entry["state"]] += 1
+        return counts
+
+
+# ---------------------------------------------------------------- launchers
+
+def _check_ray_address(address: str):
+    """Fail fast on an unreachable Ray head instead of Ray's own minutes of retries."""
+    if address in (None, "", "auto", "local"):
+        return
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    if not parsed.hostname or not parsed.port:
+        raise ZoflatError(f"--address {address}: give auto, or host:port / ray://host:port")
+    try:
+        socket.create_connection((parsed.hostname, parsed.port), timeout=5).close()
+    except OSError as err:
+        raise ZoflatError(f"--address {address}: the Ray head cannot be reached ({one_line(err)}); start it "
+                          f"with `ray start --head` or check the address") from None
+
+
+def _import(name: str, extra: str):
+    try:
+        return __import__(name)
+    except ImportError:
+        raise ZoflatError(f"--launcher {extra} needs {name}: pip install 'zoflat[{extra}]'") from None
+
+
+class LocalLauncher:
+    """Threads, each waiting on one job's process: --jobs N at a time on this machine."""
+
+    def __init__(self, options: dict):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(max_workers=options["jobs"])
+        self.threads = options["cpus_per_job"]
+
+    def submit(self, job_dir: Path, command: str, cwd: str):
+        return self.pool.submit(run_job, str(job_dir), command, cwd, self.threads)
+
+    @staticmethod
+    def done(handle) -> bool:
+        return handle.done()
+
+    @staticmethod
+    def started(handle) -> bool:
+        return handle.running()
+
+    @staticmethod
+    def result(handle) -> dict:
+        return handle.result()
+
+    def cancel(self, handles):
+        for handle in handles:
+            handle.cancel()
+        self.pool.shutdown(wait=True, cancel_futures=True)  # running jobs stop on the SIGINT they got too
+
+    def close(self):
+        self.pool.shutdown(wait=True)
+
+
+class RayLauncher:
+    """One Ray task per job (--cpus-per-job, --gpus-per-job); a local instance without --address."""
+
+    def __init__(self, options: dict):
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # Ray's C++ retries would flood stderr
+        ray = _import("ray", "ray")
+        _check_ray_address(options["address"])
+        started = time.perf_counter()
+        try:
+            if options["address"]:
+                ray.init(address=options["address"], logging_level="ERROR", log_to_driver=False)
+            else:
+                ray.init(num_cpus=options["jobs"] * options["cpus_per_job"], include_dashboard=False,
+                         logging_level="ERROR", log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise ZoflatError(f"Ray would not start: {one_line(err)}") from None
+        self.startup_s = time.perf_counter() - started
+        self.ray = ray
+        self.task = ray.remote(num_cpus=options["cpus_per_job"], num_gpus=options["gpus_per_job"])(run_job)
+        self.threads = options["cpus_per_job"]
+
+    def submit(self, job_dir: Path, command: str, cwd: str):
+        return self.task.remote(str(job_dir), command, cwd, self.threads)
+
+    def done(self, handle) -> bool:
+        ready, _ = self.ray.wait([handle], timeout=0)
+        return bool(ready)
+
+    def result(self, handle) -> dict:
+        try:
+            return self.ray.get(handle)
+        except Exception as err:  # a task that died (its worker killed, ...): the job failed
+            return {"returncode": -1, "folder": None, "stderr": one_line(err)}
+
+    def cancel(self, handles):
+        for handle in handles:
+            self.ray.cancel(handle, force=True)
+        self.close()
+
+    def close(self):
+        self.ray.shutdown()
+
+
+class SlurmLauncher:
+    """submitit array jobs (--partition, --time, --gpus-per-job, --cpus-per-job), requeued on
+    preemption; --slurm-local runs them with submitit's local executor (no cluster)."""
+
+    def __init__(self, options: dict):
+        self.submitit = _import("submitit", "slurm")
+        if not options["slurm_local"] and not any(
+                (Path(p) / "sbatch").is_file() for p in os.environ.get("PATH", "").split(os.pathsep)):
+            raise ZoflatError("--launcher slurm: sbatch is not on this machine's PATH (run the sweep on a Slurm "
+                              "login node, or --slurm-local for submitit's local executor)")
+        self.options, self.pending = options, []
+
+    def _executor(self, folder: Path):
+        """submitit's logs and pickles go to <sweep>/submitit."""
+        options = self.options
+        if options["slurm_local"]:
+            executor = self.submitit.LocalExecutor(folder=folder / "submitit")
+            executor.update_parameters(timeout_min=options["time"])
+            return executor
+        executor = self.submitit.SlurmExecutor(folder=folder / "submitit")
+        params = dict(time=options["time"], cpus_per_task=options["cpus_per_job"], array_parallelism=options["jobs"])
+        if options["partition"]:
+            params["partition"] = options["partition"]
+        if options["gpus_per_job"]:
+            params["gpus_per_node"] = options["gpus_per_job"]
+        executor.update_parameters(**params)
+        return executor
+
+    def submit(self, job_dir: Path, command: str, cwd: str):
+        self.pending.append((str(job_dir), command, cwd, self.options["cpus_per_job"]))
+        return len(self.pending) - 1  # a placeholder until flush() submits the array
+
+    def flush(self, handles: dict, folder: Path) -> dict:
+        if not self.pending:
+            return handles
+        jobs = self._executor(folder).map_array(SlurmJob(), *map(list, zip(*self.pending)))
+        mapping = dict(zip(range(len(jobs)), jobs))
+        self.pending = []
+        return {run_id: mapping[h] for run_id, h in handles.items()}
+
+    @staticmethod
+    def done(handle) -> bool:
+        return handle.done()
+
+    @staticmethod
+    def result(handle) -> dict:
+        try:
+            return handle.result()
+        except Exception as err:  # submitit's FailedJobError and friends: the job failed
+            return {"returncode": -1, "folder": None, "stderr": one_line(err)}
+
+    @staticmethod
+    def cancel(handles):
+        for handle in handles:
+            handle.cancel(check=False)
+
+    def close(self):
+        pass
+
+
+def make_launcher(options: dict):
+    """The launcher, started (a Ray instance connected), before any sweep folder is made."""
+    if options["launcher"] == "local":
+        return LocalLauncher(options)
+    if options["launcher"] == "ray":
+        return RayLauncher(options)
+    return SlurmLauncher(options)
+
+
+# ---------------------------------------------------------------- running a sweep
+
+def run_sweep(sweep: Sweep, launcher, options: dict, quiet: bool = False) -> dict:
+    """Launch every unfinished job, follow them to the end (a progress view), record each state.
+    Ctrl-C cancels what is queued, lets running jobs save (they get the SIGINT too), and leaves
+    the folder resumable. Returns the final counts."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    command, cwd = sweep.state["command"], sweep.state["cwd"]
+    todo = sweep.unfinished()
+    handles = {run_id: launcher.submit(sweep.job_dir(run_id), command, cwd) for run_id in todo}
+    if isinstance(launcher, SlurmLauncher):
+        handles = launcher.flush(handles, sweep.path)
+    for run_id in todo:
+        sweep.set(run_id, "queued")
+    started = getattr(launcher, "started", lambda handle: False)  # else: once its run folder exists
+    columns = [TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+               TimeElapsedColumn()]
+    total = len(sweep.state["jobs"])
+    try:
+        with Progress(*columns, disable=quiet, transient=False) as progress:
+            bar = progress.add_task("", total=total)
+            while handles:
+                for run_id in [r for r, h in handles.items() if launcher.done(h)]:
+                    result = launcher.result(handles.pop(run_id))
+                    sweep.set(run_id, "done" if result["returncode"] == 0 else "failed", result)
+                for run_id, handle in handles.items():
+                    if sweep.state["jobs"][run_id]["state"] == "queued" and (
+                            started(handle) or job_run_folder(sweep.job_dir(run_id), command)):
+                        sweep.set(run_id, "running")
+                counts = sweep.counts()
+                progress.update(bar, completed=counts["done"] + counts["failed"],
+                                description=" · ".join(f"{counts[s]} {s}" for s in STATES if counts[s]))
+                time.sleep(0.2)
+    except KeyboardInterrupt:
+        launcher.cancel(list(handles.values()))
+        for run_id in handles:
+            sweep.set(run_id, "cancelled", {"returncode": 130, "folder": _folder(sweep, run_id), "stderr": ""})
+        raise
+    launcher.close()
+    return sweep.counts()
+
+
+def _folder(sweep: Sweep, run_id: str):
+    folder = job_run_folder(sweep.job_dir(run_id), sweep.state["command"])
+    return str(folder) if folder else None
