@@ -15,6 +15,8 @@ Launchers: local (threads waiting on `--jobs N` processes), ray (one Ray task pe
 instance or `--address`), slurm (submitit array jobs; `--slurm-local`: submitit's local executor).
 """
 
+import contextlib
+import fcntl
 import os
 import socket
 import subprocess
@@ -92,15 +94,40 @@ def run_job(job_dir: str, command: str, cwd: str, threads: int = 1) -> dict:
 
 class SlurmJob:
     """A submitit job that, when Slurm preempts or times it out, is requeued as itself: the
-    relaunched job finds its run folder and resumes it."""
+    relaunched job finds its run folder and resumes it. `slots` > 0 (submitit's local executor,
+    which starts every array task at once) holds it until one of that many lock files is free:
+    --jobs at a time, as Slurm's array parallelism does on a cluster."""
 
-    def __call__(self, job_dir: str, command: str, cwd: str, threads: int) -> dict:
-        return run_job(job_dir, command, cwd, threads)
+    def __call__(self, job_dir: str, command: str, cwd: str, threads: int, slots: int = 0) -> dict:
+        with _slot(Path(job_dir).parents[1] / "submitit", slots):
+            return run_job(job_dir, command, cwd, threads)
 
-    def checkpoint(self, job_dir: str, command: str, cwd: str, threads: int):
+    def checkpoint(self, job_dir: str, command: str, cwd: str, threads: int, slots: int = 0):
         import submitit
 
-        return submitit.helpers.DelayedSubmission(SlurmJob(), job_dir, command, cwd, threads)
+        return submitit.helpers.DelayedSubmission(SlurmJob(), job_dir, command, cwd, threads, slots)
+
+
+@contextlib.contextmanager
+def _slot(folder: Path, slots: int):
+    if not slots:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    while True:
+        for i in range(slots):
+            handle = open(folder / f"slot-{i}.lock", "w")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            try:
+                yield
+            finally:
+                handle.close()  # closing releases the lock
+            return
+        time.sleep(0.2)
 
 
 # ---------------------------------------------------------------- the sweep folder
@@ -225,7 +252,6 @@ class RayLauncher:
     """One Ray task per job (--cpus-per-job, --gpus-per-job); a local instance without --address."""
 
     def __init__(self, options: dict):
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # Ray's C++ retries would flood stderr
         ray = _import("ray", "ray")
         _check_ray_address(options["address"])
         started = time.perf_counter()
@@ -293,7 +319,8 @@ class SlurmLauncher:
         return executor
 
     def submit(self, job_dir: Path, command: str, cwd: str):
-        self.pending.append((str(job_dir), command, cwd, self.options["cpus_per_job"]))
+        slots = self.options["jobs"] if self.options["slurm_local"] else 0  # a cluster has array_parallelism
+        self.pending.append((str(job_dir), command, cwd, self.options["cpus_per_job"], slots))
         return len(self.pending) - 1  # a placeholder until flush() submits the array
 
     def flush(self, handles: dict, folder: Path) -> dict:
