@@ -343,8 +343,7 @@ def finetune(
     eig_iters: Annotated[Optional[int], typer.Option("--eig-iters", help="Power-iteration steps.")] = None,
     **options,
 ):
-    """LM fine-tuning (encoders: LM-BFF few-shot; decoders: MeZO's tasks), every optimizer in place,
-    tracking the Hessian trace (Figures 3, 6)."""
+    """LM fine-tuning (encoders: LM-BFF few-shot; decoders: MeZO's tasks), tracking the Hessian trace."""
     from zoflat_cli import finetune as finetune_command
 
     own = dict(task=task, k=k, split_seed=split_seed, test_mode=test_mode, num_train=num_train, num_dev=num_dev,
