@@ -507,15 +507,15 @@ def sweep(
         if command not in ("toy", "convex", "finetune"):
             raise ZoflatError(f"{recipe}: a sweep recipe needs `command: toy|convex|finetune`, got {command!r}")
         config = planned_config(command, ["--config", str(recipe), *ctx.args])
-        sweeps.expand(config)  # every job stands alone, checked before the launcher starts
+        jobs = sweeps.expand(config)  # every job stands alone, checked before the launcher starts
         runner = sweeps.make_launcher(options)
-        folder = sweeps.Sweep.create(config["out"], config["name"], command, config, options, os.getcwd())
+        folder = sweeps.Sweep.create(config["out"], config["name"], command, config, jobs, options, os.getcwd())
     if not quiet:
         started = f", Ray up in {runner.startup_s:.1f} s" if hasattr(runner, "startup_s") else ""
         say(f"sweep: {folder.path} ({len(folder.state['jobs'])} jobs, {len(folder.unfinished())} to run, "
             f"launcher {launcher}{started})")
     try:
-        counts = sweeps.run_sweep(folder, runner, options, quiet)
+        counts = sweeps.run_sweep(folder, runner, quiet)
     except KeyboardInterrupt:
         say(f"interrupted: zoflat sweep --resume {folder.path} relaunches the unfinished jobs", err=True)
         raise typer.Exit(EXIT_INTERRUPTED)

@@ -7,11 +7,11 @@ run MeZO's tasks with MeZO's sampling (llm_tasks.py, problems/causal.py). The mo
 decides which.
 """
 
-import sys
 from pathlib import Path
 
 from zoflat_cli import llm_tasks, text_tasks
 from zoflat_cli.config import DTYPES, MAX_SEED, MAX_STEPS, Setting, resolve_device, runs_from
+from zoflat_cli.engine.live import say
 from zoflat_cli.engine.loop import due
 from zoflat_cli.engine.model import run_models
 from zoflat_cli.engine.runfolder import open_for_resume
@@ -220,6 +220,6 @@ def run_finetune(config: dict, quiet: bool = False, resume: Path = None):
     problem = make_problem(config, device, dtype)
     cut = {s: n for s, n in getattr(problem, "truncated", {}).items() if n}
     if cut:  # said once, before the run
-        print(f"note: prompts longer than --max-length {problem.max_length} lost their beginning (never the "
-              f"answer): " + ", ".join(f"{n} in {s}" for s, n in cut.items()), file=sys.stderr)
+        say(f"note: prompts longer than --max-length {problem.max_length} lost their beginning (never the "
+            f"answer): " + ", ".join(f"{n} in {s}" for s, n in cut.items()), err=True)
     return run_models(config, problem, runs, metrics, quiet, Path(resume) if resume else None, previous)

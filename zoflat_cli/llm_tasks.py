@@ -12,7 +12,6 @@ dev set) and, with the same seed, the first num_eval rows of the validation pool
 """
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -391,21 +390,15 @@ def _read_file(path: Path) -> list:
             raw = path.read_bytes()
             document = json.loads(lzma.decompress(raw) if path.name.endswith(".xz") else raw)
             return document["data"] if "data" in document else list(document.values())
-    except (ValueError, KeyError, OSError, EOFError) as err:
-        raise ZoflatError(f"{path}: cannot read ({one_line(err)})") from None
-    except Exception as err:  # datasets wraps parse errors of its builders in its own types
+    except Exception as err:  # json, lzma, OSError, and datasets' own wrappers of its builders' parse errors
         raise ZoflatError(f"{path}: cannot read ({one_line(err)})") from None
     return data.to_list()
 
 
-def _hub_cache_dir() -> Path:
-    return Path(os.environ.get("HF_DATASETS_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache"
-                                                                             / "huggingface")) / "datasets")
-
-
 def hub_cached(source: Source) -> bool:
+    """Whether `datasets` has this hub dataset in its cache (its folder <path with ___>/<config>)."""
     path, config, _ = source.hub
-    folder = _hub_cache_dir() / path.replace("/", "___")
+    folder = Path(_quiet_datasets().config.HF_DATASETS_CACHE) / path.replace("/", "___")
     return (folder / config).is_dir() if config else folder.is_dir()
 
 

@@ -137,8 +137,8 @@ class Sweep:
         self.path, self.state = path, state
 
     @classmethod
-    def create(cls, out: Path, name: str, command: str, config: dict, launcher: dict, cwd: str):
-        jobs = expand(config)  # before any folder exists
+    def create(cls, out: Path, name: str, command: str, config: dict, jobs: dict, launcher: dict, cwd: str):
+        """jobs: expand(config), computed before the launcher starts and any folder exists."""
         path = create_run_dir(out, "sweep", name)
         for run_id, job in jobs.items():
             (path / "jobs" / run_id).mkdir(parents=True)
@@ -170,6 +170,11 @@ class Sweep:
 
     def job_dir(self, run_id: str) -> Path:
         return self.path / "jobs" / run_id
+
+    def queue(self, run_ids: list):
+        for run_id in run_ids:
+            self.state["jobs"][run_id]["state"] = "queued"
+        self.save()
 
     def set(self, run_id: str, state: str, result: dict = None):
         entry = self.state["jobs"][run_id]
@@ -224,8 +229,9 @@ class LocalLauncher:
         self.pool = ThreadPoolExecutor(max_workers=options["jobs"])
         self.threads = options["cpus_per_job"]
 
-    def submit(self, job_dir: Path, command: str, cwd: str):
-        return self.pool.submit(run_job, str(job_dir), command, cwd, self.threads)
+    def submit_all(self, sweep, run_ids: list) -> dict:
+        command, cwd = sweep.state["command"], sweep.state["cwd"]
+        return {r: self.pool.submit(run_job, str(sweep.job_dir(r)), command, cwd, self.threads) for r in run_ids}
 
     @staticmethod
     def done(handle) -> bool:
@@ -268,12 +274,17 @@ class RayLauncher:
         self.task = ray.remote(num_cpus=options["cpus_per_job"], num_gpus=options["gpus_per_job"])(run_job)
         self.threads = options["cpus_per_job"]
 
-    def submit(self, job_dir: Path, command: str, cwd: str):
-        return self.task.remote(str(job_dir), command, cwd, self.threads)
+    def submit_all(self, sweep, run_ids: list) -> dict:
+        command, cwd = sweep.state["command"], sweep.state["cwd"]
+        return {r: self.task.remote(str(sweep.job_dir(r)), command, cwd, self.threads) for r in run_ids}
 
     def done(self, handle) -> bool:
         ready, _ = self.ray.wait([handle], timeout=0)
         return bool(ready)
+
+    @staticmethod
+    def started(handle) -> bool:
+        return False  # known once its run folder exists
 
     def result(self, handle) -> dict:
         try:
@@ -300,7 +311,7 @@ class SlurmLauncher:
                 (Path(p) / "sbatch").is_file() for p in os.environ.get("PATH", "").split(os.pathsep)):
             raise ZoflatError("--launcher slurm: sbatch is not on this machine's PATH (run the sweep on a Slurm "
                               "login node, or --slurm-local for submitit's local executor)")
-        self.options, self.pending = options, []
+        self.options = options
 
     def _executor(self, folder: Path):
         """submitit's logs and pickles go to <sweep>/submitit."""
@@ -318,22 +329,24 @@ class SlurmLauncher:
         executor.update_parameters(**params)
         return executor
 
-    def submit(self, job_dir: Path, command: str, cwd: str):
-        slots = self.options["jobs"] if self.options["slurm_local"] else 0  # a cluster has array_parallelism
-        self.pending.append((str(job_dir), command, cwd, self.options["cpus_per_job"], slots))
-        return len(self.pending) - 1  # a placeholder until flush() submits the array
-
-    def flush(self, handles: dict, folder: Path) -> dict:
-        if not self.pending:
-            return handles
-        jobs = self._executor(folder).map_array(SlurmJob(), *map(list, zip(*self.pending)))
-        mapping = dict(zip(range(len(jobs)), jobs))
-        self.pending = []
-        return {run_id: mapping[h] for run_id, h in handles.items()}
+    def submit_all(self, sweep, run_ids: list) -> dict:
+        """One array job of them all."""
+        if not run_ids:
+            return {}
+        n, options = len(run_ids), self.options
+        slots = options["jobs"] if options["slurm_local"] else 0  # a cluster has array_parallelism
+        jobs = self._executor(sweep.path).map_array(
+            SlurmJob(), [str(sweep.job_dir(r)) for r in run_ids], [sweep.state["command"]] * n,
+            [sweep.state["cwd"]] * n, [options["cpus_per_job"]] * n, [slots] * n)
+        return dict(zip(run_ids, jobs))
 
     @staticmethod
     def done(handle) -> bool:
         return handle.done()
+
+    @staticmethod
+    def started(handle) -> bool:
+        return False  # known once its run folder exists
 
     @staticmethod
     def result(handle) -> dict:
@@ -362,20 +375,16 @@ def make_launcher(options: dict):
 
 # ---------------------------------------------------------------- running a sweep
 
-def run_sweep(sweep: Sweep, launcher, options: dict, quiet: bool = False) -> dict:
+def run_sweep(sweep: Sweep, launcher, quiet: bool = False) -> dict:
     """Launch every unfinished job, follow them to the end (a progress view), record each state.
     Ctrl-C cancels what is queued, lets running jobs save (they get the SIGINT too), and leaves
     the folder resumable. Returns the final counts."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    command, cwd = sweep.state["command"], sweep.state["cwd"]
+    command = sweep.state["command"]
     todo = sweep.unfinished()
-    handles = {run_id: launcher.submit(sweep.job_dir(run_id), command, cwd) for run_id in todo}
-    if isinstance(launcher, SlurmLauncher):
-        handles = launcher.flush(handles, sweep.path)
-    for run_id in todo:
-        sweep.set(run_id, "queued")
-    started = getattr(launcher, "started", lambda handle: False)  # else: once its run folder exists
+    handles = launcher.submit_all(sweep, todo)
+    sweep.queue(todo)
     columns = [TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                TimeElapsedColumn()]
     total = len(sweep.state["jobs"])
@@ -388,7 +397,7 @@ def run_sweep(sweep: Sweep, launcher, options: dict, quiet: bool = False) -> dic
                     sweep.set(run_id, "done" if result["returncode"] == 0 else "failed", result)
                 for run_id, handle in handles.items():
                     if sweep.state["jobs"][run_id]["state"] == "queued" and (
-                            started(handle) or job_run_folder(sweep.job_dir(run_id), command)):
+                            launcher.started(handle) or job_run_folder(sweep.job_dir(run_id), command)):
                         sweep.set(run_id, "running")
                 counts = sweep.counts()
                 progress.update(bar, completed=counts["done"] + counts["failed"],

@@ -18,17 +18,16 @@ from pathlib import Path
 from zoflat_cli.engine.loop import RUN_COLUMNS
 from zoflat_cli.errors import ZoflatError
 
-LOGGERS = ("wandb", "tensorboard", "mlflow")
-PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow"}
+LOGGERS = ("wandb", "tensorboard", "mlflow")  # each also the name of the package it imports
 NOT_METRICS = {*RUN_COLUMNS, "step"}  # a run's settings are in its config, not its curves
 
 
 def require(kind: str):
     """One line naming the extra to install, before any run folder exists."""
     try:
-        __import__(PACKAGES[kind])
+        __import__(kind)
     except ImportError:
-        raise ZoflatError(f"--logger {kind} needs {PACKAGES[kind]}: pip install 'zoflat[trackers]'") from None
+        raise ZoflatError(f"--logger {kind} needs {kind}: pip install 'zoflat[trackers]'") from None
 
 
 def metrics_of(row: dict) -> dict:

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from zoflat_cli.answer_metrics import SCORERS
 from zoflat_cli.errors import ZoflatError
-from zoflat_cli.problems.pretrained import PretrainedProblem, check_max_length, from_pretrained, quiet_transformers
+from zoflat_cli.problems.pretrained import (PretrainedProblem, at_least_float32, check_max_length, from_pretrained,
+                                            quiet_transformers)
 
 SCORING = ("sum", "mean")
 DEMO_SEPARATOR = "\n\n"  # MeZO's train_sep between in-context demonstrations
@@ -51,7 +52,7 @@ class TokenScorer(torch.nn.Module):
         hidden = self.lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
         picked = target[:, 1:]  # position t predicts token t + 1
         logits = self.lm.get_output_embeddings()(hidden[:, :-1][picked])
-        logp = torch.log_softmax(logits.float() if logits.dtype not in (torch.float32, torch.float64) else logits, -1)
+        logp = torch.log_softmax(at_least_float32(logits), -1)
         token_logp = logp.gather(1, ids[:, 1:][picked].unsqueeze(1)).squeeze(1)
         rows = torch.arange(len(ids), device=ids.device).unsqueeze(1).expand_as(picked)[picked]
         return torch.zeros(len(ids), dtype=token_logp.dtype, device=ids.device).index_add(0, rows, token_logp)
@@ -128,7 +129,6 @@ class CausalProblem(PretrainedProblem):
         self.name, self.task, self.device, self.dtype = config["model"], task, device, dtype
         self.objective, self.scoring = config["objective"], config["scoring"]
         self.generation = task.kind == "generation"
-        self.metric_name = task.metric
         self.max_new_tokens, self.micro_batch = config["max_new_tokens"], config["micro_batch"]
         sharpness = ["lambda_max", "grad_norm"] if config["eig_every"] else []
         self.panels = ["loss", f"test_{task.metric}", "hessian_trace", *sharpness]
@@ -242,7 +242,9 @@ class CausalProblem(PretrainedProblem):
         return out
 
     def metric(self, split: str) -> float:
-        return self.evaluate(split)[self.metric_name]
+        if self.generation:  # F1 of the greedy answers: no teacher-forced pass needed
+            return self.answer_scores(split)[1]
+        return self.evaluate(split)["accuracy"]
 
     def answer_scores(self, split: str) -> tuple:
         """(exact match, F1) of greedy answers over a split, each the best over the references."""
