@@ -42,7 +42,7 @@ def load(model: str, device: torch.device, task: str = "rte", **extra):
 
 def zo_optimizer(problem):
     hyper = {"lr": LR, "lambda": LAM, "weight_decay": 0.0}
-    return InPlaceOptimizer(ParameterDirections(problem.params), ESTIMATORS["two-point"], UPDATES["sgd"], hyper)
+    return InPlaceOptimizer(ParameterDirections(problem.params, module=problem.model), ESTIMATORS["two-point"], UPDATES["sgd"], hyper)
 
 
 def child(model: str, mode: str, steps: int, device: torch.device):

@@ -46,7 +46,7 @@ def load(model: str, device: torch.device):
 def zo_optimizer(problem, update="sgd", law="gaussian"):
     """zoflat's in-place two-point ZO with an update rule and a direction law."""
     hyper = {"lr": LR, "lambda": LAM, "momentum": 0.9, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.0}
-    return InPlaceOptimizer(ParameterDirections(problem.params, law), ESTIMATORS["two-point"], UPDATES[update], hyper)
+    return InPlaceOptimizer(ParameterDirections(problem.params, law, problem.model), ESTIMATORS["two-point"], UPDATES[update], hyper)
 
 
 def mezo_step(params, loss, seed):
@@ -79,7 +79,7 @@ def measure(model: str, repeats: int, device: torch.device):
     mezo = timed(lambda: mezo_step(problem.params, problem.loss, 1), repeats)
     gen = torch.Generator(device).manual_seed(0)
     with problem.double_backward():
-        hutch = timed(lambda: hutchinson(problem.params, problem.loss_terms, 1, gen), max(1, repeats // 2))
+        hutch = timed(lambda: hutchinson(problem.params, problem.hvp, 1, gen), max(1, repeats // 2))
     fd = timed(lambda: finite_difference(zo_sgd.directions, problem.loss, [(3, 0)], 1e-3), max(1, repeats // 2))
     print(f"\n{model}: {problem.n_params / 1e6:.1f}M parameters, head {problem.head}, "
           f"batch {problem.splits['train'].size} examples, "

@@ -84,7 +84,7 @@ def in_place(pairs: int, repeats: int):
         config = resolve(finetune.DEFAULTS, None, {"model": model, "k": 16, "micro_batch": 32}, finetune.SETTINGS)
         train, _, _ = kshot(TASKS["sst2"], 16, 13)
         problem = lm.LMProblem(config, TASKS["sst2"], {"train": train.examples()}, torch.device("cpu"), torch.float32)
-        d = ParameterDirections(problem.params)
+        d = ParameterDirections(problem.params, module=problem.model)
         seeds = [(i, 0) for i in range(pairs)]
         hyper = {"lr": 1e-6, "lambda": 1e-3, "tilt": 1.0}
         zo_step = InPlaceOptimizer(d, ESTIMATORS["two-point"], UPDATES["sgd"], hyper)

@@ -109,7 +109,7 @@ def test_generation_loss_is_the_answer_tokens_mean_nll(tiny_causal):
 @pytest.mark.parametrize("arch,lam,rel", [("gpt2", 1e-6, 1e-6), ("llama", 1e-3, 5e-3), ("opt", 1e-5, 1e-3)])
 def test_zo_in_place_equals_the_autograd_directional_derivative(tiny_causal, arch, lam, rel):
     problem = make_problem(tiny_causal(arch), "rte")
-    d = ParameterDirections(problem.params)
+    d = ParameterDirections(problem.params, module=problem.model)
     z = flat(d.draw((7, 0)))
     with problem.double_backward():  # eager attention throughout, as forward-mode AD runs it
         grad = flat(problem.gradient())
@@ -129,9 +129,9 @@ def test_hutchinson_and_fd_match_the_exact_hessian_of_a_causal_lm(tiny_causal):
     torch.testing.assert_close(H, H.T)
     exact = torch.trace(H).item()
     with problem.double_backward():
-        mean, stderr = hutchinson(problem.params, problem.loss_terms, 300, torch.Generator().manual_seed(1))
+        mean, stderr = hutchinson(problem.params, problem.hvp, 300, torch.Generator().manual_seed(1))
     assert abs(mean - exact) < 4 * stderr and stderr < 0.3 * abs(exact)
-    d = ParameterDirections(problem.params)
+    d = ParameterDirections(problem.params, module=problem.model)
     u = flat(d.draw((11, 0)))
     fd_one, _ = finite_difference(d, problem.loss, [(11, 0)], 1e-4)
     assert fd_one == pytest.approx(float(u @ H @ u), rel=1e-3)  # error O(δ²)

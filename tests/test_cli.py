@@ -117,7 +117,7 @@ def test_version():
         (["toy", "--optimizer", "nope"], "unknown optimizer 'nope'"),
         (["toy", "--config", "missing.yaml"], "recipe not found: missing.yaml"),
         (["toy", "--config", "{recipe}"], "unknown key 'lamda' (did you mean 'lambda'?)"),
-        (["toy", "--lr", "zo=0"], "lr must be > 0"),
+        (["toy", "--lr", "zo=-1"], "lr must be >= 0"),
         (["toy", "--seeds", "x"], "--seeds"),
         (["plot", "{empty}"], "no run folders"),
     ],

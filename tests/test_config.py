@@ -69,7 +69,7 @@ def test_a_plain_flag_replaces_a_per_optimizer_value():
 @pytest.mark.parametrize("recipe, message", [
     ("command: convex\n", "is for `zoflat convex`"),
     ("- 1\n", "must be a mapping"),
-    ("lr: {zo: -1}\n", "lr must be > 0"),
+    ("lr: {zo: -1}\n", "lr must be >= 0"),
     ("steps: 1.5\n", "steps must be an integer"),
     ("optimizer: []\n", "at least one optimizer"),
 ])

@@ -94,7 +94,7 @@ def in_place(d, estimator="two-point", update="sgd", **hyper):
 def test_directions_are_standard_normal_and_thread_independent(tiny_mlm, monkeypatch):
     problem = make_problem(tiny_mlm, dtype=torch.float32)
     monkeypatch.setattr("zoflat_cli.optim.directions.CHUNK", 1000)  # many chunks
-    d = ParameterDirections(problem.params)
+    d = ParameterDirections(problem.params, module=problem.model)
     z = flat(d.draw((123, 0)))
     assert abs(z.mean()) < 0.03 and abs(z.std() - 1) < 0.03
     assert torch.equal(z, flat(d.draw((123, 0)))) and not torch.equal(z, flat(d.draw((124, 0))))
@@ -105,7 +105,7 @@ def test_directions_are_standard_normal_and_thread_independent(tiny_mlm, monkeyp
 @pytest.mark.parametrize("device", DEVICES)
 def test_zo_step_estimates_directional_derivative_and_restores(tiny_mlm, device):
     problem = make_problem(tiny_mlm, device=device)
-    d = ParameterDirections(problem.params)
+    d = ParameterDirections(problem.params, module=problem.model)
     before = flat(problem.params).clone()
     grad = flat(problem.gradient())
     z = flat(d.draw((7, 0)))
@@ -122,14 +122,14 @@ def test_zo_step_estimates_directional_derivative_and_restores(tiny_mlm, device)
 @pytest.mark.parametrize("device", DEVICES)
 def test_replaying_the_update_log_is_bit_identical(tiny_mlm, device):
     problem = make_problem(tiny_mlm, dtype=torch.float32, device=device)
-    opt = in_place(ParameterDirections(problem.params), lr=1e-2, **{"lambda": 1e-3})
+    opt = in_place(ParameterDirections(problem.params, module=problem.model), lr=1e-2, **{"lambda": 1e-3})
     log = []
     for step in range(5):
         keys = [(1000, step), (2000, step)]
         log.append((keys, opt.step(problem, keys, step + 1)))
     trained = flat(problem.params).clone()
     problem.load_base()
-    opt = in_place(ParameterDirections(problem.params), lr=1e-2, **{"lambda": 1e-3})
+    opt = in_place(ParameterDirections(problem.params, module=problem.model), lr=1e-2, **{"lambda": 1e-3})
     for step, (keys, logged) in enumerate(log):
         opt.step(None, keys, step + 1, logged=logged)
     assert torch.equal(flat(problem.params), trained)
@@ -138,7 +138,7 @@ def test_replaying_the_update_log_is_bit_identical(tiny_mlm, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_zest_in_place_uses_the_tilted_weights_and_replays_bit_identically(tiny_mlm, device):
     problem = make_problem(tiny_mlm, device=device)
-    d = ParameterDirections(problem.params)
+    d = ParameterDirections(problem.params, module=problem.model)
     before = flat(problem.params).clone()
     keys, lam, t, lr = [(3, 0), (4, 0), (5, 0)], 1e-3, 10.0, 0.1
     evaluated = []
@@ -156,7 +156,7 @@ def test_zest_in_place_uses_the_tilted_weights_and_replays_bit_identically(tiny_
     torch.testing.assert_close(flat(problem.params), before - lr * update)
     trained = flat(problem.params).clone()
     problem.load_base()
-    in_place(ParameterDirections(problem.params), "tilted", lr=lr, tilt=t, **{"lambda": lam}).step(
+    in_place(ParameterDirections(problem.params, module=problem.model), "tilted", lr=lr, tilt=t, **{"lambda": lam}).step(
         None, keys, 1, logged=(coefs, True))
     assert torch.equal(flat(problem.params), trained)
 
@@ -172,7 +172,7 @@ def test_sam_step_is_gd_at_the_ascent_point(tiny_mlm, tmp_path):
     expected = x0 - lr * flat(problem.gradient())
     with torch.no_grad():
         torch.nn.utils.vector_to_parameters(x0, problem.params)
-    in_place(ParameterDirections(problem.params), "sam", lr=lr, rho=rho).step(problem, [], 1)
+    in_place(ParameterDirections(problem.params, module=problem.model), "sam", lr=lr, rho=rho).step(problem, [], 1)
     torch.testing.assert_close(flat(problem.params), expected)
 
 
@@ -204,19 +204,19 @@ def test_hutchinson_and_fd_match_the_exact_hessian(tiny_mlm, device):
     # one probe: vᵀHv exactly, for the same Rademacher v
     gen = torch.Generator(device).manual_seed(5)
     with problem.double_backward():
-        one, _ = hutchinson(problem.params, problem.loss_terms, 1, gen)
+        one, _ = hutchinson(problem.params, problem.hvp, 1, gen)
     gen = torch.Generator(device).manual_seed(5)
     v = torch.cat([torch.randint(0, 2, p.shape, generator=gen, device=device).to(p.dtype) * 2 - 1
                    for p in problem.params])
     assert one == pytest.approx(float(v @ H @ v), rel=1e-8)
     # fd: uᵀHu up to O(δ²), for the same Gaussian u
-    d = ParameterDirections(problem.params)
+    d = ParameterDirections(problem.params, module=problem.model)
     u = flat(d.draw((11, 0)))
     fd_one, _ = finite_difference(d, problem.loss, [(11, 0)], 1e-4)
     assert fd_one == pytest.approx(float(u @ H @ u), rel=1e-4)
     # both unbiased: many probes land within 4 standard errors of the exact trace
     with problem.double_backward():
-        mean, stderr = hutchinson(problem.params, problem.loss_terms, 200, torch.Generator(device).manual_seed(1))
+        mean, stderr = hutchinson(problem.params, problem.hvp, 200, torch.Generator(device).manual_seed(1))
     assert abs(mean - exact) < 4 * stderr and stderr < 0.2 * abs(exact)
     mean, stderr = finite_difference(d, problem.loss, [(k, 0) for k in range(200)], 1e-4)
     assert abs(mean - exact) < 4 * stderr and stderr < 0.3 * abs(exact)
@@ -230,14 +230,14 @@ def test_power_iteration_finds_the_top_eigenvalue(tiny_mlm, device):
     eigenvalues = torch.linalg.eigvalsh(_exact_hessian(problem))
     assert eigenvalues[-1] > abs(eigenvalues[0])  # λ_max dominates here
     with problem.double_backward():
-        top = top_eigenvalue(problem.params, problem.loss_terms, 200, torch.Generator(device).manual_seed(0))
+        top = top_eigenvalue(problem.params, problem.hvp, 200, torch.Generator(device).manual_seed(0))
     assert top == pytest.approx(eigenvalues[-1].item(), rel=1e-6)
 
 
 def test_fd_trace_leaves_parameters_bit_identical(tiny_mlm):
     problem = make_problem(tiny_mlm, dtype=torch.float32)
     before = flat(problem.params).clone()
-    finite_difference(ParameterDirections(problem.params), problem.loss, [(1, 0), (2, 0), (3, 0)], 1e-3)
+    finite_difference(ParameterDirections(problem.params, module=problem.model), problem.loss, [(1, 0), (2, 0), (3, 0)], 1e-3)
     assert torch.equal(flat(problem.params), before)
 
 

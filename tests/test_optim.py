@@ -153,7 +153,7 @@ def test_fwd_grad_equals_the_directional_derivative_from_autograd():
     torch.testing.assert_close(fwd[0], expected)
     # in place, on a model: the JVP of the model's loss
     model = BatchedAsModel(problem, x[0])
-    d = ParameterDirections(model.params)
+    d = ParameterDirections(model.params, module=model)
     z = d.draw((5, 0))[0]
     assert model.jvp([z]) == pytest.approx(float(z @ grad), rel=1e-12)
 
@@ -191,7 +191,7 @@ def test_every_preset_follows_the_same_trajectory_batched_and_in_place(preset, l
     (group,) = make_groups(problem, [run], torch.float64, CPU)
     model = BatchedAsModel(problem, group.x[0])
     start = model.loss()
-    optimizer = InPlaceOptimizer(ParameterDirections(model.params, law), estimator_of(preset),
+    optimizer = InPlaceOptimizer(ParameterDirections(model.params, law, model), estimator_of(preset),
                                  get_update(run.rule), run_hyper(run))
     with torch.inference_mode():
         for step in range(steps):

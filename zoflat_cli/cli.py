@@ -121,7 +121,8 @@ SHARED_OPTIONS = {
     "resume": Annotated[Optional[Path], typer.Option(
         "--resume", help="Continue the unfinished runs of this run folder (--steps may extend it).")],
     "device": Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda.")],
-    "dtype": Annotated[Optional[str], typer.Option("--dtype", help="float64 or float32.")],
+    "dtype": Annotated[Optional[str], typer.Option(
+        "--dtype", help="float32 or float64; finetune also bfloat16, float16.")],
     "out": Annotated[Optional[Path], typer.Option("--out", help="Parent folder of run folders.")],
     "name": Annotated[Optional[str], typer.Option("--name", help="Suffix of the run folder's name.")],
     "logger": Annotated[Optional[str], typer.Option(
@@ -232,11 +233,13 @@ def planned_config(command: str, args: list) -> dict:
 def _finish(path: Path, status: str, quiet: bool):
     from zoflat_cli.engine.live import say
 
-    say(str(path) if quiet else f"{status}: {path}")
-    if status == "diverged" and not quiet:
-        say("note: some runs diverged (NaN/Inf); see summary.json", err=True)
+    if path is not None:  # None: a data-parallel rank other than 0, which says nothing
+        say(str(path) if quiet else f"{status}: {path}")
+        if status == "diverged" and not quiet:
+            say("note: some runs diverged (NaN/Inf); see summary.json", err=True)
+        if status == "interrupted":
+            say("interrupted: the run folder keeps everything logged so far", err=True)
     if status == "interrupted":
-        say("interrupted: the run folder keeps everything logged so far", err=True)
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
@@ -341,6 +344,15 @@ def finetune(
     eig_every: Annotated[Optional[int], typer.Option(
         "--eig-every", help="λ_max by power iteration every N steps (0: never).")] = None,
     eig_iters: Annotated[Optional[int], typer.Option("--eig-iters", help="Power-iteration steps.")] = None,
+    trainable: Annotated[Optional[str], typer.Option(
+        "--trainable", help="What is trained: all, lora, prefix (decoders), bias (BitFit) or head (peft).")] = None,
+    lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help="LoRA rank r (MeZO: 8).")] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option("--lora-alpha", help="LoRA α (MeZO: 16).")] = None,
+    prefix_tokens: Annotated[Optional[int], typer.Option(
+        "--prefix-tokens", help="Prefix tuning's virtual tokens (MeZO: 5).")] = None,
+    device_map: Annotated[Optional[str], typer.Option(
+        "--device-map", help="auto, balanced or sequential: the model's layers across the visible GPUs "
+                             "(accelerate).")] = None,
     **options,
 ):
     """LM fine-tuning (encoders: LM-BFF few-shot; decoders: MeZO's tasks), tracking the Hessian trace."""
@@ -351,7 +363,8 @@ def finetune(
                scoring=scoring, max_new_tokens=max_new_tokens, objective=objective, data_dir=data_dir,
                model=model, head=head, max_length=max_length, micro_batch=micro_batch, batch_size=batch_size,
                eval_every=eval_every, trace=trace, trace_every=trace_every, trace_probes=trace_probes,
-               trace_delta=trace_delta, eig_every=eig_every, eig_iters=eig_iters)
+               trace_delta=trace_delta, eig_every=eig_every, eig_iters=eig_iters, trainable=trainable,
+               lora_rank=lora_rank, lora_alpha=lora_alpha, prefix_tokens=prefix_tokens, device_map=device_map)
     cfg, resume = resolve_command(finetune_command.DEFAULTS, {**options, **own}, finetune_command.SETTINGS,
                                   finetune_command.check)
     path, status = finetune_command.run_finetune(cfg, options["quiet"], resume)

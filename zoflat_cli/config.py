@@ -27,7 +27,7 @@ from zoflat_cli.trackers import require as require_tracker
 # Settings that may differ per optimizer; the two last take names, the others numbers.
 PER_OPTIMIZER = ("lr", *HYPERPARAMETERS, "samples", "directions", "update")
 NAMED = {"directions": LAWS, "update": tuple(UPDATES)}
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 MAX_STEPS = 10**10
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding (the LM-BFF splits) takes no larger seed
@@ -83,7 +83,7 @@ class Setting:
 COMMON_SETTINGS = {
     "out": Setting("path"),
     "device": Setting("text", choices=("auto", "cpu", "cuda")),
-    "dtype": Setting("text", choices=tuple(DTYPES)),
+    "dtype": Setting("text", choices=("float32", "float64")),  # finetune adds half precision
     "steps": Setting("int", 1, MAX_STEPS),
     "log_every": Setting("int", 1, MAX_STEPS),
     "checkpoint_every": Setting("int", 0, MAX_STEPS),
@@ -254,7 +254,8 @@ def _check_value(key: str, value):
             raise ZoflatError(f"unknown {key} {value!r}; choose from {', '.join(NAMED[key])}")
         return
     hyper = HYPERPARAMETERS.get(key)
-    _check_positive(key, value, integer=(key == "samples"), zero_ok=bool(hyper and hyper.zero_ok))
+    # lr = 0 is a drift check: the weights must not move (in any dtype)
+    _check_positive(key, value, integer=(key == "samples"), zero_ok=key == "lr" or bool(hyper and hyper.zero_ok))
     if hyper and hyper.below_one and value >= 1:
         raise ZoflatError(f"{key} must be < 1, got {value!r}")
     if key == "samples" and value > MAX_SAMPLES:

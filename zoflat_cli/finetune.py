@@ -11,6 +11,7 @@ from pathlib import Path
 
 from zoflat_cli import llm_tasks, text_tasks
 from zoflat_cli.config import DTYPES, MAX_SEED, MAX_STEPS, Setting, resolve_device, runs_from
+from zoflat_cli.engine import distributed
 from zoflat_cli.engine.live import say
 from zoflat_cli.engine.loop import due
 from zoflat_cli.engine.model import run_models
@@ -22,7 +23,7 @@ from zoflat_cli.optim.inplace import dot
 from zoflat_cli.optim.presets import SAMPLES, UPDATE_DEFAULTS, default_lrs, estimator_of
 from zoflat_cli.problems import lm
 from zoflat_cli.problems.causal import SCORING
-from zoflat_cli.problems.pretrained import peak_memory_mib
+from zoflat_cli.problems.pretrained import DEVICE_MAPS, TRAINABLE, peak_memory_mib
 from zoflat_cli.streams import generator, step_key
 
 TRACE_METHODS = ("hutchinson", "fd", "none")
@@ -71,6 +72,11 @@ DEFAULTS = {
     "checkpoint_every": 0,
     "eig_every": 0,  # 0: never; λ_max by power iteration costs eig_iters Hessian-vector products
     "eig_iters": 20,
+    "trainable": "all",
+    "lora_rank": 8,  # MeZO's LoRA and prefix settings
+    "lora_alpha": 16,
+    "prefix_tokens": 5,
+    "device_map": None,  # one device; auto: the layers across the GPUs
     "device": "auto",
     "dtype": "float32",
     "out": "runs",
@@ -103,6 +109,12 @@ SETTINGS = {
     "trace_delta": Setting("number", 0, 1, above=True),
     "eig_every": Setting("int", 0, MAX_STEPS),
     "eig_iters": Setting("int", 1, 10**5),
+    "dtype": Setting("text", choices=tuple(DTYPES)),
+    "trainable": Setting("text", choices=TRAINABLE),
+    "lora_rank": Setting("int", 1, 10**5),
+    "lora_alpha": Setting("number", 0, 10**6, above=True),
+    "prefix_tokens": Setting("int", 1, 10**4),
+    "device_map": Setting("text", choices=DEVICE_MAPS, optional=True),
 }
 
 
@@ -151,8 +163,7 @@ def metrics(runner, step: int) -> dict:
         row["grad_norm"] = dot(grads, grads) ** 0.5
     if cfg["eig_every"] and due(step, cfg["eig_every"], cfg["steps"]):
         gen = generator(seed, "probes", problem.device, step, 1)  # not the trace probes
-        with problem.double_backward():
-            row["lambda_max"] = top_eigenvalue(problem.params, problem.loss_terms, cfg["eig_iters"], gen)
+        row["lambda_max"] = top_eigenvalue(problem.params, problem.hvp, cfg["eig_iters"], gen)
     if cfg["trace"] != "none" and due(step, cfg["trace_every"], cfg["steps"]):
         row["hessian_trace"], row["hessian_trace_stderr"] = trace(runner, step)
     row["peak_memory_mib"] = round(peak_memory_mib(problem.device), 1)
@@ -164,11 +175,10 @@ def trace(runner, step: int) -> tuple:
     cfg, problem, seed = runner.config, runner.problem, runner.run.seed
     if cfg["trace"] == "fd":  # Gaussian probes, whatever law the run draws its directions from
         keys = [(step_key(seed, "probes", step, i), 0) for i in range(cfg["trace_probes"])]
-        return finite_difference(ParameterDirections(problem.params), lambda: problem.cross_entropy("train"), keys,
-                                 cfg["trace_delta"])
+        directions = ParameterDirections(problem.params, module=problem.model)
+        return finite_difference(directions, lambda: problem.cross_entropy("train"), keys, cfg["trace_delta"])
     gen = generator(seed, "probes", problem.device, step)
-    with problem.double_backward():
-        return hutchinson(problem.params, problem.loss_terms, cfg["trace_probes"], gen)
+    return hutchinson(problem.params, problem.hvp, cfg["trace_probes"], gen)
 
 
 def encoder_problem(config: dict, model_config, device, dtype):
@@ -213,13 +223,24 @@ def make_problem(config: dict, device, dtype):
 
 
 def run_finetune(config: dict, quiet: bool = False, resume: Path = None):
-    """Runs (or, with resume, continues) every run of the config. Returns (folder, status)."""
+    """Runs (or, with resume, continues) every run of the config; under torchrun, as one data-parallel
+    run (engine/distributed.py). Returns (folder, status)."""
     device, dtype = resolve_device(config["device"]), DTYPES[config["dtype"]]
     runs = runs_from(config)
+    if distributed.world_size() > 1 and config["device_map"]:
+        raise ZoflatError("--device-map places one model across GPUs; under torchrun every process holds the whole "
+                          "model: use one or the other")
     previous = open_for_resume(resume, runs, device, config["steps"]) if resume else {}  # before the model loads
-    problem = make_problem(config, device, dtype)
-    cut = {s: n for s, n in getattr(problem, "truncated", {}).items() if n}
-    if cut:  # said once, before the run
-        say(f"note: prompts longer than --max-length {problem.max_length} lost their beginning (never the "
-            f"answer): " + ", ".join(f"{n} in {s}" for s, n in cut.items()), err=True)
-    return run_models(config, problem, runs, metrics, quiet, Path(resume) if resume else None, previous)
+    with distributed.group_for(device) as group, distributed.private_outputs(group, config, resume) as (config, resume):
+        if resume and group.rank:
+            previous = open_for_resume(resume, runs, group.device, config["steps"])
+        problem = make_problem(config, group.device if group.world > 1 else device, dtype)
+        problem.group = group
+        problem.description["processes"] = group.world
+        cut = {s: n for s, n in getattr(problem, "truncated", {}).items() if n}
+        if cut and not group.rank:  # said once, before the run
+            say(f"note: prompts longer than --max-length {problem.max_length} lost their beginning (never the "
+                f"answer): " + ", ".join(f"{n} in {s}" for s, n in cut.items()), err=True)
+        path, status = run_models(config, problem, runs, metrics, quiet or group.rank > 0,
+                                  Path(resume) if resume else None, previous)
+        return (None if group.rank else path), status

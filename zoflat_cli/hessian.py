@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from zoflat_cli.optim.inplace import dot, preserved
+from zoflat_cli.optim.inplace import dot
 
 
 def mean_stderr(values) -> tuple:
@@ -35,16 +35,17 @@ def hvp(params, loss_terms, v) -> list:
     return out
 
 
-def hutchinson(params, loss_terms, probes: int, generator: torch.Generator) -> tuple:
+def hutchinson(params, hessian_vector, probes: int, generator: torch.Generator) -> tuple:
+    """hessian_vector(v) = ∇²f · v for v shaped like params (e.g. hvp above, or a model problem's)."""
     values = []
     for _ in range(probes):
         v = [torch.randint(0, 2, p.shape, generator=generator, device=p.device).to(p.dtype) * 2 - 1
              for p in params]
-        values.append(dot(v, hvp(params, loss_terms, v)))
+        values.append(dot(v, hessian_vector(v)))
     return mean_stderr(values)
 
 
-def top_eigenvalue(params, loss_terms, iters: int, generator: torch.Generator) -> float:
+def top_eigenvalue(params, hessian_vector, iters: int, generator: torch.Generator) -> float:
     """λ_max by power iteration with Hessian-vector products from a Gaussian start: the Rayleigh
     quotient after `iters` products (the eigenvalue of largest magnitude; λ_max when it dominates)."""
     v = [torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype) for p in params]
@@ -52,7 +53,7 @@ def top_eigenvalue(params, loss_terms, iters: int, generator: torch.Generator) -
     for _ in range(iters):
         norm = dot(v, v) ** 0.5
         v = [x / norm for x in v]
-        hv = hvp(params, loss_terms, v)
+        hv = hessian_vector(v)
         value = dot(v, hv)
         v = hv
     return value
@@ -60,17 +61,15 @@ def top_eigenvalue(params, loss_terms, iters: int, generator: torch.Generator) -
 
 @torch.no_grad()
 def finite_difference(directions, loss, keys, delta: float) -> tuple:
-    """directions: a ParameterDirections over the parameters, keys its probe directions; loss()
-    evaluates at the current point.
-    The parameters are restored bit for bit from a copy, so estimating never moves a run."""
+    """directions: a ParameterDirections over the parameters and the module that uses them, keys
+    its probe directions; loss() evaluates the module. The probes are formed on the fly
+    (directions.perturbed), so estimating never writes, let alone moves, the parameters."""
     f0 = float(loss())
     values = []
-    with preserved(directions.params) as restore:
-        for key in keys:
-            directions.add([(key, delta)])
+    for key in keys:
+        with directions.perturbed([(key, delta)]):
             f_plus = float(loss())
-            directions.add([(key, -2 * delta)])
+        with directions.perturbed([(key, -delta)]):
             f_minus = float(loss())
-            restore()
-            values.append((f_plus + f_minus - 2 * f0) / delta**2)  # python floats: float64
+        values.append((f_plus + f_minus - 2 * f0) / delta**2)  # python floats: float64
     return mean_stderr(values)

@@ -85,7 +85,7 @@ class ModelRunner:
     def __init__(self, problem, run, config: dict, folder: RunFolder, state: RunState, on_log, metrics):
         self.problem, self.run, self.config, self.folder = problem, run, config, folder
         self.state, self.on_log, self.metrics = state, on_log, metrics
-        self.directions = ParameterDirections(problem.params, run.directions)
+        self.directions = ParameterDirections(problem.params, run.directions, problem.model)
         self.optimizer = InPlaceOptimizer(self.directions, estimator_of(run.optimizer), get_update(run.rule),
                                           run_hyper(run))
         self.replayable = get_preset(run.optimizer).uses_directions  # its steps are a few logged numbers
@@ -158,7 +158,7 @@ class ModelRunner:
                 self.on_log(step, [row])
                 if self.state.status != "running":
                     return
-            if stop.requested:
+            if self.problem.group.any(stop.requested):  # all data-parallel ranks stop at the same step
                 self.state.status = "interrupted"
                 if not self.replayable:
                     self.save_checkpoint(step)
@@ -209,6 +209,6 @@ def run_models(config: dict, problem, runs, metrics, quiet: bool = False, resume
             if mine:
                 folder.keep_rows(lambda r: r["run_id"] != run.run_id or int(r["step"]) < start)
             runner.train(start, stop)
-            if stop.requested:
+            if problem.group.any(stop.requested):
                 break
     return path, result["status"]

@@ -11,6 +11,12 @@ The batched path (a (runs, dim) tensor per step, blocks of steps on a background
 in-place path (chunk by chunk, z never stored) draw the very same numbers for the same run, step
 and sample.
 
+In place, a perturbed point x + Σ aᵢzᵢ is never written into the stored weights: inside
+`ParameterDirections.perturbed(terms)`, every module that owns parameters forms its perturbed
+weights on the fly for the length of its own forward (one module's scratch at a time) and gives
+the stored ones back after it. So probing cannot drift the weights in any precision: only
+`add` (the update) writes them, rounding x + Σ aᵢzᵢ once into the stored dtype.
+
 Laws (each with E[u] = 0 and E[uuᵀ] = I):
   gaussian    u ~ N(0, I)
   rademacher  u_j = ±1 with probability 1/2 each
@@ -18,6 +24,7 @@ Laws (each with E[u] = 0 and E[uuᵀ] = I):
               needs every chunk, so it is one extra draw-only pass per direction, computed once and cached.
 """
 
+import contextlib
 import functools
 import math
 import threading
@@ -131,14 +138,21 @@ class DirectionStream:
         return u
 
 
+def work_dtype(dtype) -> torch.dtype:
+    """The dtype a perturbed or updated weight is computed in before its one rounding to `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class ParameterDirections:
     """Directions over a model's parameter tensors, regenerated chunk by chunk, never stored.
 
-    A direction's key is (base, step). `add(terms)` computes params += Σ scale·z(key) in one pass with one chunk of scratch per thread.
+    A direction's key is (base, step). `add(terms)` computes params += Σ scale·z(key) in one pass
+    with one chunk of scratch per thread; `perturbed(terms)` evaluates `module` at that point
+    without writing it (module: the nn.Module whose forward uses the parameters).
     A chunk spans many small tensors (biases, norms), so one draw and one fused multi-tensor add
     serve them all: on a GPU the pass costs a few kernel launches per chunk, not per tensor."""
 
-    def __init__(self, params, law: str = "gaussian"):
+    def __init__(self, params, law: str = "gaussian", module=None):
         self.params = list(params)
         self.law = check_law(law)
         self.device = self.params[0].device
@@ -159,30 +173,50 @@ class ParameterDirections:
         if pieces:
             self.chunks.append(pieces)
         self.param_views = [self.views(self.params, i) for i in range(len(self.chunks))]  # cut once, used every pass
+        # a chunk is drawn on its first tensor's device (a model across GPUs: --device-map); a piece on
+        # another device is moved there, so the numbers do not depend on the placement
+        self.chunk_devices = [self.params[pieces[0][0]].device for pieces in self.chunks]
+        # per parameter, the chunk pieces that cover it: [(chunk, start in the parameter, start, stop in the chunk)]
+        self.pieces_of = [[] for _ in self.params]
+        for chunk, pieces in enumerate(self.chunks):
+            for index, start, offset, stop in pieces:
+                self.pieces_of[index].append((chunk, start, offset, stop))
         # CPU: threads share the chunks (torch releases the GIL while it draws); CUDA: one stream
         self.workers = torch.get_num_threads() if self.device.type == "cpu" else 1
         self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
         self._local = threading.local()
         self._scales = {}  # the sphere's √d/‖g‖ per key, computed once
         self.layout = layout(self.numel)
+        self.owners = [] if module is None else owners(module, self.params)
+        self._terms, self._drawn = None, {}
 
     def views(self, tensors, index: int) -> list:
         """The flat slices of `tensors` (shaped like the parameters) that chunk `index` covers."""
         # detached: the pool's threads do not inherit the caller's no_grad mode
         return [tensors[i].detach().view(-1)[start:start + stop - offset] for i, start, offset, stop in self.chunks[index]]
 
-    def _scratch(self):
-        if not hasattr(self._local, "buffer"):
-            self._local.buffer = torch.empty(UNIT if self.numel <= UNIT else CHUNK, dtype=torch.float32,
-                                             device=self.device)
-            self._local.generator = torch.Generator(device=self.device)
-        return self._local.buffer, self._local.generator
+    def pieces(self, z: torch.Tensor, index: int, targets) -> list:
+        """Chunk `index` of a direction cut into the pieces of `targets`, each on its tensor's device."""
+        return [z[offset:stop].to(t.device) for t, (_, _, offset, stop) in zip(targets, self.chunks[index])]
 
-    def chunk(self, key: tuple, index: int) -> torch.Tensor:
-        """Chunk `index` of direction key = (base, step) before the sphere's scaling, in this
+    def _scratch(self, device):
+        """This thread's scratch buffer and generator on `device`."""
+        if not hasattr(self._local, "scratch"):
+            self._local.scratch = {}
+        if device not in self._local.scratch:
+            self._local.scratch[device] = (self._buffer(device), torch.Generator(device=device))
+        return self._local.scratch[device]
+
+    def _buffer(self, device) -> torch.Tensor:
+        with torch.inference_mode(False):  # the pool's threads write it outside the caller's inference mode
+            return torch.empty(UNIT if self.numel <= UNIT else CHUNK, dtype=torch.float32, device=device)
+
+    def chunk(self, key: tuple, index: int, out: torch.Tensor = None) -> torch.Tensor:
+        """Chunk `index` of direction key = (base, step) before the sphere's scaling, in `out` or this
         thread's scratch (float32)."""
         (base, step), (units, per) = key, self.layout
-        buffer, gen = self._scratch()
+        buffer, gen = self._scratch(self.chunk_devices[index])
+        buffer = buffer if out is None else out
         if self.numel <= UNIT:  # a small model: the whole unit its step shares with others, then its slice
             gen.manual_seed(mix(base, step // per))
             offset = (step % per) * self.numel
@@ -201,33 +235,88 @@ class ParameterDirections:
             self._scales[key] = sphere_scale(square, self.numel)
         return self._scales[key]
 
-    def map_chunks(self, fn) -> list:
-        """fn(chunk index) for every chunk, on all CPU threads; the results in chunk order."""
+    def map_chunks(self, fn, indices=None) -> list:
+        """fn(chunk index) for every chunk (or those in `indices`), on all CPU threads; the results in order."""
+        indices = range(len(self.chunks)) if indices is None else indices
         if self._pool is None:
-            return [fn(i) for i in range(len(self.chunks))]
-        return list(self._pool.map(fn, range(len(self.chunks))))
+            return [fn(i) for i in indices]
+        return list(self._pool.map(fn, indices))
 
     @torch.no_grad()
     def add(self, terms):
-        """params += Σ scale · z(key) for (key, scale) in terms, in one pass."""
+        """params += Σ scale · z(key) for (key, scale) in terms, in one pass; half-precision parameters
+        take the sum in float32 and are rounded once."""
         terms = [(k, float(a) * self.scale(k)) for k, a in terms]
 
         def add_chunk(index):
             targets = self.param_views[index]
+            exact = work_dtype(targets[0].dtype) == targets[0].dtype
+            sums = targets if exact else [t.float() for t in targets]
             for key, alpha in terms:
                 z = self.chunk(key, index)
-                parts = [z[offset:stop].to(t.dtype) for t, (_, _, offset, stop) in zip(targets, self.chunks[index])]
-                torch._foreach_add_(targets, parts, alpha=alpha)
+                torch._foreach_add_(sums, self.pieces(z, index, targets), alpha=alpha)
+            if not exact:
+                copy_into(targets, sums)
 
         self.map_chunks(add_chunk)
+
+    # -- evaluating at a perturbed point without writing it
+
+    @contextlib.contextmanager
+    def perturbed(self, terms):
+        """Inside, `module`'s forward sees params + Σ scale · z(key) (rounded once to their dtype);
+        the stored parameters are never written."""
+        if not self.owners:
+            raise RuntimeError("ParameterDirections.perturbed needs the module that uses the parameters")
+        self._terms = [(k, float(a) * self.scale(k)) for k, a in terms]
+        handles = []
+        for module, own in self.owners:
+            handles.append(module.register_forward_pre_hook(functools.partial(self._swap_in, own)))
+            handles.append(module.register_forward_hook(functools.partial(self._swap_out, own), always_call=True))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module, own in self.owners:  # even if a forward failed half-way
+                self._swap_out(own, module)
+            self._terms, self._drawn = None, {}
+
+    def _swap_in(self, own, module, *_):
+        for name, index in own:
+            module._parameters[name] = self._perturbed(index)
+
+    def _swap_out(self, own, module, *_):
+        for name, index in own:
+            module._parameters[name] = self.params[index]
+
+    @torch.no_grad()
+    def _perturbed(self, index: int) -> torch.Tensor:
+        p = self.params[index]
+        x = p.detach().view(-1).to(work_dtype(p.dtype), copy=True)
+        for chunk, start, offset, stop in self.pieces_of[index]:
+            for key, alpha in self._terms:
+                x[start:start + stop - offset].add_(self._drawn_chunk(key, chunk)[offset:stop].to(x.device), alpha=alpha)
+        return x.to(p.dtype).view_as(p)
+
+    def _drawn_chunk(self, key: tuple, index: int) -> torch.Tensor:
+        """Chunk `index` of z(key), drawn with the next workers - 1 chunks on the pool's threads (the forward
+        goes through the parameters in about their order) and kept while the forward uses them."""
+        if (key, index) not in self._drawn:
+            wanted = range(index, min(index + self.workers, len(self.chunks)))
+            free = [buffer for k, buffer in self._drawn.values()]
+            free += [self._buffer(self.chunk_devices[i]) for i in wanted[len(free):]]
+            drawn = self.map_chunks(lambda i: self.chunk(key, i, free[i - index]), wanted)
+            self._drawn = {(key, i): (z, free[i - index]) for i, z in zip(wanted, drawn)}
+        return self._drawn[(key, index)][0]
 
     @torch.no_grad()
     def dot(self, key: tuple, tensors) -> float:
         """z(key)ᵀ t for t shaped like the parameters, in float64 (dd's uᵀ∇f)."""
         def chunk_dot(index):
-            z = self.chunk(key, index)
-            return sum(float(torch.dot(z[offset:stop].double(), t.double()))
-                       for t, (_, _, offset, stop) in zip(self.views(tensors, index), self.chunks[index]))
+            targets = self.views(tensors, index)
+            return sum(float(torch.dot(z.double(), t.double())) for t, z in zip(targets, self.pieces(
+                self.chunk(key, index), index, targets)))
         return sum(self.map_chunks(chunk_dot)) * self.scale(key)
 
     def draw(self, key: tuple, dtype=None) -> list:
@@ -235,7 +324,28 @@ class ParameterDirections:
         out = [torch.zeros_like(p, dtype=dtype or p.dtype) for p in self.params]
         scale = self.scale(key)
         for index in range(len(self.chunks)):
-            z = self.chunk(key, index)
-            for t, (_, _, offset, stop) in zip(self.views(out, index), self.chunks[index]):
-                t.copy_(z[offset:stop]).mul_(scale)  # scaled in the output's dtype, as the batched draw
+            targets = self.views(out, index)
+            for t, z in zip(targets, self.pieces(self.chunk(key, index), index, targets)):
+                t.copy_(z).mul_(scale)  # scaled in the output's dtype, as the batched draw
         return out
+
+
+def copy_into(targets, values):
+    """targets[i] ← values[i] (rounding to the targets' dtype), in one fused call where they share a device."""
+    if len({t.device for t in targets}) == 1:
+        torch._foreach_copy_(targets, values)
+    else:
+        for t, v in zip(targets, values):
+            t.copy_(v)
+
+
+def owners(module, params) -> list:
+    """[(module, [(name, index in params)])] for every submodule that holds some of params itself (a
+    tied weight: each module that holds it)."""
+    index = {id(p): i for i, p in enumerate(params)}
+    out = []
+    for m in module.modules():
+        own = [(name, index[id(p)]) for name, p in m._parameters.items() if p is not None and id(p) in index]
+        if own:
+            out.append((m, own))
+    return out

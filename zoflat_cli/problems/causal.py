@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from zoflat_cli.answer_metrics import SCORERS
 from zoflat_cli.errors import ZoflatError
 from zoflat_cli.problems.pretrained import (PretrainedProblem, at_least_float32, check_max_length, from_pretrained,
-                                            quiet_transformers)
+                                            quiet_transformers, require)
 
 SCORING = ("sum", "mean")
 DEMO_SEPARATOR = "\n\n"  # MeZO's train_sep between in-context demonstrations
@@ -44,12 +44,16 @@ class TokenScorer(torch.nn.Module):
     """Per row, the summed log-probability of the tokens marked in `target`, each predicted from
     the tokens before it; the LM head is applied to those positions only."""
 
-    def __init__(self, lm):
+    def __init__(self, lm, prefix=None):
         super().__init__()
-        self.lm = lm
+        self.lm, self.prefix = lm, prefix  # prefix: peft's prefix-tuning model around lm (--trainable prefix)
 
     def forward(self, ids, mask, target):
-        hidden = self.lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        extra = {}
+        if self.prefix is not None:  # the virtual tokens' keys and values come first, in every layer
+            extra["cache"] = self.prefix.get_prompt(batch_size=len(ids))
+            mask = torch.cat([mask.new_ones(len(ids), self.prefix.peft_config["default"].num_virtual_tokens), mask], 1)
+        hidden = self.lm.base_model(input_ids=ids, attention_mask=mask, **extra).last_hidden_state
         picked = target[:, 1:]  # position t predicts token t + 1
         logits = self.lm.get_output_embeddings()(hidden[:, :-1][picked])
         logp = torch.log_softmax(at_least_float32(logits), -1)
@@ -126,8 +130,8 @@ class CausalProblem(PretrainedProblem):
         quiet_transformers()
         from transformers import AutoTokenizer
 
-        self.name, self.task, self.device, self.dtype = config["model"], task, device, dtype
-        self.objective, self.scoring = config["objective"], config["scoring"]
+        self.read_options(config, device, dtype)
+        self.task, self.scoring = task, config["scoring"]
         self.generation = task.kind == "generation"
         self.max_new_tokens, self.micro_batch = config["max_new_tokens"], config["micro_batch"]
         sharpness = ["lambda_max", "grad_norm"] if config["eig_every"] else []
@@ -154,7 +158,8 @@ class CausalProblem(PretrainedProblem):
         self.splits["batch"] = self.splits["train"]
         self.forward_passes = 0.0
         self.description = {
-            "task": task.name, "kind": task.kind, "model": self.name, "parameters": self.n_params,
+            "task": task.name, "kind": task.kind, "model": self.name, "trainable": self.trainable,
+            "parameters": self.n_params, "total_parameters": self.n_total,
             "scoring": self.scoring, "demos": len(demos), "max_length": self.max_length,
             **{f"{s}_examples": b.size for s, b in self.splits.items() if s != "batch"},
             "truncated_prompts": dict(self.truncated),
@@ -164,8 +169,16 @@ class CausalProblem(PretrainedProblem):
         from transformers import AutoModelForCausalLM
 
         self.hf_model = self.load_pretrained(AutoModelForCausalLM)
-        self.model = TokenScorer(self.hf_model)
-        self.track_parameters()
+        prefix = None
+        if self.trainable == "prefix":
+            peft = require("peft", "--trainable prefix")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)  # the virtual tokens' initial values: the same in every run and on resume
+                prefix = peft.get_peft_model(self.hf_model, peft.PrefixTuningConfig(
+                    task_type="CAUSAL_LM", num_virtual_tokens=self.prefix_tokens))
+        self.model = TokenScorer(self.hf_model, prefix)
+        self.generator = prefix or self.hf_model  # peft's generate puts the prefix before the prompt
+        self.track_parameters(self.hf_model.get_output_embeddings().parameters())
 
     # -- encoding
 
@@ -227,13 +240,13 @@ class CausalProblem(PretrainedProblem):
         """{loss, accuracy} (classification, choice) or {loss, f1, em} (generation; decode=False:
         the loss only) over a split."""
         total, correct = 0.0, 0
-        for batch in self.splits[split].batches:
-            self._count(split, batch.examples)
+        for batch in self.my_batches(split):
             scores = self.model(*self._inputs(batch))
             total += float(self._batch_loss(scores, batch))
             if not self.generation:
                 picked = self.option_scores(scores, batch).argmax(-1)
                 correct += int(batch.correct[torch.arange(batch.examples, device=picked.device), picked].sum())
+        total, correct = self.group.sum([total, correct])
         out = {"loss": total / self.splits[split].weight}
         if not self.generation:
             out["accuracy"] = correct / self.splits[split].size
@@ -250,21 +263,21 @@ class CausalProblem(PretrainedProblem):
         """(exact match, F1) of greedy answers over a split, each the best over the references."""
         score = SCORERS[self.task.scorer]
         pairs = [score(prediction, answers) for prediction, answers in self.generate(split)]
-        return (sum(p[0] for p in pairs) / len(pairs), sum(p[1] for p in pairs) / len(pairs))
+        em, f1 = self.group.sum([sum(p[0] for p in pairs), sum(p[1] for p in pairs)])
+        return em / self.splits[split].size, f1 / self.splits[split].size
 
     @torch.inference_mode()
     def generate(self, split: str) -> list:
         """[(greedy answer, references)]: decoding stops at a newline, the answer is the first line."""
         out = []
-        for batch in self.splits[split].batches:
-            self._count(split, batch.examples)
+        for batch in self.my_batches(split):
             width = max(len(p) for p in batch.prompts)
             ids = torch.full((len(batch.prompts), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros_like(ids)
             for r, prompt in enumerate(batch.prompts):  # left padding: every prompt ends where decoding starts
                 ids[r, width - len(prompt):] = torch.tensor(prompt)
                 mask[r, width - len(prompt):] = 1
-            generated = self.hf_model.generate(
+            generated = self.generator.generate(
                 input_ids=ids.to(self.device), attention_mask=mask.to(self.device), do_sample=False, num_beams=1,
                 max_new_tokens=self.max_new_tokens, eos_token_id=self.stop_ids, pad_token_id=self.pad_id)
             for row, answers in zip(generated[:, width:], batch.answers):

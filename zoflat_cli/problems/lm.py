@@ -147,8 +147,11 @@ class LMProblem(PretrainedProblem):
         quiet_transformers()
         from transformers import AutoConfig, AutoTokenizer
 
-        self.name, self.task, self.device, self.dtype = config["model"], task, device, dtype
-        self.objective = config["objective"]
+        self.read_options(config, device, dtype)
+        self.task = task
+        if self.trainable == "prefix":
+            raise ZoflatError(f"--trainable prefix is for decoder LMs (MeZO's prefix tuning); for the encoder "
+                              f"{self.name!r} use lora, bias, head or all")
         # the paper's three panels, and the sharpness measures when λ_max is being computed
         sharpness = ["lambda_max", "grad_norm"] if config["eig_every"] else []
         self.panels = ["loss", "test_accuracy", "hessian_trace", *sharpness]
@@ -167,7 +170,8 @@ class LMProblem(PretrainedProblem):
         self.splits["batch"] = self.splits["train"]
         self.forward_passes = 0.0  # over the training split, in full-batch units
         self.description = {
-            "task": task.name, "model": self.name, "head": self.head, "parameters": self.n_params,
+            "task": task.name, "model": self.name, "head": self.head, "trainable": self.trainable,
+            "parameters": self.n_params, "total_parameters": self.n_total,
             **{f"{s}_examples": b.size for s, b in self.splits.items()},
         }
 
@@ -182,7 +186,7 @@ class LMProblem(PretrainedProblem):
             encoder = self.load_pretrained(AutoModel)
             self.model = LinearClassifier(encoder, self._label_embeddings(encoder, self.task))
             self.hf_model = encoder
-        self.track_parameters()
+        self.track_parameters(self.model.mlm_head.parameters() if self.head == "prompt" else [self.model.weight])
 
     def _encode(self, task, sentence, max_length):
         if self.head == "prompt":
@@ -209,11 +213,11 @@ class LMProblem(PretrainedProblem):
     def evaluate(self, split: str, decode: bool = True) -> dict:
         """{loss (the mean), accuracy} over a split (`decode`: for the causal problem's signature)."""
         total, correct = 0.0, 0
-        for batch in self.splits[split].batches:
-            self._count(split, batch.examples)
+        for batch in self.my_batches(split):
             logits = at_least_float32(self.model(*self._inputs(batch)))
             total += float(self._batch_loss(logits, batch))
             correct += int((logits.argmax(-1) == batch.y).sum())
+        total, correct = self.group.sum([total, correct])
         size = self.splits[split].size
         return {"loss": total / size, "accuracy": correct / size}
 

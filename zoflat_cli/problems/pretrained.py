@@ -19,7 +19,9 @@ from urllib.parse import urlparse
 
 import torch
 
+from zoflat_cli.engine.distributed import SINGLE
 from zoflat_cli.errors import ZoflatError
+from zoflat_cli.hessian import hvp
 from zoflat_cli.streams import generator
 
 # ---------------------------------------------------------------- loading models
@@ -100,20 +102,72 @@ def check_max_length(max_length: int, model_config, name: str):
 
 # ---------------------------------------------------------------- the shared problem
 
+TRAINABLE = ("all", "lora", "prefix", "bias", "head")  # --trainable: what the optimizer moves
+DEVICE_MAPS = ("auto", "balanced", "sequential")  # accelerate's placements of a model across devices
+
+
+def require(package: str, flag: str):
+    """An optional package (the extra of the same name), or one line saying how to install it."""
+    try:
+        return __import__(package)
+    except ImportError:
+        raise ZoflatError(f"{flag} needs {package}: pip install 'zoflat[{package}]'") from None
+
+
 class PretrainedProblem:
     """What encoder and decoder problems share; subclasses set `model`, `hf_model`, `params`,
     `encoded` ({split: [example encodings]}) and `splits`, and define `_batches`, `_inputs`,
-    `_batch_loss` and `metric`."""
+    `_batch_loss` and `metric`.
+
+    --trainable picks the parameters the optimizer moves (and the Hessian trace, λ_max, directions,
+    update logs and checkpoints cover): all; lora (peft's LoRA adapters on peft's default target
+    modules, e.g. q_proj and v_proj, only those); prefix (peft's prefix tuning, decoder LMs); bias
+    (BitFit); head (the output head's weights, tied ones included: for OPT or GPT-2 the LM head is
+    the input embedding)."""
 
     objective = "loss"
+    group = SINGLE  # data-parallel ranks (engine/distributed.py): each takes its share of every split
+
+    def read_options(self, config: dict, device, dtype):
+        self.name, self.device, self.dtype = config["model"], device, dtype
+        self.objective, self.trainable, self.device_map = config["objective"], config["trainable"], config["device_map"]
+        self.lora = {"r": config["lora_rank"], "lora_alpha": config["lora_alpha"]}
+        self.prefix_tokens = config["prefix_tokens"]
 
     def load_pretrained(self, loader, **kwargs):
-        return from_pretrained(loader, self.name, dtype=self.dtype, **kwargs)
+        if self.device_map:
+            require("accelerate", f"--device-map {self.device_map}")
+            kwargs["device_map"] = self.device_map
+        model = from_pretrained(loader, self.name, dtype=self.dtype, **kwargs)
+        if self.trainable == "lora":
+            peft = require("peft", "--trainable lora")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)  # the adapters' initial values: the same in every run and on resume
+                try:
+                    peft.inject_adapter_in_model(peft.LoraConfig(**self.lora), model)
+                except ValueError as err:
+                    raise ZoflatError(f"--trainable lora on {self.name!r}: {str(err).splitlines()[0]}") from None
+        return model
 
-    def track_parameters(self):
-        self.model.to(self.device).eval()
+    def track_parameters(self, head):
+        """Mark the --trainable parameters (head: the output head's parameters) and keep them as `params`."""
+        if not self.device_map:
+            self.model.to(self.device)
+        self.model.eval()
+        heads = {id(p) for p in head}
+        chosen = {"all": lambda n, p: True, "lora": lambda n, p: "lora_" in n,
+                  "prefix": lambda n, p: "prompt_encoder" in n, "bias": lambda n, p: n.endswith("bias"),
+                  "head": lambda n, p: id(p) in heads}[self.trainable]
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(chosen(n, p))
         self.params = [p for p in self.model.parameters() if p.requires_grad]  # shared weights once
+        if not self.params:
+            raise ZoflatError(f"--trainable {self.trainable} leaves no parameter of {self.name!r} to train")
+        if any(p.device.type == "meta" for p in self.params):
+            raise ZoflatError("--device-map offloaded some weights to disk or CPU hooks; in-place training needs "
+                              "every trained weight resident on a device: add GPUs or use --trainable lora")
         self.n_params = sum(p.numel() for p in self.params)
+        self.n_total = sum(p.numel() for p in self.model.parameters())
 
     @contextlib.contextmanager
     def double_backward(self):
@@ -142,15 +196,21 @@ class PretrainedProblem:
         if split in ("train", "batch"):  # forward passes over the training split, in full-batch units
             self.forward_passes += rows / self.splits["train"].size
 
-    def loss_terms(self, split: str = "train"):
-        """Per micro-batch: its share of the split's loss (with autograd if enabled)."""
+    def my_batches(self, split: str) -> list:
+        """This rank's micro-batches of a split (all of them in a single process), counting the split's
+        forward passes."""
         for batch in self.splits[split].batches:
             self._count(split, batch.examples)
+        return self.group.mine(self.splits[split].batches)
+
+    def loss_terms(self, split: str = "train"):
+        """Per micro-batch of this rank: its share of the split's loss (with autograd if enabled)."""
+        for batch in self.my_batches(split):
             yield self._batch_loss(self.model(*self._inputs(batch)), batch) / self.splits[split].weight
 
     @torch.inference_mode()
     def cross_entropy(self, split: str = "batch") -> float:
-        return sum(float(term) for term in self.loss_terms(split))
+        return self.group.sum([sum(float(term) for term in self.loss_terms(split))])[0]
 
     def loss(self, split: str = "batch") -> float:
         """What the optimizer minimises: the cross-entropy, or 1 − the --objective metric."""
@@ -167,7 +227,12 @@ class PretrainedProblem:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         for p in self.params:
             p.grad = None
-        return grads
+        return self.group.sum_tensors(grads)
+
+    def hvp(self, v) -> list:
+        """∇²f · v of the training loss, by double backward (eager attention)."""
+        with self.double_backward():
+            return self.group.sum_tensors(hvp(self.params, lambda: self.loss_terms("train"), v))
 
     def jvp(self, tangents) -> float:
         """uᵀ∇f of the batch's loss by forward-mode AD (torch.func.jvp: one forward pass with
@@ -178,23 +243,23 @@ class PretrainedProblem:
         primals = tuple(p.detach() for p in self.params)
         split, total = self.splits["batch"], 0.0
         with self.double_backward():  # eager attention: forward-mode AD covers every op in it
-            for batch in split.batches:
-                self._count("batch", batch.examples)
-
+            for batch in self.my_batches("batch"):
                 def loss(*values):
                     output = functional_call(self.model, dict(zip(names, values)), self._inputs(batch))
                     return self._batch_loss(output, batch) / split.weight
 
                 total += float(jvp(loss, primals, tuple(tangents))[1])
-        return total
+        return self.group.sum([total])[0]
 
     def state(self) -> dict:
-        return {n: p.detach() for n, p in self.model.named_parameters()}
+        """The trained parameters by name (the frozen ones come from the pretrained weights)."""
+        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
 
     def load_state(self, state: dict):
         with torch.no_grad():
             for n, p in self.model.named_parameters():
-                p.copy_(state[n])
+                if p.requires_grad:
+                    p.copy_(state[n])
 
 
 def at_least_float32(logits):
