@@ -2,14 +2,19 @@
 
 For each model (MiniLM, a small random RoBERTa with an MLM head) on the SST-2 K=32 training set
 (64 examples, full batch), prints:
-  time   one forward pass, zoflat's ZO step (3 threaded passes over the parameters), a MeZO-style
-         step (4 passes, z regenerated with torch.manual_seed + torch.normal per tensor), as ratios
-         to the forward pass; and one Hutchinson / fd probe in forward-pass equivalents
-  memory peak memory of a fresh process doing only inference, only ZO steps, only GD steps (each
-         in its own subprocess, so the high-water marks do not mix): resident memory on the CPU,
-         allocated GPU memory on CUDA
+  time    one forward pass, zoflat's ZO step (two probes formed on the fly + one update pass), a
+          MeZO-style step (4 in-place passes, z regenerated with torch.manual_seed + torch.normal per
+          tensor), as ratios to the forward pass; one Hutchinson / fd probe in forward equivalents;
+          each update rule and direction law
+  floor   per direction law: drawing the model's worth of numbers on the pass's threads (the floor),
+          one update pass, and a probe's cost over a plain forward, each as a ratio to the floor
+  memory  peak memory of a fresh process doing only inference, only ZO steps, only GD steps (SGD,
+          backprop), for each --dtypes x --trainable (each in its own subprocess, so the high-water
+          marks do not mix): resident memory on the CPU, allocated GPU memory on CUDA; then the
+          largest model that fits a memory budget by the measured bytes per parameter
 
     python benchmarks/finetune_zo_step.py [--repeats 5] [--models minilm,roberta-small] [--device cuda]
+        [--dtypes float32,bfloat16] [--trainable all,lora]
 """
 
 import argparse
@@ -24,7 +29,7 @@ import torch
 
 from timing import peak_memory_of_mode, timed  # benchmarks/timing.py (this folder is on sys.path)
 from zoflat_cli import finetune
-from zoflat_cli.config import resolve
+from zoflat_cli.config import DTYPES, resolve
 from zoflat_cli.hessian import finite_difference, hutchinson
 from zoflat_cli.optim.directions import LAWS, ParameterDirections
 from zoflat_cli.optim.estimators import ESTIMATORS
@@ -37,10 +42,11 @@ from zoflat_cli.text_tasks import TASKS, kshot
 LAM, LR = 1e-3, 1e-6
 
 
-def load(model: str, device: torch.device):
-    config = resolve(finetune.DEFAULTS, None, {"model": model, "k": 32, "micro_batch": 64}, finetune.SETTINGS)
+def load(model: str, device: torch.device, dtype: str = "float32", trainable: str = "all", micro_batch: int = 64):
+    config = resolve(finetune.DEFAULTS, None, {"model": model, "k": 32, "micro_batch": micro_batch, "dtype": dtype,
+                                               "trainable": trainable}, finetune.SETTINGS)
     train, _, _ = kshot(TASKS["sst2"], 32, 13)
-    return lm.LMProblem(config, TASKS["sst2"], {"train": train.examples()}, device, torch.float32)
+    return lm.LMProblem(config, TASKS["sst2"], {"train": train.examples()}, device, DTYPES[dtype])
 
 
 def zo_optimizer(problem, update="sgd", law="gaussian"):
@@ -65,10 +71,11 @@ def mezo_step(params, loss, seed):
     perturb(-LR * (f_plus - f_minus) / (2 * LAM))
 
 
-def child(model: str, mode: str, steps: int, device: torch.device):
+def child(model: str, mode: str, steps: int, device: torch.device, dtype: str, trainable: str):
     """One mode in a fresh process; prints its peak memory."""
-    problem = load(model, device)
-    print(json.dumps(peak_memory_of_mode(problem, zo_optimizer(problem), mode, steps, LR, device)))
+    problem = load(model, device, dtype, trainable)
+    print(json.dumps({**peak_memory_of_mode(problem, zo_optimizer(problem), mode, steps, LR, device),
+                      "params": problem.n_params, "total": problem.n_total}))
 
 
 def measure(model: str, repeats: int, device: torch.device):
@@ -85,22 +92,72 @@ def measure(model: str, repeats: int, device: torch.device):
           f"batch {problem.splits['train'].size} examples, "
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}")
     print(f"  forward pass              {forward * 1e3:8.1f} ms   1.00x")
-    print(f"  zoflat ZO step (3 passes) {zo * 1e3:8.1f} ms   {zo / forward:.2f}x forward   (target <= 2.2x)")
+    print(f"  zoflat ZO step            {zo * 1e3:8.1f} ms   {zo / forward:.2f}x forward   (target <= 2.2x; "
+          f"floor: 2 forwards + 3 draws)")
     print(f"  MeZO-style step (4 pass.) {mezo * 1e3:8.1f} ms   {mezo / forward:.2f}x forward   "
           f"(zoflat / MeZO = {zo / mezo:.2f})")
     print(f"  Hutchinson, one probe     {hutch * 1e3:8.1f} ms   {hutch / forward:.1f} forward equivalents")
     print(f"  fd, one probe (+ f(x))    {fd * 1e3:8.1f} ms   {fd / forward:.1f} forward equivalents")
     rules(problem, repeats, zo)
-    peaks = {}
-    for mode in ("inference", "zo", "gd"):
-        out = subprocess.run([sys.executable, __file__, "--child", mode, "--models", model, "--device", device.type],
-                             capture_output=True, text=True, check=True).stdout
-        peaks[mode] = json.loads(out.strip().splitlines()[-1])
-    inference = peaks["inference"]["peak_mib"]
-    for mode in ("inference", "zo", "gd"):
-        peak, loaded = peaks[mode]["peak_mib"], peaks[mode]["loaded_mib"]
-        print(f"  peak memory, {mode:9s}    {peak:8.0f} MiB  {peak / inference:.2f}x inference   "
-              f"(+{peak - loaded:.0f} MiB over the loaded model)")
+    floor(problem, repeats, forward)
+
+
+def memory(model: str, device: torch.device, dtypes, trainables):
+    """Peak memory per dtype x trainable x mode, each mode in a fresh process."""
+    print(f"\n{model}: peak memory (fresh process per cell; {device.type}: "
+          f"{'allocated' if device.type == 'cuda' else 'resident'})")
+    print("  dtype     trainable   trained   inference       zo (ratio)            gd (ratio)")
+    peaks_of = {}
+    for dtype, trainable in itertools.product(dtypes, trainables):
+        peaks = {}
+        for mode in ("inference", "zo", "gd"):
+            out = subprocess.run([sys.executable, __file__, "--child", mode, "--models", model, "--device", device.type,
+                                  "--dtypes", dtype, "--trainable", trainable],
+                                 capture_output=True, text=True, check=True).stdout
+            peaks[mode] = json.loads(out.strip().splitlines()[-1])
+        inf = peaks["inference"]["peak_mib"]
+        print(f"  {dtype:9s} {trainable:9s} {peaks['zo']['params'] / 1e6:7.2f}M  {inf:8.0f} MiB  "
+              + "  ".join(f"{peaks[m]['peak_mib']:8.0f} MiB ({peaks[m]['peak_mib'] / inf:.2f}x)" for m in ("zo", "gd"))
+              + "   (target zo <= 1.1x)")
+        peaks_of[dtype, trainable] = peaks
+    return peaks_of
+
+
+def capacity(measured: dict, budget_gib: float = 80):
+    """The largest model that fits a memory budget per mode, from the peak memory's growth per parameter
+    between the two models measured (the slope: the libraries and the batch's activations cancel)."""
+    (small, a), (large, b) = sorted(measured.items(), key=lambda kv: kv[1][next(iter(kv[1]))]["inference"]["total"])
+    print(f"\nlargest model in {budget_gib:.0f} GiB, by the peak's growth per parameter from {small} to {large} "
+          f"(trainable all; an estimate: activations at this batch size)")
+    for cell in a:
+        if cell[1] != "all" or cell not in b:
+            continue
+        row = []
+        for mode in ("inference", "zo", "gd"):
+            grown = (b[cell][mode]["peak_mib"] - a[cell][mode]["peak_mib"]) * 2**20
+            per = max(grown / (b[cell][mode]["total"] - a[cell][mode]["total"]), DTYPE_BYTES[cell[0]])
+            row.append(f"{mode} {per:5.1f} B/param -> {budget_gib * 2**30 / per / 1e9:6.1f}B")
+        print(f"  {cell[0]:9s} " + "   ".join(row))
+
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+
+
+def floor(problem, repeats: int, forward: float):
+    """A parameter pass against the floor: drawing the same numbers on the same threads."""
+    keys = itertools.count(10_000)
+    for law in ("gaussian", "rademacher"):
+        d = ParameterDirections(problem.params, law, problem.model)
+        draw = timed(lambda: d.map_chunks(lambda i, key=(0, next(keys)): d.chunk(key, i)), repeats)
+        one_pass = timed(lambda: d.add([((0, next(keys)), 0.0)]), repeats)
+
+        def probe():
+            with d.perturbed([((0, next(keys)), LAM)]):
+                problem.loss()
+        probe_cost = timed(probe, repeats) - forward
+        print(f"  {law:10s} draw {d.numel / 1e6:.1f}M numbers on {d.workers} threads {draw * 1e3:6.1f} ms (floor); "
+              f"update pass {one_pass * 1e3:6.1f} ms = {one_pass / draw:.2f}x; probe over a forward "
+              f"{probe_cost * 1e3:6.1f} ms = {probe_cost / draw:.2f}x   (target <= 1.3x)")
 
 
 def rules(problem, repeats: int, sgd: float):
@@ -125,6 +182,8 @@ def main():
     parser.add_argument("--models", default="minilm,roberta-small")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--trainable", default="all,lora")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -135,10 +194,14 @@ def main():
                 name = save_tiny_roberta(Path(tmp) / "roberta-small", hidden=256, layers=4, vocab_size=4000)
             models.append(name)
         if args.child:
-            child(models[0], args.child, steps=3, device=device)
+            child(models[0], args.child, 3, device, args.dtypes, args.trainable)
             return
+        measured = {}
         for model in models:
             measure(model, args.repeats, device)
+            measured[Path(model).name] = memory(model, device, args.dtypes.split(","), args.trainable.split(","))
+        if len(measured) == 2:
+            capacity(measured)
 
 
 if __name__ == "__main__":

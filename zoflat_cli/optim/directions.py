@@ -293,10 +293,13 @@ class ParameterDirections:
     @torch.no_grad()
     def _perturbed(self, index: int) -> torch.Tensor:
         p = self.params[index]
-        x = p.detach().view(-1).to(work_dtype(p.dtype), copy=True)
+        stored = p.detach().view(-1)
+        x = torch.empty(p.numel(), dtype=work_dtype(p.dtype), device=p.device)
         for chunk, start, offset, stop in self.pieces_of[index]:
-            for key, alpha in self._terms:
-                x[start:start + stop - offset].add_(self._drawn_chunk(key, chunk)[offset:stop].to(x.device), alpha=alpha)
+            into, source = x[start:start + stop - offset], stored[start:start + stop - offset]
+            for k, (key, alpha) in enumerate(self._terms):
+                z = self._drawn_chunk(key, chunk)[offset:stop].to(p.device)
+                torch.add(source if k == 0 else into, z, alpha=alpha, out=into)  # one pass: no copy first
         return x.to(p.dtype).view_as(p)
 
     def _drawn_chunk(self, key: tuple, index: int) -> torch.Tensor:
