@@ -71,6 +71,19 @@ def test_a_probe_formed_on_the_fly_is_the_written_perturbation(tiny_mlm, tiny_en
         assert on_the_fly != pytest.approx(problem.loss(), rel=1e-8)  # the probe moved the loss
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_embedding_rows_cut_by_chunk_edges_are_perturbed_like_the_table(tiny_mlm, monkeypatch, dtype):
+    """Lookups perturb only the rows they read; with chunks of 1,000 numbers, rows straddle chunk edges."""
+    monkeypatch.setattr("zoflat_cli.optim.directions.CHUNK", 1000)
+    problem = make_problem(tiny_mlm, dtype=dtype)
+    d = ParameterDirections(problem.params, module=problem.model)
+    assert len(d.chunks) > 10
+    with d.perturbed([((8, 1), 0.05)]):
+        on_the_fly = problem.loss()
+    assert on_the_fly == pytest.approx(written_loss(problem, d, [((8, 1), 0.05)]),
+                                       rel=1e-10 if dtype == torch.float64 else 0, abs=1e-12)
+
+
 def test_a_probe_that_fails_leaves_the_module_as_it_was(tiny_mlm):
     problem = make_problem(tiny_mlm)
     d = ParameterDirections(problem.params, module=problem.model)

@@ -37,9 +37,9 @@ from zoflat_cli.streams import direction_base, mix, mix_array
 
 LAWS = ("gaussian", "rademacher", "sphere")
 UNIT = 1 << 14  # vectors up to this length are packed several to a seeding
-CHUNK = 1 << 21  # numbers per seeding of longer ones: 8 MiB of float32 scratch per thread in place
+CHUNK = 1 << 19  # numbers per seeding of longer ones: 2 MiB of float32 scratch per thread in place
 # Bumped whenever the numbers drawn for a direction change: run folders record it, --resume checks it.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 def layout(dim: int) -> tuple:
@@ -271,6 +271,9 @@ class ParameterDirections:
         self._terms = [(k, float(a) * self.scale(k)) for k, a in terms]
         handles = []
         for module, own in self.owners:
+            if is_lookup(module, own):  # only the rows looked up are perturbed: no table-sized scratch
+                handles.append(module.register_forward_hook(functools.partial(self._perturb_rows, own[0][1])))
+                continue
             handles.append(module.register_forward_pre_hook(functools.partial(self._swap_in, own)))
             handles.append(module.register_forward_hook(functools.partial(self._swap_out, own), always_call=True))
         try:
@@ -301,6 +304,31 @@ class ParameterDirections:
                 z = self._drawn_chunk(key, chunk)[offset:stop].to(p.device)
                 torch.add(source if k == 0 else into, z, alpha=alpha, out=into)  # one pass: no copy first
         return x.to(p.dtype).view_as(p)
+
+    @torch.no_grad()
+    def _perturb_rows(self, index: int, module, args, output):
+        """An embedding lookup at the perturbed table: output rows + Σ scale · z's rows for the ids,
+        chunk piece by piece (a row cut by a chunk's edge is added in its two parts)."""
+        p = self.params[index]
+        width = p.shape[1]
+        ids = args[0].reshape(-1)
+        out = output.reshape(-1, width).to(work_dtype(p.dtype), copy=True)
+        for chunk, start, offset, stop in self.pieces_of[index]:
+            end = start + stop - offset
+            first, last = -(-start // width), end // width  # rows wholly inside the piece: [first, last)
+            whole = ((ids >= first) & (ids < last)).nonzero().squeeze(1)
+            cut = [r for r in {start // width, last} if r * width < end and (r + 1) * width > start
+                   and not first <= r < last]
+            used, inverse = torch.unique(ids[whole], return_inverse=True)  # each table row gathered once
+            rows = (used * width - start).unsqueeze(1) + torch.arange(width, device=p.device)
+            for key, alpha in self._terms:
+                z = self._drawn_chunk(key, chunk)[offset:stop].to(p.device, out.dtype)
+                out.index_add_(0, whole, z[rows][inverse], alpha=alpha)
+                for r in cut:
+                    lo, hi = max(start, r * width), min(end, (r + 1) * width)
+                    at = (ids == r).nonzero().squeeze(1)
+                    out[at, lo - r * width:hi - r * width] += alpha * z[lo - start:hi - start]
+        return out.to(output.dtype).view_as(output)
 
     def _drawn_chunk(self, key: tuple, index: int) -> torch.Tensor:
         """Chunk `index` of z(key), drawn with the next workers - 1 chunks on the pool's threads (the forward
@@ -340,6 +368,12 @@ def copy_into(targets, values):
     else:
         for t, v in zip(targets, values):
             t.copy_(v)
+
+
+def is_lookup(module, own) -> bool:
+    """A plain embedding table (F.embedding of its weight, no max_norm renormalisation)."""
+    return (type(module) is torch.nn.Embedding and module.max_norm is None and len(own) == 1
+            and own[0][0] == "weight")
 
 
 def owners(module, params) -> list:
