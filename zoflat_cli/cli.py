@@ -530,6 +530,8 @@ def sweep(
     try:
         counts = sweeps.run_sweep(folder, runner, quiet)
     except KeyboardInterrupt:
+        counts = {"cancelled": 1}
+    if counts["cancelled"]:  # Ctrl-C, seen by the sweep or only by its jobs
         say(f"interrupted: zoflat sweep --resume {folder.path} relaunches the unfinished jobs", err=True)
         raise typer.Exit(EXIT_INTERRUPTED)
     say(str(folder.path) if quiet else f"{counts['done']} done, {counts['failed']} failed: {folder.path}")

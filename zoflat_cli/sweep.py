@@ -18,9 +18,11 @@ instance or `--address`), slurm (submitit array jobs; `--slurm-local`: submitit'
 import contextlib
 import fcntl
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -388,13 +390,14 @@ def run_sweep(sweep: Sweep, launcher, quiet: bool = False) -> dict:
     columns = [TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                TimeElapsedColumn()]
     total = len(sweep.state["jobs"])
+    previous = _catch_interrupts()
     try:
         with Progress(*columns, disable=quiet, transient=False) as progress:
             bar = progress.add_task("", total=total)
             while handles:
                 for run_id in [r for r, h in handles.items() if launcher.done(h)]:
                     result = launcher.result(handles.pop(run_id))
-                    sweep.set(run_id, "done" if result["returncode"] == 0 else "failed", result)
+                    sweep.set(run_id, finished_state(result["returncode"]), result)
                 for run_id, handle in handles.items():
                     if sweep.state["jobs"][run_id]["state"] == "queued" and (
                             launcher.started(handle) or job_run_folder(sweep.job_dir(run_id), command)):
@@ -408,8 +411,28 @@ def run_sweep(sweep: Sweep, launcher, quiet: bool = False) -> dict:
         for run_id in handles:
             sweep.set(run_id, "cancelled", {"returncode": 130, "folder": _folder(sweep, run_id), "stderr": ""})
         raise
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     launcher.close()
     return sweep.counts()
+
+
+def finished_state(returncode: int) -> str:
+    """A job's state from its exit status: 130 (or killed by SIGINT) is an interrupted, resumable job."""
+    return "done" if returncode == 0 else "cancelled" if returncode in (130, -signal.SIGINT) else "failed"
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _catch_interrupts() -> dict:
+    """Ctrl-C and SIGTERM stop the sweep as they stop its jobs (which install their own handlers), even
+    in a process started with SIGINT ignored (a background job of a non-interactive shell)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
 def _folder(sweep: Sweep, run_id: str):
