@@ -8,6 +8,15 @@ def describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {one_line(err)}"
 
 
+def require(package: str, flag: str, extra: str = None):
+    """An optional package, or one line naming the flag that needs it and the extra that installs it
+    (by default the extra of the package's name)."""
+    try:
+        return __import__(package)
+    except ImportError:
+        raise ZoflatError(f"{flag} needs {package}: pip install 'zoflat[{extra or package}]'") from None
+
+
 class ZoflatError(Exception):
     """A problem with the user's input or environment: shown as one line, exit status 2."""
 

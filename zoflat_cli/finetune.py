@@ -232,9 +232,7 @@ def run_finetune(config: dict, quiet: bool = False, resume: Path = None):
                           "model: use one or the other")
     previous = open_for_resume(resume, runs, device, config["steps"]) if resume else {}  # before the model loads
     with distributed.group_for(device) as group, distributed.private_outputs(group, config, resume) as (config, resume):
-        if resume and group.rank:
-            previous = open_for_resume(resume, runs, group.device, config["steps"])
-        problem = make_problem(config, group.device if group.world > 1 else device, dtype)
+        problem = make_problem(config, group.device, dtype)  # `previous` holds for a rank's copy of the folder too
         problem.group = group
         problem.description["processes"] = group.world
         cut = {s: n for s, n in getattr(problem, "truncated", {}).items() if n}

@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 import yaml
 
 from zoflat_cli.engine.runfolder import create_run_dir
-from zoflat_cli.errors import ZoflatError, one_line
+from zoflat_cli.errors import ZoflatError, one_line, require
 
 LAUNCHERS = ("local", "ray", "slurm")
 STATES = ("queued", "running", "done", "failed", "cancelled")
@@ -215,13 +215,6 @@ def _check_ray_address(address: str):
                           f"with `ray start --head` or check the address") from None
 
 
-def _import(name: str, extra: str):
-    try:
-        return __import__(name)
-    except ImportError:
-        raise ZoflatError(f"--launcher {extra} needs {name}: pip install 'zoflat[{extra}]'") from None
-
-
 class LocalLauncher:
     """Threads, each waiting on one job's process: --jobs N at a time on this machine."""
 
@@ -260,7 +253,7 @@ class RayLauncher:
     """One Ray task per job (--cpus-per-job, --gpus-per-job); a local instance without --address."""
 
     def __init__(self, options: dict):
-        ray = _import("ray", "ray")
+        ray = require("ray", "--launcher ray")
         _check_ray_address(options["address"])
         started = time.perf_counter()
         try:
@@ -308,7 +301,7 @@ class SlurmLauncher:
     preemption; --slurm-local runs them with submitit's local executor (no cluster)."""
 
     def __init__(self, options: dict):
-        self.submitit = _import("submitit", "slurm")
+        self.submitit = require("submitit", "--launcher slurm", "slurm")
         if not options["slurm_local"] and not any(
                 (Path(p) / "sbatch").is_file() for p in os.environ.get("PATH", "").split(os.pathsep)):
             raise ZoflatError("--launcher slurm: sbatch is not on this machine's PATH (run the sweep on a Slurm "

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from zoflat_cli.engine.loop import RUN_COLUMNS
-from zoflat_cli.errors import ZoflatError
+from zoflat_cli.errors import require as require_package
 
 LOGGERS = ("wandb", "tensorboard", "mlflow")  # each also the name of the package it imports
 NOT_METRICS = {*RUN_COLUMNS, "step"}  # a run's settings are in its config, not its curves
@@ -24,10 +24,7 @@ NOT_METRICS = {*RUN_COLUMNS, "step"}  # a run's settings are in its config, not 
 
 def require(kind: str):
     """One line naming the extra to install, before any run folder exists."""
-    try:
-        __import__(kind)
-    except ImportError:
-        raise ZoflatError(f"--logger {kind} needs {kind}: pip install 'zoflat[trackers]'") from None
+    require_package(kind, f"--logger {kind}", "trackers")
 
 
 def metrics_of(row: dict) -> dict:

@@ -69,9 +69,10 @@ def world_size() -> int:
 
 @contextlib.contextmanager
 def group_for(device):
-    """The process group torchrun set up (gloo on CPU, nccl on CUDA: one GPU per local rank), or SINGLE."""
+    """The process group torchrun set up (gloo on CPU, nccl on CUDA: one GPU per local rank), or a single
+    process on `device`."""
     if world_size() == 1:
-        yield SINGLE
+        yield Group(device=device)
         return
     import torch.distributed as dist
 

@@ -317,16 +317,15 @@ class ParameterDirections:
             end = start + stop - offset
             first, last = -(-start // width), end // width  # rows wholly inside the piece: [first, last)
             whole = ((ids >= first) & (ids < last)).nonzero().squeeze(1)
-            cut = [r for r in {start // width, last} if r * width < end and (r + 1) * width > start
-                   and not first <= r < last]
+            cut = [(r, (ids == r).nonzero().squeeze(1)) for r in {start // width, last}
+                   if r * width < end and (r + 1) * width > start and not first <= r < last]
             used, inverse = torch.unique(ids[whole], return_inverse=True)  # each table row gathered once
             rows = (used * width - start).unsqueeze(1) + torch.arange(width, device=p.device)
             for key, alpha in self._terms:
                 z = self._drawn_chunk(key, chunk)[offset:stop].to(p.device, out.dtype)
                 out.index_add_(0, whole, z[rows][inverse], alpha=alpha)
-                for r in cut:
+                for r, at in cut:
                     lo, hi = max(start, r * width), min(end, (r + 1) * width)
-                    at = (ids == r).nonzero().squeeze(1)
                     out[at, lo - r * width:hi - r * width] += alpha * z[lo - start:hi - start]
         return out.to(output.dtype).view_as(output)
 
@@ -335,7 +334,7 @@ class ParameterDirections:
         goes through the parameters in about their order) and kept while the forward uses them."""
         if (key, index) not in self._drawn:
             wanted = range(index, min(index + self.workers, len(self.chunks)))
-            free = [buffer for k, buffer in self._drawn.values()]
+            free = [buffer for _, buffer in self._drawn.values()]
             free += [self._buffer(self.chunk_devices[i]) for i in wanted[len(free):]]
             drawn = self.map_chunks(lambda i: self.chunk(key, i, free[i - index]), wanted)
             self._drawn = {(key, i): (z, free[i - index]) for i, z in zip(wanted, drawn)}

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from zoflat_cli.answer_metrics import SCORERS
-from zoflat_cli.errors import ZoflatError
+from zoflat_cli.errors import ZoflatError, require
 from zoflat_cli.problems.pretrained import (PretrainedProblem, at_least_float32, check_max_length, from_pretrained,
-                                            quiet_transformers, require)
+                                            quiet_transformers)
 
 SCORING = ("sum", "mean")
 DEMO_SEPARATOR = "\n\n"  # MeZO's train_sep between in-context demonstrations

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 import torch
 
 from zoflat_cli.engine.distributed import SINGLE
-from zoflat_cli.errors import ZoflatError
+from zoflat_cli.errors import ZoflatError, require
 from zoflat_cli.hessian import hvp
 from zoflat_cli.streams import generator
 
@@ -104,14 +104,6 @@ def check_max_length(max_length: int, model_config, name: str):
 
 TRAINABLE = ("all", "lora", "prefix", "bias", "head")  # --trainable: what the optimizer moves
 DEVICE_MAPS = ("auto", "balanced", "sequential")  # accelerate's placements of a model across devices
-
-
-def require(package: str, flag: str):
-    """An optional package (the extra of the same name), or one line saying how to install it."""
-    try:
-        return __import__(package)
-    except ImportError:
-        raise ZoflatError(f"{flag} needs {package}: pip install 'zoflat[{package}]'") from None
 
 
 class PretrainedProblem:
