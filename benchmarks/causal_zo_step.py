@@ -22,21 +22,19 @@ from pathlib import Path
 import torch
 
 from timing import peak_memory_of_mode, timed  # benchmarks/timing.py (this folder is on sys.path)
-from zoflat_cli import finetune
-from zoflat_cli.config import resolve
-from zoflat_cli.optim.directions import ParameterDirections
+from zoflat_cli.experiments import finetune
+from zoflat_cli.optim.parameters import ParameterDirections
 from zoflat_cli.optim.estimators import ESTIMATORS
 from zoflat_cli.optim.inplace import InPlaceOptimizer
 from zoflat_cli.optim.updates import UPDATES
-from zoflat_cli.testing import save_tiny_causal
+from zoflat_cli.models.tiny import save_tiny_causal
 
 LAM, LR = 1e-3, 1e-6
 
 
 def load(model: str, device: torch.device, task: str = "rte", **extra):
-    config = resolve(finetune.DEFAULTS, None, {"model": model, "task": task, "num_train": 16, "num_dev": 0,
-                                               "num_eval": 32, "micro_batch": 16, "max_length": 256, **extra},
-                     finetune.SETTINGS, finetune.check)
+    config = finetune.EXPERIMENT.resolve({"model": model, "task": task, "num_train": 16, "num_dev": 0,
+                                          "num_eval": 32, "micro_batch": 16, "max_length": 256, **extra})
     return finetune.make_problem(config, device, torch.float32)
 
 

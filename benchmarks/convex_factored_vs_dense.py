@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from zoflat_cli import datasets
+from zoflat_cli.data import libsvm_sets as datasets
 from zoflat_cli.problems.convex import ConvexProblem
 from zoflat_cli.engine.batched import Trainer, make_groups
-from zoflat_cli.engine.loop import RunSpec
+from zoflat_cli.runs.spec import RunSpec
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURE2 = ["fig2_svm-offline", "fig2_svm_a5a-offline", "fig2_logreg-offline", "fig2_logreg_a5a-offline"]
@@ -43,7 +43,7 @@ def time_iterations(train, test, dense: bool, iterations: int):
 
 def part_iteration(iterations: int):
     config = {"dataset": "w8a", "data_file": None, "test_file": None, "train_size": 9_888, "split_seed": 0}
-    train, test, description = datasets.load_splits(config)
+    train, test, description = datasets.load_splits(**config)
     print(f"iteration: {description}, D = 10,000, ZO (svm), metrics every 10 steps, {iterations} iterations")
     setup_f, factored = time_iterations(train, test, False, iterations)
     setup_d, dense = time_iterations(train, test, True, iterations)

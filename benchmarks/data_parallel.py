@@ -3,7 +3,7 @@
 Runs the same ZO-SGD steps on one model and batch (MiniLM by default, SST-2 K=32: 64 examples in
 micro-batches of --micro-batch) with 1 and with N processes, each process on --threads threads,
 and prints the step time, the speed-up and scaling efficiency (speed-up / N), and the bytes each
-rank all-reduced per step (engine/distributed.Group counts the payload).
+rank all-reduced per step (engine/distributed.ProcessGroup counts the payload).
 
     python benchmarks/data_parallel.py [--nproc 2] [--threads 1] [--steps 5] [--model minilm]
 """

@@ -29,25 +29,26 @@ from pathlib import Path
 import torch
 
 from timing import peak_memory_of_mode, timed  # benchmarks/timing.py (this folder is on sys.path)
-from zoflat_cli import finetune
-from zoflat_cli.config import DTYPES, resolve
-from zoflat_cli.hessian import finite_difference, hutchinson
-from zoflat_cli.optim.directions import LAWS, ParameterDirections
+from zoflat_cli.experiments import finetune
+from zoflat_cli.env import DTYPES
+from zoflat_cli.measures.hessian import finite_difference, hutchinson
+from zoflat_cli.optim.directions import LAWS
+from zoflat_cli.optim.parameters import ParameterDirections
 from zoflat_cli.optim.estimators import ESTIMATORS
 from zoflat_cli.optim.inplace import InPlaceOptimizer
 from zoflat_cli.optim.updates import UPDATES
-from zoflat_cli.problems import lm
-from zoflat_cli.testing import save_tiny_roberta
-from zoflat_cli.text_tasks import TASKS, kshot
+from zoflat_cli.problems import encoder as lm
+from zoflat_cli.models.tiny import save_tiny_roberta
+from zoflat_cli.data.lmbff_tasks import TASKS, kshot
 
 LAM, LR = 1e-3, 1e-6
 
 
 def load(model: str, device: torch.device, dtype: str = "float32", trainable: str = "all", micro_batch: int = 64):
-    config = resolve(finetune.DEFAULTS, None, {"model": model, "k": 32, "micro_batch": micro_batch, "dtype": dtype,
-                                               "trainable": trainable}, finetune.SETTINGS)
+    config = finetune.EXPERIMENT.resolve({"model": model, "k": 32, "micro_batch": micro_batch, "dtype": dtype,
+                                          "trainable": trainable})
     train, _, _ = kshot(TASKS["sst2"], 32, 13)
-    return lm.LMProblem(config, TASKS["sst2"], {"train": train.examples()}, device, DTYPES[dtype])
+    return lm.EncoderProblem(config, TASKS["sst2"], {"train": train.examples()}, device, DTYPES[dtype])
 
 
 def zo_optimizer(problem, update="sgd", law="gaussian"):

@@ -40,7 +40,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         sys.path.insert(0, str(REPO))
         from zoflat_cli.cli import planned_config
-        from zoflat_cli.sweep import expand
+        from zoflat_cli.tools.sweep import expand
 
         jobs = expand(planned_config("toy", ["--config", recipe, *flags]))
         one_by_one = 0.0

@@ -16,9 +16,7 @@ import time
 
 import numpy as np
 
-from zoflat_cli.config import resolve
-from zoflat_cli.engine.batched import run_batched
-from zoflat_cli.problems.toy import DEFAULTS, ToyProblem
+from zoflat_cli.experiments.toy import EXPERIMENT as TOY
 
 CURVES = [("gd", 0.01, None), ("zo", 0.001, 0.1), ("dd", 0.001, None), ("zo", 0.001, 0.05), ("zo", 0.001, 0.01)]
 
@@ -57,9 +55,9 @@ def time_numpy(steps, **style):
 
 def time_zoflat(steps, seeds, out):
     flags = {"steps": steps, "seeds": seeds, "lambda": [0.1, 0.05, 0.01], "out": out, "name": "bench"}
-    config = resolve(DEFAULTS, None, flags)
+    config = TOY.resolve(flags)
     start = time.perf_counter()
-    _, status = run_batched(config, lambda device, dtype: ToyProblem(config["dim"]), quiet=True)
+    _, status = TOY.start(config, quiet=True)
     assert status == "completed"
     return time.perf_counter() - start
 

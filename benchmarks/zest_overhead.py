@@ -14,21 +14,21 @@ from pathlib import Path
 
 import torch
 
-from zoflat_cli import datasets
+from zoflat_cli.data import libsvm_sets as datasets
 from timing import timed  # benchmarks/timing.py (this folder is on sys.path)
-from zoflat_cli import finetune
-from zoflat_cli.config import resolve
-from zoflat_cli.optim.directions import ParameterDirections
-from zoflat_cli.optim.estimators import ESTIMATORS, estimate
+from zoflat_cli.experiments import finetune
+from zoflat_cli.optim.parameters import ParameterDirections
+from zoflat_cli.engine.batched import estimate
+from zoflat_cli.optim.estimators import ESTIMATORS
 from zoflat_cli.optim.inplace import InPlaceOptimizer
 from zoflat_cli.optim.updates import UPDATES
-from zoflat_cli.problems import lm
+from zoflat_cli.problems import encoder as lm
 from zoflat_cli.problems.convex import ConvexProblem
 from zoflat_cli.problems.toy import ToyProblem
-from zoflat_cli.testing import save_tiny_roberta
-from zoflat_cli.text_tasks import TASKS, kshot
+from zoflat_cli.models.tiny import save_tiny_roberta
+from zoflat_cli.data.lmbff_tasks import TASKS, kshot
 from zoflat_cli.engine.batched import make_groups
-from zoflat_cli.engine.loop import RunSpec
+from zoflat_cli.runs.spec import RunSpec
 
 
 def two_point(problem, x, u, hyper):
@@ -46,7 +46,7 @@ def report(label, zo, ze):
 
 def batched(pairs: int, repeats: int):
     config = {"dataset": "w8a", "data_file": None, "test_file": None, "train_size": 9_888, "split_seed": 0}
-    train, test, description = datasets.load_splits(config)
+    train, test, description = datasets.load_splits(**config)
     problem = ConvexProblem(train, test, "svm", 10_000, False, torch.float64, torch.device("cpu"))
     bound = problem.bind([RunSpec("zest", 1e-4, 29)])
     x = 0.1 * torch.randn(1, problem.n_params, dtype=torch.float64)
@@ -81,9 +81,9 @@ def toy(pairs: int, repeats: int):
 def in_place(pairs: int, repeats: int):
     with tempfile.TemporaryDirectory() as tmp:
         model = save_tiny_roberta(Path(tmp), hidden=256, layers=4, vocab_size=4000)
-        config = resolve(finetune.DEFAULTS, None, {"model": model, "k": 16, "micro_batch": 32}, finetune.SETTINGS)
+        config = finetune.EXPERIMENT.resolve({"model": model, "k": 16, "micro_batch": 32})
         train, _, _ = kshot(TASKS["sst2"], 16, 13)
-        problem = lm.LMProblem(config, TASKS["sst2"], {"train": train.examples()}, torch.device("cpu"), torch.float32)
+        problem = lm.EncoderProblem(config, TASKS["sst2"], {"train": train.examples()}, torch.device("cpu"), torch.float32)
         d = ParameterDirections(problem.params, module=problem.model)
         seeds = [(i, 0) for i in range(pairs)]
         hyper = {"lr": 1e-6, "lambda": 1e-3, "tilt": 1.0}

@@ -201,11 +201,11 @@ def flag_cases() -> list:
 
 
 def recipe_cases() -> list:
-    from zoflat_cli.problems import toy
+    from zoflat_cli.experiments import toy
 
     cases = []
     wrong = ["[1]", "{a: 1}", "x", "null", "true", "-1", ".inf", "[]", "''"]
-    for key in toy.DEFAULTS:
+    for key in toy.EXPERIMENT.defaults():
         if key == "command":
             continue
         for value in wrong:
@@ -333,7 +333,7 @@ DAMAGE = {"none": lambda folder: None, "torn last row": _torn,
 def make_fixtures(root: Path) -> dict:
     """A tiny model, and one toy run folder per kind of damage (all interrupted halfway)."""
     sys.path.insert(0, str(REPO))
-    from zoflat_cli.testing import save_tiny_causal, save_tiny_roberta
+    from zoflat_cli.models.tiny import save_tiny_causal, save_tiny_roberta
 
     fixtures = {"tiny": save_tiny_roberta(root / "tiny"), "causal": save_tiny_causal(root / "causal")}
     for label, damage in DAMAGE.items():

@@ -24,7 +24,7 @@ def float64():
 @pytest.fixture(scope="session")
 def tiny_mlm(tmp_path_factory):
     """A tiny random RoBERTa with an MLM head (17k parameters)."""
-    from zoflat_cli.testing import save_tiny_roberta
+    from zoflat_cli.models.tiny import save_tiny_roberta
 
     return save_tiny_roberta(tmp_path_factory.mktemp("tiny-roberta-mlm"))
 
@@ -32,7 +32,7 @@ def tiny_mlm(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_encoder(tmp_path_factory):
     """The same without an MLM head (like MiniLM): needs --head linear."""
-    from zoflat_cli.testing import save_tiny_roberta
+    from zoflat_cli.models.tiny import save_tiny_roberta
 
     return save_tiny_roberta(tmp_path_factory.mktemp("tiny-roberta-encoder"), mlm_head=False)
 
@@ -40,7 +40,7 @@ def tiny_encoder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_causal(tmp_path_factory):
     """tiny_causal(arch): a tiny random decoder LM (gpt2, opt or llama layout), built once per session."""
-    from zoflat_cli.testing import save_tiny_causal
+    from zoflat_cli.models.tiny import save_tiny_causal
 
     built = {}
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from zoflat_cli.answer_metrics import drop_pair, drop_scores, squad_scores
+from zoflat_cli.data.answers import drop_pair, drop_scores, squad_scores
 
 
 @pytest.mark.parametrize("prediction,references,em,f1", [

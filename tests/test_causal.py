@@ -9,20 +9,18 @@ import torch
 from test_finetune import _exact_hessian, flat, in_place
 from typer.testing import CliRunner
 
-from zoflat_cli import finetune
+from zoflat_cli.experiments import finetune
 from zoflat_cli.cli import app
-from zoflat_cli.config import resolve
-from zoflat_cli.hessian import finite_difference, hutchinson
-from zoflat_cli.optim.directions import ParameterDirections
+from zoflat_cli.measures.hessian import finite_difference, hutchinson
+from zoflat_cli.optim.parameters import ParameterDirections
 
 runner = CliRunner()
 ARCHS = ("gpt2", "opt", "llama")
 
 
 def make_problem(model, task="copa", n=6, dtype=torch.float64, **extra):
-    config = resolve(finetune.DEFAULTS, None, {"model": model, "task": task, "num_train": n, "num_dev": 2,
-                                               "num_eval": n, "max_length": 200, **extra},
-                     finetune.SETTINGS, finetune.check)
+    config = finetune.EXPERIMENT.resolve({"model": model, "task": task, "num_train": n, "num_dev": 2,
+                                          "num_eval": n, "max_length": 200, **extra})
     return finetune.make_problem(config, torch.device("cpu"), dtype)
 
 

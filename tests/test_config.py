@@ -4,11 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from zoflat_cli.config import load_recipe, parse_flag, parse_seeds, resolve, runs_from
 from zoflat_cli.errors import ZoflatError
-from zoflat_cli import finetune
-from zoflat_cli.problems import convex
-from zoflat_cli.problems.toy import DEFAULTS, SETTINGS
+from zoflat_cli.experiments import registry
+from zoflat_cli.experiments.settings import load_recipe, parse_flag, parse_seeds, runs_from
+from zoflat_cli.experiments.toy import EXPERIMENT as TOY
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
 
@@ -30,7 +29,7 @@ def test_flag_forms():
 
 
 def test_optimizers_are_repeatable_or_comma_separated():
-    assert resolve(DEFAULTS, None, {"optimizer": ["sam,zo", "gd"]})["optimizer"] == ["sam", "zo", "gd"]
+    assert TOY.resolve_mapping({"optimizer": ["sam,zo", "gd"]})["optimizer"] == ["sam", "zo", "gd"]
 
 
 def test_seeds_are_a_count_or_a_list():
@@ -45,7 +44,7 @@ def test_seeds_are_a_count_or_a_list():
 
 
 def test_defaults_are_the_papers_setting():
-    config = resolve(DEFAULTS, None, {})
+    config = TOY.resolve_mapping({})
     assert (config["dim"], config["steps"], config["lambda"]) == (100, 100_000, 0.1)
     assert config["lr"] == {"gd": 0.01, "zo": 0.001, "dd": 0.001}
     assert [r.run_id for r in runs_from(config)] == ["gd-lr0.01-s13", "zo-lam0.1-lr0.001-s13", "dd-lr0.001-s13"]
@@ -54,7 +53,7 @@ def test_defaults_are_the_papers_setting():
 def test_per_optimizer_flags_merge_into_the_recipe_and_grid_expands(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("lr: {gd: 0.02}\nlambda: [0.1, 0.01]\nseeds: 2\n")
-    config = resolve(DEFAULTS, recipe, {"lr": {"zo": [0.001, 0.003]}, "optimizer": ["zo", "gd"]})
+    config = TOY.resolve_mapping({"lr": {"zo": [0.001, 0.003]}, "optimizer": ["zo", "gd"]}, recipe)
     assert config["lr"] == {"zo": [0.001, 0.003], "gd": 0.02}
     runs = runs_from(config)
     assert len(runs) == 2 * 2 * 2 + 2  # zo: λ x lr x seeds; gd: seeds only
@@ -62,7 +61,7 @@ def test_per_optimizer_flags_merge_into_the_recipe_and_grid_expands(tmp_path):
 
 
 def test_a_plain_flag_replaces_a_per_optimizer_value():
-    config = resolve(DEFAULTS, None, {"lr": 0.005})
+    config = TOY.resolve_mapping({"lr": 0.005})
     assert config["lr"] == 0.005
 
 
@@ -77,16 +76,10 @@ def test_bad_recipes(tmp_path, recipe, message):
     path = tmp_path / "bad.yaml"
     path.write_text(recipe)
     with pytest.raises(ZoflatError, match=message.replace("(", r"\(").replace("`", ".")):
-        resolve(DEFAULTS, path, {})
+        TOY.resolve_mapping({}, path)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_shipped_recipes_are_valid(recipe):
     command = load_recipe(recipe)["command"]
-    if command == "finetune":
-        assert runs_from(resolve(finetune.DEFAULTS, recipe, {}, finetune.SETTINGS))
-        return
-    if command == "convex":
-        assert runs_from(resolve(convex.defaults(load_recipe(recipe)), recipe, {}, convex.SETTINGS, convex.check))
-        return
-    assert runs_from(resolve(DEFAULTS, recipe, {}, SETTINGS))
+    assert runs_from(registry()[command].resolve_mapping({}, recipe))

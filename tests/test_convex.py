@@ -11,11 +11,12 @@ from conftest import DEVICES
 from typer.testing import CliRunner
 
 from zoflat_cli.cli import app
-from zoflat_cli.datasets import Split
-from zoflat_cli.optim.estimators import ESTIMATORS, estimate
+from zoflat_cli.data.libsvm_sets import LabelledRows as Split
+from zoflat_cli.engine.batched import estimate
+from zoflat_cli.optim.estimators import ESTIMATORS
 from zoflat_cli.problems.convex import ConvexProblem
 from zoflat_cli.engine.batched import Trainer, make_groups
-from zoflat_cli.engine.loop import RunSpec
+from zoflat_cli.runs.spec import RunSpec
 
 CPU = torch.device("cpu")
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from zoflat_cli import datasets
+from zoflat_cli.data import libsvm_sets as datasets
 from zoflat_cli.cli import app
 from zoflat_cli.errors import ZoflatError
 
@@ -117,7 +117,7 @@ def test_own_files_and_their_test_file(tmp_path):
     train.write_bytes(TINY_TRAIN)
     test.write_bytes(b"-1 3:1\n+1 1:1 6:1\n")  # names a higher feature index than the training file
     config = {"data_file": str(train), "test_file": str(test), "train_size": None, "dataset": None, "split_seed": 0}
-    tr, te, description = datasets.load_splits(config)
+    tr, te, description = datasets.load_splits(**config)
     assert tr.X.shape[1] == te.X.shape[1] == 6 and "3 train / 2 test" in description
     with pytest.raises(ZoflatError, match="exactly one of --test-file and --train-size"):
-        datasets.load_splits({**config, "train_size": 2})
+        datasets.load_splits(**{**config, "train_size": 2})

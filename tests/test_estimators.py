@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from zoflat_cli.optim.estimators import ESTIMATORS, estimate, n_evals
+from zoflat_cli.engine.batched import estimate
+from zoflat_cli.optim.estimators import ESTIMATORS, n_evals
 from zoflat_cli.problems.toy import ToyProblem
 
 

@@ -11,26 +11,25 @@ import torch
 from conftest import DEVICES
 from typer.testing import CliRunner
 
-from zoflat_cli.engine import runfolder
+from zoflat_cli.runs import folder as runfolder
 from zoflat_cli.cli import app
-from zoflat_cli import finetune
-from zoflat_cli.config import resolve
+from zoflat_cli.experiments import finetune
 from zoflat_cli.errors import ZoflatError
-from zoflat_cli.hessian import finite_difference, hutchinson
-from zoflat_cli.optim.directions import ParameterDirections
+from zoflat_cli.measures.hessian import finite_difference, hutchinson
+from zoflat_cli.optim.parameters import ParameterDirections
 from zoflat_cli.optim.estimators import ESTIMATORS, tilted_coefficients
 from zoflat_cli.optim.inplace import InPlaceOptimizer
 from zoflat_cli.optim.updates import UPDATES
-from zoflat_cli.problems import lm
-from zoflat_cli.text_tasks import TASKS, kshot
+from zoflat_cli.problems import encoder as lm
+from zoflat_cli.data.lmbff_tasks import TASKS, kshot
 
 runner = CliRunner()
 
 
 def make_problem(model, dtype=torch.float64, task="sst2", k=8, head="auto", device="cpu", **extra):
-    config = resolve(finetune.DEFAULTS, None, {"model": model, "task": task, "k": k, "head": head, **extra}, finetune.SETTINGS)
+    config = finetune.EXPERIMENT.resolve({"model": model, "task": task, "k": k, "head": head, **extra})
     train, _, test = kshot(TASKS[task], k, 13)
-    return lm.LMProblem(config, TASKS[task], {"train": train.examples(), "test": test.examples()[:40]},
+    return lm.EncoderProblem(config, TASKS[task], {"train": train.examples(), "test": test.examples()[:40]},
                         torch.device(device), dtype)
 
 
@@ -224,7 +223,7 @@ def test_hutchinson_and_fd_match_the_exact_hessian(tiny_mlm, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_power_iteration_finds_the_top_eigenvalue(tiny_mlm, device):
-    from zoflat_cli.hessian import top_eigenvalue
+    from zoflat_cli.measures.hessian import top_eigenvalue
 
     problem = _few_params_problem(tiny_mlm, device)
     eigenvalues = torch.linalg.eigvalsh(_exact_hessian(problem))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from zoflat_cli import llm_tasks
+from zoflat_cli.data import mezo_tasks as llm_tasks
 from zoflat_cli.cli import app
 from zoflat_cli.errors import ZoflatError
 

@@ -7,17 +7,19 @@ import pytest
 import torch
 
 from zoflat_cli.engine.batched import make_groups
-from zoflat_cli.engine.loop import RunSpec
+from zoflat_cli.runs.spec import RunSpec
 from zoflat_cli.engine.model import run_hyper
 from zoflat_cli.optim import directions as laws
-from zoflat_cli.optim.directions import DirectionStream, ParameterDirections
-from zoflat_cli.optim.estimators import ESTIMATORS, estimate
+from zoflat_cli.optim.directions import DirectionStream
+from zoflat_cli.optim.parameters import ParameterDirections
+from zoflat_cli.engine.batched import estimate
+from zoflat_cli.optim.estimators import ESTIMATORS
 from zoflat_cli.optim.inplace import InPlaceOptimizer
 from zoflat_cli.optim.presets import PRESETS, UPDATE_DEFAULTS, estimator_of, hyper_names
 from zoflat_cli.optim.updates import UPDATES, apply, get_update
 from zoflat_cli.problems.toy import ToyProblem
 from zoflat_cli.streams import direction_base
-from zoflat_cli.testing import BatchedAsModel
+from helpers import BatchedAsModel
 
 pytestmark = pytest.mark.usefixtures("float64")
 CPU = torch.device("cpu")

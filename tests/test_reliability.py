@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from zoflat_cli.cli import app
-from zoflat_cli.engine import runfolder
+from zoflat_cli.runs import folder as runfolder
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]

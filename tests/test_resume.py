@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from zoflat_cli.cli import app
-from zoflat_cli.engine import runfolder
+from zoflat_cli.runs import folder as runfolder
 
 runner = CliRunner()
 FAMILY = "gd,zo-adam,zo-momentum,zo-cons"

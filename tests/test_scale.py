@@ -14,7 +14,7 @@ from test_finetune import flat, make_problem
 from typer.testing import CliRunner
 
 from zoflat_cli.cli import app
-from zoflat_cli.optim.directions import ParameterDirections
+from zoflat_cli.optim.parameters import ParameterDirections
 from zoflat_cli.optim.estimators import ESTIMATORS
 from zoflat_cli.optim.inplace import InPlaceOptimizer
 from zoflat_cli.optim.updates import UPDATES
@@ -169,7 +169,7 @@ def test_lora_zo_moves_only_the_adapters_and_its_trace_is_the_subspace_hessian(t
         opt.step(problem, [(11, step)], step + 1)
     assert problem.loss() < start
     assert all(torch.equal(p, frozen[n]) for n, p in problem.model.named_parameters() if not p.requires_grad)
-    from zoflat_cli.hessian import hutchinson
+    from zoflat_cli.measures.hessian import hutchinson
 
     exact = torch.trace(_exact_hessian(problem)).item()
     mean, stderr = hutchinson(problem.params, problem.hvp, 300, torch.Generator().manual_seed(0))

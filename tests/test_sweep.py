@@ -279,7 +279,7 @@ def tracked_run(tmp_path, logger):
     assert result.exit_code == 0, result.output
     folder, = tmp_path.glob("toy/*")
     rows = pd.read_csv(folder / "metrics.csv")
-    from zoflat_cli.trackers import metrics_of
+    from zoflat_cli.runs.trackers import metrics_of
 
     expected = {(r["run_id"], k, int(r["step"])): v for r in rows.to_dict("records") for k, v in metrics_of(r).items()}
     return folder, expected

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from zoflat_cli.cli import app
 from zoflat_cli.errors import ZoflatError
-from zoflat_cli.text_tasks import TASKS, kshot, read_original
+from zoflat_cli.data.lmbff_tasks import TASKS, kshot, read_original
 
 REFERENCE = Path(__file__).parent / "data" / "kshot-reference"
 runner = CliRunner()

@@ -9,8 +9,9 @@ import torch
 
 from zoflat_cli.problems.toy import ToyProblem
 from zoflat_cli.engine.batched import Trainer, make_groups
-from zoflat_cli.engine.loop import RunSpec, session
-from zoflat_cli.engine.runfolder import RunFolder
+from zoflat_cli.engine.loop import session
+from zoflat_cli.runs.spec import RunSpec
+from zoflat_cli.runs.folder import RunFolder
 
 CPU = torch.device("cpu")
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from zoflat_cli.optim.estimators import ESTIMATORS, estimate, tilted_coefficients
+from zoflat_cli.engine.batched import estimate
+from zoflat_cli.optim.estimators import ESTIMATORS, tilted_coefficients
 
 
 def two_point(problem, x, u, hyper):

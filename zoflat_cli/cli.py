@@ -1,10 +1,7 @@
 """The `zoflat` command line: subcommands merge recipe + flags and hand off to the trainers."""
 
 import contextlib
-import contextvars
-import functools
 import inspect
-import keyword
 import os
 import sys
 from pathlib import Path
@@ -15,10 +12,11 @@ from typer.core import TyperGroup
 from typing_extensions import Annotated
 
 import zoflat_cli
+from zoflat_cli.engine.live import say
 from zoflat_cli.errors import RunFailed, ZoflatError, one_line
-from zoflat_cli.optim.directions import LAWS
-from zoflat_cli.optim.presets import FLAG_GROUPS, HYPERPARAMETERS, PRESETS, SAMPLES
-from zoflat_cli.optim.updates import UPDATES
+from zoflat_cli.experiments import registry
+from zoflat_cli.experiments.settings import PER_OPTIMIZER, Setting, field_name, load_recipe, parse_flag
+from zoflat_cli.optim.presets import FLAG_GROUPS, SAMPLES
 
 try:  # Typer vendors click from 0.2x on
     from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
@@ -88,75 +86,59 @@ def root(
     pass
 
 
-def _param(name: str) -> str:
-    """A flag's Python parameter name (`lambda` is a keyword)."""
-    return name + "_" if keyword.iskeyword(name) else name
-
-
-# Options shared by the experiment subcommands, declared once: @experiment adds them to a command.
-SHARED_OPTIONS = {
-    "config": Annotated[Optional[Path], typer.Option("--config", "-c", help="Recipe YAML; flags override it.")],
-    "optimizer": Annotated[Optional[List[str]], typer.Option(
-        "--optimizer", "-o", help="Optimizers (repeatable or comma-separated), from: " + ", ".join(PRESETS) + ".")],
-    "steps": Annotated[Optional[int], typer.Option("--steps", help="Iterations per run.")],
-    "lr": Annotated[Optional[List[str]], typer.Option(
-        "--lr", help="Step size: 0.01, a sweep 0.01,0.001, or per optimizer gd=0.01 (repeatable).")],
-    "pairs": Annotated[Optional[int], typer.Option("--pairs", help="ZEST's antithetic pairs n per step.")],
-    "samples": Annotated[Optional[List[str]], typer.Option(
-        "--samples", help="Directions averaged per step by ZO-type optimizers (n independent estimates).")],
-    "directions": Annotated[Optional[List[str]], typer.Option(
-        "--directions", help="Direction law: " + ", ".join(LAWS) + " (a sweep, or zo=sphere).")],
-    "update": Annotated[Optional[List[str]], typer.Option(
-        "--update", help="Update rule instead of the optimizer's own: " + ", ".join(UPDATES) + " (or zo=adam).")],
-    # one sweepable flag per hyperparameter of the optimizer table, and its flag groups (--betas)
-    **{_param(name): Annotated[Optional[List[str]], typer.Option("--" + name.replace("_", "-"), help=hyper.help)]
-       for name, hyper in HYPERPARAMETERS.items()},
-    **{_param(flag): Annotated[Optional[List[str]], typer.Option("--" + flag.replace("_", "-"), help=text)]
+# Options of an invocation rather than settings of a config, and the setting each stands before
+# in a command's options (None: last); flag groups (--betas) set several hyperparameters at once.
+INVOCATION = {
+    "config": (Annotated[Optional[Path], typer.Option("--config", "-c", help="Recipe YAML; flags override it.")],
+               "optimizer"),
+    "pairs": (Annotated[Optional[int], typer.Option("--pairs", help="ZEST's antithetic pairs n per step.")], "samples"),
+    **{flag: (Annotated[Optional[List[str]], typer.Option("--" + flag.replace("_", "-"), help=text)], "seeds")
        for flag, (_, text) in FLAG_GROUPS.items()},
-    "seeds": Annotated[Optional[str], typer.Option(
-        "--seeds", help="A count n (seeds 0..n-1) or a list 13,21,42 (one seed: 13,).")],
-    "log_every": Annotated[Optional[int], typer.Option("--log-every", help="Log metrics every N steps.")],
-    "checkpoint_every": Annotated[Optional[int], typer.Option(
-        "--checkpoint-every", help="Save a checkpoint every N steps (0: only when a run stops or ends).")],
-    "resume": Annotated[Optional[Path], typer.Option(
-        "--resume", help="Continue the unfinished runs of this run folder (--steps may extend it).")],
-    "device": Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda.")],
-    "dtype": Annotated[Optional[str], typer.Option(
-        "--dtype", help="float32 or float64; finetune also bfloat16, float16.")],
-    "out": Annotated[Optional[Path], typer.Option("--out", help="Parent folder of run folders.")],
-    "name": Annotated[Optional[str], typer.Option("--name", help="Suffix of the run folder's name.")],
-    "logger": Annotated[Optional[str], typer.Option(
-        "--logger", help="Also stream metrics.csv's rows to wandb (offline unless WANDB_MODE), tensorboard or "
-                         "mlflow (files in the run folder).")],
-    "quiet": Annotated[bool, typer.Option("--quiet", "-q", help="Print only the run folder.")],
+    "resume": (Annotated[Optional[Path], typer.Option(
+        "--resume", help="Continue the unfinished runs of this run folder (--steps may extend it).")], "device"),
+    "quiet": (Annotated[bool, typer.Option("--quiet", "-q", help="Print only the run folder.")], None),
 }
 RESUMABLE_CHANGES = {"steps", "device"}  # what --resume may change in the saved config
+OPTION_TYPES = {"int": int, "number": float, "text": str, "name": str, "path": Path, "flag": bool, "seeds": str}
 
 
-def experiment(fn):
-    """Registers fn(**options) as a subcommand with its own options plus SHARED_OPTIONS."""
-    own = [p for p in inspect.signature(fn).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
-    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                                default=False if name == "quiet" else None)
-              for name, annotation in SHARED_OPTIONS.items()]
+def option(key: str, setting: Setting):
+    """A setting's command-line option: repeatable text for a per-optimizer value or a list of
+    optimizers, else its kind's type; None when not given (the recipe or the default decides)."""
+    repeatable = setting.per_optimizer or setting.kind == "names"
+    kind = List[str] if repeatable else OPTION_TYPES[setting.kind]
+    flags = setting.flags or ("--" + key.replace("_", "-"),)
+    return Annotated[Optional[kind], typer.Option(*flags, help=setting.help)]
 
-    @functools.wraps(fn)
+
+def experiment_command(experiment):
+    """`zoflat <experiment>`: its options generated from its settings table and INVOCATION."""
+    def parameter(name, annotation):
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                 default=False if name == "quiet" else None)
+
+    params = []
+    for key, setting in experiment.settings.items():
+        params += [parameter(name, a) for name, (a, before) in INVOCATION.items() if before == key]
+        params.append(parameter(field_name(key), option(key, setting)))
+    params += [parameter(name, a) for name, (a, before) in INVOCATION.items() if before is None]
+
     def command(**options):
-        return fn(**options)
+        config, resume = resolve_invocation(experiment, options)
+        path, status = experiment.start(config, options["quiet"], resume)
+        _finish(path, status, options["quiet"])
 
-    command.__signature__ = inspect.Signature(own + shared)
-    command.__annotations__ = {p.name: p.annotation for p in own + shared}
-    del command.__wrapped__  # typer reads the signature above, not fn's
-    return app.command(fn.__name__)(command)
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = experiment.help
+    return app.command(experiment.name)(command)
 
 
 def config_flags(options: dict) -> dict:
     """Options as config values: those not given (None or empty) are left to the recipe;
     --pairs n is ZEST's sample count; a flag group (--betas b1,b2) sets each of its hyperparameters."""
-    from zoflat_cli.config import PER_OPTIMIZER, parse_flag
-
     given = {k.rstrip("_"): (str(v) if isinstance(v, Path) else v) for k, v in options.items()
-             if k not in ("config", "resume", "quiet", "pairs", *FLAG_GROUPS) and v is not None and v != []}
+             if k not in INVOCATION and v is not None and v != []}
     flags = {k: parse_flag(k, v) if k in PER_OPTIMIZER else v for k, v in given.items()}
     if options.get("pairs") is not None:
         samples = flags.get("samples", {})
@@ -170,8 +152,6 @@ def config_flags(options: dict) -> dict:
 
 def parse_group(flag: str, names: tuple, occurrences: list) -> dict:
     """`0.9,0.999` or `zo-adam=0.9,0.99` (repeatable) -> {beta1: ..., beta2: ...}."""
-    from zoflat_cli.config import parse_flag
-
     values = {name: {} for name in names}
     for text in occurrences:
         target, _, numbers = text.rpartition("=")
@@ -186,53 +166,30 @@ def parse_group(flag: str, names: tuple, occurrences: list) -> dict:
     return values
 
 
-def resolve_command(defaults: dict, options: dict, settings: dict, check=None):
-    """The resolved config of an experiment command, and the folder to resume (or None)."""
-    from zoflat_cli.config import resolve
-
-    flags, config, resume = config_flags(options), options["config"], options["resume"]
+def resolve_invocation(experiment, options: dict) -> tuple:
+    """The typed config of an experiment command's options, and the folder to resume (or None)."""
+    flags, recipe, resume = config_flags(options), options["config"], options["resume"]
     if resume is not None:
-        others = sorted(set(flags) - RESUMABLE_CHANGES) + (["--config"] if config else [])
+        others = sorted(set(flags) - RESUMABLE_CHANGES) + (["--config"] if recipe else [])
         if others:
             raise ZoflatError(f"--resume continues the saved config; only --steps and --device may "
                               f"change it (got {', '.join(others)})")
         if not (resume / "config.yaml").is_file():
             raise ZoflatError(f"--resume {resume}: not a run folder (no config.yaml)")
-        config = resume / "config.yaml"
-    resolved = resolve(defaults(config, flags) if callable(defaults) else defaults, config, flags, settings, check)
-    if PLANNING.get():  # zoflat sweep wants the config, not the run
-        raise Planned(resolved)
-    return resolved, resume
-
-
-PLANNING = contextvars.ContextVar("planning", default=False)
-
-
-class Planned(Exception):
-    """Raised by resolve_command while planning: carries the resolved config out of the command."""
-
-    def __init__(self, config: dict):
-        super().__init__("planned")
-        self.config = config
+        recipe = resume / "config.yaml"
+    return experiment.resolve(flags, recipe), resume
 
 
 def planned_config(command: str, args: list) -> dict:
-    """The config an experiment command would resolve from these arguments, without running it."""
+    """The config (as config.yaml holds it) that `zoflat <command> <args>` would run, without running it."""
     click_command = typer.main.get_command(app).commands[command]
-    token = PLANNING.set(True)
-    try:
-        with click_command.make_context(command, list(args)) as ctx:
-            click_command.invoke(ctx)
-    except Planned as planned:
-        return planned.config
-    finally:
-        PLANNING.reset(token)
-    raise ZoflatError(f"internal: {command} resolved no config")
+    with click_command.make_context(command, list(args)) as ctx:  # parsed, not invoked
+        options = {k: list(v) if isinstance(v, tuple) else v for k, v in ctx.params.items()}  # as Typer passes them
+        config, _ = resolve_invocation(EXPERIMENTS[command], options)
+    return config.to_dict()
 
 
 def _finish(path: Path, status: str, quiet: bool):
-    from zoflat_cli.engine.live import say
-
     if path is not None:  # None: a data-parallel rank other than 0, which says nothing
         say(str(path) if quiet else f"{status}: {path}")
         if status == "diverged" and not quiet:
@@ -243,132 +200,9 @@ def _finish(path: Path, status: str, quiet: bool):
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
-@experiment
-def toy(dim: Annotated[Optional[int], typer.Option("--dim", help="d: y, z in R^d.")] = None, **options):
-    """Example 2.1: f(y, z) = (yᵀz - 1)²/2. ZO drifts to the flat minimum (Hessian trace 2)."""
-    from zoflat_cli.engine.batched import run_batched
-    from zoflat_cli.problems.toy import DEFAULTS, SETTINGS, ToyProblem
-
-    cfg, resume = resolve_command(DEFAULTS, {**options, "dim": dim}, SETTINGS)
-    path, status = run_batched(cfg, lambda device, dtype: ToyProblem(cfg["dim"]), options["quiet"], resume)
-    _finish(path, status, options["quiet"])
-
-
-@experiment
-def convex(
-    dataset: Annotated[Optional[str], typer.Option(
-        "--dataset", help="A LIBSVM binary set by name (zoflat data list), e.g. w5a, a8a.")] = None,
-    data_file: Annotated[Optional[Path], typer.Option("--data-file", help="Any svmlight training file.")] = None,
-    test_file: Annotated[Optional[Path], typer.Option("--test-file", help="Its test file.")] = None,
-    train_size: Annotated[Optional[int], typer.Option(
-        "--train-size", help="Re-split the training file: this many rows train, the rest test.")] = None,
-    split_seed: Annotated[Optional[int], typer.Option("--split-seed", help="Seed of that re-split.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="svm (squared hinge) or logreg.")] = None,
-    features: Annotated[Optional[int], typer.Option("--features", help="D, the random features.")] = None,
-    dense: Annotated[Optional[bool], typer.Option(
-        "--dense/--factored", help="Materialise the N x D features (reference path).")] = None,
-    eig_every: Annotated[Optional[int], typer.Option(
-        "--eig-every", help="Top Hessian eigenvalue every N steps (a multiple of --log-every; 0: never).")] = None,
-    **options,
-):
-    """SVM / logistic regression on random features of LIBSVM data (paper Figures 2 and 5)."""
-    from zoflat_cli import datasets
-    from zoflat_cli.config import load_recipe
-    from zoflat_cli.engine.batched import run_batched
-    from zoflat_cli.problems import convex as problem
-
-    own = dict(dataset=dataset, data_file=data_file, test_file=test_file, train_size=train_size,
-               split_seed=split_seed, model=model, features=features, dense=dense, eig_every=eig_every)
-    def defaults(recipe, flags):  # the model and data chosen decide some defaults
-        return problem.defaults({**(load_recipe(recipe) if recipe else {}), **flags})
-
-    cfg, resume = resolve_command(defaults, {**options, **own}, problem.SETTINGS, problem.check)
-    train, test, description = datasets.load_splits(cfg)
-
-    def make_problem(device, dtype):
-        return problem.ConvexProblem(train, test, cfg["model"], cfg["features"], cfg["dense"],
-                                     dtype, device, description, cfg["eig_every"])
-
-    path, status = run_batched(cfg, make_problem, options["quiet"], resume)
-    _finish(path, status, options["quiet"])
-
-
-@experiment
-def finetune(
-    task: Annotated[Optional[str], typer.Option(
-        "--task", help="Encoders: sst2, sst5, trec. Decoder LMs: sst2, rte, cb, boolq, wsc, wic, multirc, copa, "
-                       "record, piqa, arc-easy, arc-challenge, openbookqa, squad, drop.")] = None,
-    k: Annotated[Optional[int], typer.Option("--k", help="Encoder tasks: training examples per label (K-shot).")] = None,
-    split_seed: Annotated[Optional[int], typer.Option(
-        "--split-seed", help="Encoder tasks: LM-BFF split seed (13, 21, 42, 87, 100 are the published ones).")] = None,
-    test_mode: Annotated[Optional[str], typer.Option(
-        "--test-mode", help="Encoder tasks: 1k (LM-BFF k-shot-1k-test: at most 1,000 test rows) or full.")] = None,
-    num_train: Annotated[Optional[int], typer.Option(
-        "--num-train", help="Decoder tasks: training examples sampled (MeZO: 1000).")] = None,
-    num_dev: Annotated[Optional[int], typer.Option(
-        "--num-dev", help="Decoder tasks: dev examples, the last of the training draw (MeZO: 500; CB, COPA 100).")] = None,
-    num_eval: Annotated[Optional[int], typer.Option(
-        "--num-eval", help="Decoder tasks: evaluation examples from the validation pool (MeZO: 1000).")] = None,
-    train_set_seed: Annotated[Optional[int], typer.Option(
-        "--train-set-seed", help="Decoder tasks: MeZO's sampling seed.")] = None,
-    train_pool: Annotated[Optional[str], typer.Option(
-        "--train-pool", help="train (MeZO), or eval: train+dev drawn from the validation pool, disjoint from the "
-                             "eval sample (offline runs of tasks whose train split is not bundled).")] = None,
-    demos: Annotated[Optional[int], typer.Option(
-        "--demos", help="In-context demonstrations from the training sample (with --steps 0).")] = None,
-    scoring: Annotated[Optional[str], typer.Option(
-        "--scoring", help="Option score: sum of its tokens' log-probabilities, or mean (length-normalised).")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(
-        "--max-new-tokens", help="Generation tasks: greedy decoding length limit (MeZO: 50).")] = None,
-    objective: Annotated[Optional[str], typer.Option(
-        "--objective", help="What ZO minimises: loss, accuracy or f1 (1 - the metric; ZO optimizers only).")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option(
-        "--data-dir", help="Local copies: LM-BFF data/original layout, or the official files as `zoflat data "
-                           "list` names them (default: bundled, then the hub).")] = None,
-    model: Annotated[Optional[str], typer.Option(
-        "--model", help="Hub id (roberta-large, facebook/opt-13b), a local model folder, minilm, or tiny-gpt2 / "
-                        "tiny-opt / tiny-llama (random, offline).")] = None,
-    head: Annotated[Optional[str], typer.Option(
-        "--head", help="Encoders: auto, prompt (MLM + label words) or linear.")] = None,
-    max_length: Annotated[Optional[int], typer.Option(
-        "--max-length", help="Tokens per example (encoders 128; decoders: the model's, at most 2048).")] = None,
-    micro_batch: Annotated[Optional[int], typer.Option(
-        "--micro-batch", help="Examples per forward pass (memory; the loss is the same).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(
-        "--batch-size", help="Examples per step; 0 = the whole training set.")] = None,
-    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Test metrics every N steps.")] = None,
-    trace: Annotated[Optional[str], typer.Option("--trace", help="hutchinson, fd or none.")] = None,
-    trace_every: Annotated[Optional[int], typer.Option("--trace-every", help="Hessian trace every N steps.")] = None,
-    trace_probes: Annotated[Optional[int], typer.Option("--trace-probes", help="Probes per trace estimate.")] = None,
-    trace_delta: Annotated[Optional[float], typer.Option("--trace-delta", help="δ of the fd estimator.")] = None,
-    eig_every: Annotated[Optional[int], typer.Option(
-        "--eig-every", help="λ_max by power iteration every N steps (0: never).")] = None,
-    eig_iters: Annotated[Optional[int], typer.Option("--eig-iters", help="Power-iteration steps.")] = None,
-    trainable: Annotated[Optional[str], typer.Option(
-        "--trainable", help="What is trained: all, lora, prefix (decoders), bias (BitFit) or head (peft).")] = None,
-    lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help="LoRA rank r (MeZO: 8).")] = None,
-    lora_alpha: Annotated[Optional[float], typer.Option("--lora-alpha", help="LoRA α (MeZO: 16).")] = None,
-    prefix_tokens: Annotated[Optional[int], typer.Option(
-        "--prefix-tokens", help="Prefix tuning's virtual tokens (MeZO: 5).")] = None,
-    device_map: Annotated[Optional[str], typer.Option(
-        "--device-map", help="auto, balanced or sequential: the model's layers across the visible GPUs "
-                             "(accelerate).")] = None,
-    **options,
-):
-    """LM fine-tuning (encoders: LM-BFF few-shot; decoders: MeZO's tasks), tracking the Hessian trace."""
-    from zoflat_cli import finetune as finetune_command
-
-    own = dict(task=task, k=k, split_seed=split_seed, test_mode=test_mode, num_train=num_train, num_dev=num_dev,
-               num_eval=num_eval, train_set_seed=train_set_seed, train_pool=train_pool, demos=demos,
-               scoring=scoring, max_new_tokens=max_new_tokens, objective=objective, data_dir=data_dir,
-               model=model, head=head, max_length=max_length, micro_batch=micro_batch, batch_size=batch_size,
-               eval_every=eval_every, trace=trace, trace_every=trace_every, trace_probes=trace_probes,
-               trace_delta=trace_delta, eig_every=eig_every, eig_iters=eig_iters, trainable=trainable,
-               lora_rank=lora_rank, lora_alpha=lora_alpha, prefix_tokens=prefix_tokens, device_map=device_map)
-    cfg, resume = resolve_command(finetune_command.DEFAULTS, {**options, **own}, finetune_command.SETTINGS,
-                                  finetune_command.check)
-    path, status = finetune_command.run_finetune(cfg, options["quiet"], resume)
-    _finish(path, status, options["quiet"])
+EXPERIMENTS = registry()
+for _experiment in EXPERIMENTS.values():
+    experiment_command(_experiment)
 
 
 data_app = typer.Typer(help="Data sets: LIBSVM files (bundled, cached, imported), LM-BFF K-shot splits, and "
@@ -383,7 +217,7 @@ def data_list():
     from rich.console import Console
     from rich.table import Table
 
-    from zoflat_cli import datasets
+    from zoflat_cli.data import libsvm_sets as datasets
 
     table = Table(title=f"LIBSVM binary data sets (cache: {datasets.cache_dir()})")
     for col in ("name", "features", "train rows", "test rows", "train file", "test file"):
@@ -400,7 +234,7 @@ def data_list():
 def _llm_task_table():
     from rich.table import Table
 
-    from zoflat_cli import llm_tasks
+    from zoflat_cli.data import mezo_tasks as llm_tasks
 
     table = Table(title="Decoder-LM tasks (zoflat finetune with a causal LM; data sample): where each pool is")
     for col in ("task", "kind", "metric", "train pool", "eval pool", "hub dataset", "licence"):
@@ -419,7 +253,7 @@ def data_import(
     split: Annotated[str, typer.Option("--split", help="train or test.")] = "train",
 ):
     """Copy a downloaded LIBSVM file into the cache (checked against the registry's sizes)."""
-    from zoflat_cli import datasets
+    from zoflat_cli.data import libsvm_sets as datasets
 
     if split not in ("train", "test"):
         raise ZoflatError(f"--split must be train or test, got {split!r}")
@@ -437,8 +271,8 @@ def data_kshot(
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="LM-BFF data/original layout.")] = None,
 ):
     """Write LM-BFF K-shot splits (train, dev, test) byte for byte as LM-BFF's generator does."""
-    from zoflat_cli.finetune import SETTINGS
-    from zoflat_cli.text_tasks import SPLIT_SEEDS, get_task, write_kshot
+    from zoflat_cli.data.lmbff_tasks import SPLIT_SEEDS, get_task, write_kshot
+    from zoflat_cli.experiments.finetune import SETTINGS
 
     spec = get_task(task)
     for s in seed or SPLIT_SEEDS:  # the bounds of finetune's --split-seed and --k
@@ -460,8 +294,8 @@ def data_sample(
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Local copies of the official files.")] = None,
 ):
     """Write MeZO's sample of a task (in sampled order, each row with its source_index) for inspection."""
-    from zoflat_cli import llm_tasks
-    from zoflat_cli.finetune import SETTINGS
+    from zoflat_cli.data import mezo_tasks as llm_tasks
+    from zoflat_cli.experiments.finetune import SETTINGS
 
     spec = llm_tasks.get_task(task)
     config = {"num_train": num_train, "num_dev": num_dev, "num_eval": num_eval, "train_set_seed": seed,
@@ -469,7 +303,7 @@ def data_sample(
     for key, value in config.items():  # the bounds of finetune's settings
         flag = "--seed" if key == "train_set_seed" else "--" + key.replace("_", "-")
         SETTINGS[key].check(flag, value)
-    typer.echo(str(llm_tasks.write_sample(spec, config, out)))
+    typer.echo(str(llm_tasks.write_sample(spec, out, **config)))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -492,9 +326,7 @@ def sweep(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the sweep folder.")] = False,
 ):
     """A recipe's grid as one job per run on a launcher, under one sweep folder (sweep.yaml)."""
-    from zoflat_cli import sweep as sweeps
-    from zoflat_cli.config import load_recipe
-    from zoflat_cli.engine.live import say
+    from zoflat_cli.tools import sweep as sweeps
 
     if launcher not in sweeps.LAUNCHERS:
         raise ZoflatError(f"--launcher must be one of {', '.join(sweeps.LAUNCHERS)}, got {launcher!r}")
@@ -517,8 +349,8 @@ def sweep(
         if "--resume" in ctx.args:
             raise ZoflatError("zoflat sweep --resume takes a sweep folder; a run folder resumes with its command")
         command = load_recipe(recipe).get("command")
-        if command not in ("toy", "convex", "finetune"):
-            raise ZoflatError(f"{recipe}: a sweep recipe needs `command: toy|convex|finetune`, got {command!r}")
+        if command not in EXPERIMENTS:
+            raise ZoflatError(f"{recipe}: a sweep recipe needs `command: {'|'.join(EXPERIMENTS)}`, got {command!r}")
         config = planned_config(command, ["--config", str(recipe), *ctx.args])
         jobs = sweeps.expand(config)  # every job stands alone, checked before the launcher starts
         runner = sweeps.make_launcher(options)
@@ -551,7 +383,7 @@ def table(
     fmt: Annotated[str, typer.Option("--format", help="markdown, csv or latex.")] = "markdown",
 ):
     """The results table: mean ± std (n) over seeds per group, the best cell of each column marked."""
-    from zoflat_cli.table import make_table
+    from zoflat_cli.tools.table import make_table
 
     split = (lambda text: [t.strip() for t in text.split(",") if t.strip()] if text else None)
     typer.echo(make_table(paths, split(metric), at, split(by), fmt), nl=False)
@@ -563,7 +395,7 @@ def plot(
     out: Annotated[Optional[Path], typer.Option("--out", help="Write figures here instead.")] = None,
 ):
     """Paper-style figures (PNG and PDF) of one or more run folders."""
-    from zoflat_cli.plot import plot_paths
+    from zoflat_cli.tools.plot import plot_paths
 
     for written in plot_paths(paths, out):
         typer.echo(str(written))

@@ -1,3 +1,3 @@
-"""The training engine: one run-loop contract (loop.py) for the batched runner (batched.py: toy,
+"""The training engine: one step-driving loop (loop.py) for the batched runner (batched.py: toy,
 convex, many runs as one tensor program) and the model runner (model.py: one model at a time, in
-place), and the run folder they write (runfolder.py) and show (live.py)."""
+place); the live view (live.py) and data-parallel runs under torchrun (distributed.py)."""

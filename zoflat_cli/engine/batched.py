@@ -2,32 +2,76 @@
 
 Runs that share a preset, update rule, direction law and sample count form a group whose
 parameters are one (runs, dim) tensor, so a step costs a few tensor operations per group, not a
-Python loop over runs. The runner knows nothing of any problem: a problem gives `init`, `bind`,
-`loss`, `grad` and `metrics`.
+Python loop over runs. The runner knows nothing of any problem: it asks what the BatchedProblem
+protocol (problems/protocols.py) says.
 
 Resuming: the runner saves checkpoints/batched.pt (every group's parameters and update-rule
 state at a step) when it stops, when it ends, and every --checkpoint-every steps; directions are
 a function of (seed, step, sample), so `--resume` continues bit for bit, also past the old --steps.
 """
 
+import functools
 import time
 
 import torch
 
-from zoflat_cli.config import DTYPES, check_memory, resolve_device, runs_from
 from zoflat_cli.engine.live import LiveView
-from zoflat_cli.engine.loop import NUMERICAL_ERRORS, RunState, due, judge, session
-from zoflat_cli.engine.runfolder import RunFolder, create_run_dir, open_for_resume
+from zoflat_cli.engine.loop import NUMERICAL_ERRORS, RunState, carried_over, drive, judge, session
+from zoflat_cli.env import DTYPES, check_memory, resolve_device
 from zoflat_cli.optim.directions import DirectionStream
-from zoflat_cli.optim.estimators import estimate
+from zoflat_cli.optim.estimators import Estimator, ascent_scale
 from zoflat_cli.optim.presets import HYPERPARAMETERS, estimator_of, evals_per_step
 from zoflat_cli.optim.updates import apply, get_update, state_to
+from zoflat_cli.runs.folder import RunFolder, create_run_dir, open_for_resume
 from zoflat_cli.streams import generator
 
 CHECKPOINT = "batched.pt"  # under checkpoints/
 
 
-class Group:
+# ---------------------------------------------------------------- the estimate at a group's points
+
+def _combine(coef: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Σ_s coef[s, r] · u[s, r, :] over the samples s; coef is (samples, runs, 1). Coefficients
+    fold 1/samples in: on small tensors mean(0) costs 3x a sum, sum(0) 3x indexing."""
+    terms = coef * u
+    return terms[0] if len(terms) == 1 else terms.sum(0)
+
+
+def directional_derivatives(problem, x, u, use_jvp: bool) -> torch.Tensor:
+    """uᵀ∇f(x) for u (samples, runs, dim): (samples, runs)."""
+    if use_jvp:  # forward-mode AD with dual tensors (works through the convex problem's sparse products)
+        with torch.inference_mode(False), torch.autograd.forward_ad.dual_level():  # the trainer's mode has no AD
+            dual = torch.autograd.forward_ad.make_dual(x.expand_as(u).clone(), u.clone())
+            return torch.autograd.forward_ad.unpack_dual(problem.loss(dual)).tangent
+    return torch.linalg.vecdot(u, problem.grad(x))
+
+
+@functools.lru_cache(maxsize=64)
+def _offsets(offsets: tuple, dtype, device) -> torch.Tensor:
+    return torch.tensor(offsets, dtype=dtype, device=device).view(-1, 1, 1, 1)
+
+
+def estimate(estimator: Estimator, problem, x, u, hyper) -> torch.Tensor:
+    """ĝ at x (runs, dim) for a batched problem (`loss` over any leading shape, `grad`), with
+    directions u (samples, runs, dim) and hyper {name: (runs, 1)}."""
+    if estimator.name == "gd":
+        return problem.grad(x)
+    if estimator.name == "sam":
+        g = problem.grad(x)
+        return problem.grad(x + ascent_scale(torch.linalg.vector_norm(g, dim=-1, keepdim=True), hyper["rho"]) * g)
+    if estimator.query == "directional":
+        values = directional_derivatives(problem, x, u, estimator.jvp)[None, ..., None]
+        return _combine(estimator.coefficients(values, None, hyper), u)
+    offsets = _offsets(estimator.offsets, x.dtype, x.device)
+    points = torch.addcmul(x, offsets * hyper["lambda"], u)  # (offsets, samples, runs, dim): one call
+    values = problem.loss(points).unsqueeze(-1)
+    center = problem.loss(x).unsqueeze(-1) if estimator.center else None
+    return _combine(estimator.coefficients(values, center, hyper), u)
+
+
+# ---------------------------------------------------------------- groups of runs as tensors
+
+class BatchedGroup:
     """Runs that share one preset, update rule, direction law and sample count, as batched tensors."""
 
     def __init__(self, problem, runs, dtype, device):
@@ -54,7 +98,7 @@ class Group:
         self.directions = None
         self.evals_per_step = evals_per_step(first.optimizer, first.rule, first.samples)
         # the theory predicts from the initial point (also when the group resumes later on)
-        self.initial_metrics = self.problem.metrics(self.x, 0) if hasattr(self.problem, "theory") else None
+        self.initial_metrics = self.problem.metrics(self.x, 0) if self.problem.theory is not None else None
 
     def step(self, step: int):
         """Iteration `step` (from 0); a resumed group's first step starts its directions there."""
@@ -107,7 +151,7 @@ def make_groups(problem, runs, dtype, device) -> list:
     by_kind = {}
     for run in runs:
         by_kind.setdefault((run.optimizer, run.rule, run.directions, run.samples), []).append(run)
-    return [Group(problem, members, dtype, device) for members in by_kind.values()]
+    return [BatchedGroup(problem, members, dtype, device) for members in by_kind.values()]
 
 
 class Trainer:
@@ -124,23 +168,28 @@ class Trainer:
     def run(self, start: int = 0, stop=None) -> dict:
         """Train all groups; returns {run_id: RunState}. With `stop` (a GracefulStop), a request
         ends the loop after the current step and leaves a checkpoint to resume from."""
-        began = time.perf_counter()
-        step = start
+        self._began = time.perf_counter()
         with torch.inference_mode():  # skips autograd bookkeeping: ~20% off each small op
-            for step in range(start, self.steps + 1):
-                if due(step, self.log_every, self.steps):
-                    self._log(step, self.wall_offset + time.perf_counter() - began)
-                    if not any(s.status == "running" for s in self.states.values()):
-                        break
-                if stop is not None and stop.requested:
-                    break
-                if step < self.steps:
-                    for group in self.groups:
-                        group.step(step)
-                    if self.checkpoint_every and (step + 1) % self.checkpoint_every == 0:
-                        self.save(step + 1)
+            step, _ = drive(self, start, self.steps, self.log_every, self.checkpoint_every, stop)
         self.save(step)
         return self.states
+
+    # -- the Stepper protocol (engine/loop.py)
+
+    def log(self, step: int) -> bool:
+        self._log(step, self.wall_offset + time.perf_counter() - self._began)
+        return any(s.status == "running" for s in self.states.values())
+
+    @staticmethod
+    def stopped(stop) -> bool:
+        return stop is not None and stop.requested
+
+    def advance(self, step: int):
+        for group in self.groups:
+            group.step(step)
+
+    def checkpoint(self, step: int):
+        self.save(step)
 
     def save(self, step: int):
         if self.folder is None:
@@ -185,31 +234,28 @@ class Trainer:
             callback(step, rows, states)
 
 
-def run_batched(config: dict, make_problem, quiet: bool = False, resume=None, console=None):
-    """Run (or, with resume, continue) one resolved config of a batched command.
+def run_batched(config, runs, make_problem, quiet: bool = False, resume=None, console=None):
+    """Run (or, with resume, continue) the runs of one typed config of a batched experiment.
     make_problem(device, dtype) builds the problem. Returns (run folder path, overall status)."""
-    runs = runs_from(config)
-    device, dtype = resolve_device(config["device"]), DTYPES[config["dtype"]]
+    device, dtype = resolve_device(config.device), DTYPES[config.dtype]
     if resume:
-        previous = open_for_resume(resume, runs, device, config["steps"])
+        previous = open_for_resume(resume, runs, device, config.steps)
     problem = make_problem(device, dtype)
-    check_memory(problem.memory_bytes(runs, dtype.itemsize), device, f"{len(runs)} runs of `zoflat {config['command']}`")
+    check_memory(problem.memory_bytes(runs, dtype.itemsize), device, f"{len(runs)} runs of `zoflat {config.command}`")
     groups = make_groups(problem, runs, dtype, device)
-    path = resume or create_run_dir(config["out"], config["command"], config["name"])
-    folder = RunFolder(path, config, problem, str(device))
+    path = resume or create_run_dir(config.out, config.command, config.name)
+    folder = RunFolder(path, config.to_dict(), problem, str(device))
     states = {r.run_id: RunState() for r in runs}
-    view = LiveView(f"zoflat {config['command']} · {path}", config["steps"], quiet, console)
-    trainer = Trainer(problem, groups, config["steps"], config["log_every"], [folder.on_log, view.on_log], states,
-                      folder, config.get("checkpoint_every", 0))
+    view = LiveView(f"zoflat {config.command} · {path}", config.steps, quiet, console)
+    trainer = Trainer(problem, groups, config.steps, config.log_every, [folder.on_log, view.on_log], states,
+                      folder, config.checkpoint_every)
     result = {}
     with session(folder, view, states, result) as stop:
         start = 0
         if resume:
             start = trainer.restore(folder.logged_rows())
-            for run in runs:  # diverged runs stay as they ended; the others continue from the checkpoint
-                entry = previous.get(run.run_id, {})
-                if entry.get("status") == "diverged":
-                    states[run.run_id] = RunState("diverged", entry["steps_done"])
+            # diverged runs stay as they ended; the others continue from the checkpoint
+            states.update(carried_over(previous, runs, config.steps, completed=False))
             folder.keep_rows(lambda r: int(r["step"]) < start or states[r["run_id"]].status == "diverged")
         trainer.run(start, stop)
     return path, result["status"]

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from zoflat_cli.engine.loop import RUN_COLUMNS
+from zoflat_cli.runs.spec import RUN_COLUMNS
 
 PLAIN_EVERY_S = 10.0  # plain mode prints a block of lines at most this often
 HIDDEN = {*RUN_COLUMNS, "wall_s", "n_evals"}

@@ -1,77 +1,27 @@
-"""The run-loop contract both runners follow: run settings, statuses, logging, signals, summary.
+"""The run loop both runners follow: statuses, the step-driving loop, signals, resume, summary.
 
 A run's status goes queued -> running -> completed | diverged | interrupted | failed:
   diverged     its loss or parameters became NaN/Inf at a logged step (the others go on);
   interrupted  Ctrl-C or SIGTERM: the runner stops after the current step and saves what it
                needs to resume;
   failed       an unexpected error (then reported).
-`session()` wraps a runner: it installs the signal handlers, marks unfinished runs on the way out
-and always writes the final summary.
+`drive()` is the one loop: log every --log-every steps and at the last, stop on request, step,
+checkpoint every --checkpoint-every steps; a runner (the batched one: all runs as tensors; the
+model one: one run in place) says what each of those is (the Stepper protocol). `session()` wraps
+a runner: it installs the signal handlers, marks unfinished runs on the way out and always writes
+the final summary.
 """
 
 import contextlib
-import functools
 import math
 import signal
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from zoflat_cli.errors import describe
-from zoflat_cli.optim.presets import HYPERPARAMETERS, get_preset
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    optimizer: str  # a preset (optim/presets.py)
-    lr: float
-    seed: int
-    samples: int = 1
-    hyper: tuple = ()  # ((name, value), ...) for the hyperparameters it reads, in HYPERPARAMETERS order
-    directions: str = "gaussian"
-    update: str = None  # None: the preset's own rule
-
-    @property
-    def rule(self) -> str:
-        return self.update or get_preset(self.optimizer).update
-
-    def value(self, name: str):
-        return dict(self.hyper).get(name)
-
-    @functools.cached_property  # rows are built for every run at every log: compute once
-    def run_id(self) -> str:
-        preset = get_preset(self.optimizer)
-        parts = [self.optimizer]
-        if preset.uses_directions and self.directions != "gaussian":
-            parts.append(self.directions)
-        if self.rule != preset.update:
-            parts.append(self.rule)
-        parts += [f"{HYPERPARAMETERS[k].tag}{v:g}" for k, v in self.hyper if v or not HYPERPARAMETERS[k].optional]
-        parts.append(f"lr{self.lr:g}")
-        if self.samples != 1:
-            parts.append(f"n{self.samples}")
-        parts.append(f"s{self.seed}")
-        return "-".join(parts)
-
-    def columns(self) -> dict:
-        return dict(self._columns)
-
-    @functools.cached_property
-    def _columns(self) -> dict:
-        uses = get_preset(self.optimizer).uses_directions
-        return {
-            "run_id": self.run_id,
-            "optimizer": self.optimizer,
-            "update": self.rule,
-            "directions": self.directions if uses else None,
-            **{name: self.value(name) for name in HYPERPARAMETERS},
-            "lr": self.lr,
-            "seed": self.seed,
-            "samples": self.samples,
-        }
-
-
-RUN_COLUMNS = list(RunSpec("gd", 0.1, 0).columns())  # the settings columns of metrics.csv
+from zoflat_cli.runs.spec import due
 
 
 @dataclass
@@ -89,10 +39,48 @@ def judge(state: RunState, step: int, finite: bool, steps: int):
         state.status = "completed"
 
 
-def due(step: int, every: int, steps: int) -> bool:
-    """Whether a periodic event (a log, an evaluation, a trace) happens at `step`: every `every`
-    steps and at the last one."""
-    return step % every == 0 or step == steps
+def carried_over(previous: dict, runs, steps: int, completed: bool) -> dict:
+    """{run_id: RunState} of a resumed folder's runs that stay as they ended: the diverged ones,
+    and with `completed` those completed at `steps` or beyond (a runner that trains runs one at a
+    time skips them; the batched runner steps every run together, so it only skips diverged ones)."""
+    kept = {}
+    for run in runs:
+        entry = previous.get(run.run_id, {})
+        if entry.get("status") == "diverged" or (completed and entry.get("status") == "completed"
+                                                 and entry["steps_done"] >= steps):
+            kept[run.run_id] = RunState(entry["status"], entry["steps_done"])
+    return kept
+
+
+class Stepper(Protocol):
+    """What drive() asks of a runner."""
+
+    def log(self, step: int) -> bool:
+        """Log `step` (metrics rows, statuses judged); whether any of its runs goes on."""
+
+    def stopped(self, stop) -> bool:
+        """Whether to stop before stepping (a Ctrl-C or SIGTERM seen by `stop`, on every rank at once)."""
+
+    def advance(self, step: int):
+        """Iteration `step` (from 0): the parameters go from x_step to x_(step+1)."""
+
+    def checkpoint(self, step: int):
+        """Save what resuming at `step` needs."""
+
+
+def drive(runner: Stepper, start: int, steps: int, log_every: int, checkpoint_every: int, stop) -> tuple:
+    """Steps from `start` up to `steps`: (the step reached, whether a stop request ended it there)."""
+    for step in range(start, steps + 1):
+        if due(step, log_every, steps) and not runner.log(step):
+            return step, False
+        if runner.stopped(stop):
+            return step, True
+        if step == steps:
+            return step, False
+        runner.advance(step)
+        if checkpoint_every and (step + 1) % checkpoint_every == 0:
+            runner.checkpoint(step + 1)
+    return start, False  # nothing left to do (start > steps)
 
 
 # Exceptions of a run's own arithmetic (an eigensolver on overflowed values, ...): that run has

@@ -1,73 +1,29 @@
 """The model runner: the runs of a config one model at a time, each in place and resumable.
 
-A model problem gives `params`, `loss()` and `gradient()` on the current batch (`draw_batch`),
-`jvp(tangents)`, `state()`/`load_state()`, `load_base()` and a `forward_passes` counter; the
-command gives the metrics of a logged step. Besides config.yaml, metrics.csv and summary.json,
+A model problem is what the ModelProblem protocol (problems/protocols.py) says: the trained
+`params`, loss, gradient and JVP on the current batch (`draw_batch`), `metrics(seed, step)` of a
+logged step, its state and the base weights. Besides config.yaml, metrics.csv and summary.json,
 the run folder holds
-    updates/<run_id>.bin      runs that draw directions: one record per step (see UpdateLog);
+    updates/<run_id>.bin      runs that draw directions: one record per step (runs/updatelog.py);
                               replaying it on the base weights rebuilds the run bit for bit
     checkpoints/<run_id>.pt   parameters and update-rule state at a step: every --checkpoint-every
                               steps, and when a run that cannot be replayed (gd, sam) is stopped
 `--resume DIR` continues every unfinished run from its checkpoint and log.
 """
 
-import os
-import struct
 import time
 from pathlib import Path
 
 from zoflat_cli.engine.live import LiveView
-from zoflat_cli.engine.loop import NUMERICAL_ERRORS, RunState, due, finite, judge, session
-from zoflat_cli.engine.runfolder import RunFolder, create_run_dir
+from zoflat_cli.engine.loop import NUMERICAL_ERRORS, RunState, carried_over, drive, finite, judge, session
 from zoflat_cli.errors import describe
-from zoflat_cli.optim.directions import ParameterDirections
 from zoflat_cli.optim.inplace import InPlaceOptimizer
+from zoflat_cli.optim.parameters import ParameterDirections
 from zoflat_cli.optim.presets import HYPERPARAMETERS, estimator_of, evals_per_step, get_preset
 from zoflat_cli.optim.updates import get_update
+from zoflat_cli.runs.folder import RunFolder, create_run_dir
+from zoflat_cli.runs.updatelog import UpdateLog, update_log_path
 from zoflat_cli.streams import direction_base
-
-UPDATE_LOG_VERSION = 2  # record layout below; run folders record it and --resume checks it
-
-
-class UpdateLog:
-    """Fixed-size little-endian records: int64 step, float64 accepted (1 or 0: conservative
-    rules), then (uint64 direction base, float64 coefficient) per direction: the step's
-    directions are (base, step)."""
-
-    def __init__(self, path: Path, samples: int):
-        self.path = path
-        self.record = struct.Struct("<qd" + "Qd" * samples)
-
-    def read(self) -> list:
-        """[(step, direction keys, coefs, accepted)]; a torn last record (killed mid-write) is ignored."""
-        if not self.path.is_file():
-            return []
-        data = self.path.read_bytes()
-        usable = len(data) - len(data) % self.record.size
-        return [(step, [(base, step) for base in pairs[0::2]], list(pairs[1::2]), bool(accepted))
-                for step, accepted, *pairs in self.record.iter_unpack(data[:usable])]
-
-    def truncate(self, records: int):
-        if self.path.is_file():
-            os.truncate(self.path, records * self.record.size)
-
-    def open(self):
-        self.path.parent.mkdir(exist_ok=True)
-        self._file = open(self.path, "ab")
-        return self
-
-    def append(self, step: int, keys, coefs, accepted: bool):
-        pairs = [v for (base, _), c in zip(keys, coefs) for v in (base, c)]
-        self._file.write(self.record.pack(step, float(accepted), *pairs))
-        self._file.flush()
-
-    def close(self):
-        self._file.close()
-
-
-def update_log_path(run_dir: Path, run_id: str) -> Path:
-    return run_dir / "updates" / f"{run_id}.bin"
-
 
 def checkpoint_name(run_id: str) -> str:
     return f"{run_id}.pt"  # under checkpoints/
@@ -79,12 +35,11 @@ def run_hyper(run) -> dict:
 
 
 class ModelRunner:
-    """Trains one run on `problem` (whose model holds the base weights); metrics(runner, step)
-    gives the command's metrics of a logged step."""
+    """Trains one run on `problem` (whose model holds the base weights) under a typed config."""
 
-    def __init__(self, problem, run, config: dict, folder: RunFolder, state: RunState, on_log, metrics):
+    def __init__(self, problem, run, config, folder: RunFolder, state: RunState, on_log):
         self.problem, self.run, self.config, self.folder = problem, run, config, folder
-        self.state, self.on_log, self.metrics = state, on_log, metrics
+        self.state, self.on_log = state, on_log
         self.directions = ParameterDirections(problem.params, run.directions, problem.model)
         self.optimizer = InPlaceOptimizer(self.directions, estimator_of(run.optimizer), get_update(run.rule),
                                           run_hyper(run))
@@ -121,7 +76,7 @@ class ModelRunner:
             last = previous[-1]
             self.wall_offset = float(last["wall_s"])
             self.passes_offset = float(last["forward_passes"]) + (step - int(last["step"])) * self.evals_per_step * (
-                self.problem.batch_fraction(self.config["batch_size"]))
+                self.problem.batch_fraction(self.config.batch_size))
         return step
 
     def save_checkpoint(self, step: int):
@@ -136,7 +91,13 @@ class ModelRunner:
         if self.replayable:
             self.log.open()
         try:
-            self._steps(start, stop)
+            self._began = time.perf_counter()
+            step, stopped = drive(self, start, self.config.steps, self.config.log_every,
+                                  self.config.checkpoint_every, stop)
+            if stopped:
+                self.state.status = "interrupted"
+                if not self.replayable:
+                    self.save_checkpoint(step)
         except NUMERICAL_ERRORS as err:  # this run's arithmetic failed: it diverged, the next runs go on
             self.state.status = "diverged"
             self.folder.note(self.run.run_id, describe(err))
@@ -144,57 +105,51 @@ class ModelRunner:
             if self.replayable:
                 self.log.close()
 
-    def _steps(self, start: int, stop):
-        steps, every, run = self.config["steps"], self.config["checkpoint_every"], self.run
-        began = time.perf_counter()
-        for step in range(start, steps + 1):
-            if due(step, self.config["log_every"], steps):
-                row = run.columns()
-                row.update(step=step, wall_s=None, n_evals=step * self.evals_per_step)
-                row.update(self.metrics(self, step))
-                row["forward_passes"] = round(self.passes_offset + self.problem.forward_passes, 3)
-                row["wall_s"] = round(self.wall_offset + time.perf_counter() - began, 3)
-                judge(self.state, step, finite(row["loss"]), steps)
-                self.on_log(step, [row])
-                if self.state.status != "running":
-                    return
-            if self.problem.group.any(stop.requested):  # all data-parallel ranks stop at the same step
-                self.state.status = "interrupted"
-                if not self.replayable:
-                    self.save_checkpoint(step)
-                return
-            self.problem.draw_batch(self.config["batch_size"], run.seed, step)
-            keys = [(direction_base(run.seed, i), step) for i in range(run.samples)] if self.replayable else []
-            coefs, accepted = self.optimizer.step(self.problem, keys, step + 1)
-            if self.replayable:
-                with self.folder.writing(f"updates/{run.run_id}.bin"):
-                    self.log.append(step, keys, coefs, accepted)
-            self.state.steps_done = step + 1
-            if every and (step + 1) % every == 0:
-                self.save_checkpoint(step + 1)
+    # -- the Stepper protocol (engine/loop.py)
+
+    def log(self, step: int) -> bool:
+        row = self.run.columns()
+        row.update(step=step, wall_s=None, n_evals=step * self.evals_per_step)
+        row.update(self.problem.metrics(self.run.seed, step))
+        row["forward_passes"] = round(self.passes_offset + self.problem.forward_passes, 3)
+        row["wall_s"] = round(self.wall_offset + time.perf_counter() - self._began, 3)
+        judge(self.state, step, finite(row["loss"]), self.config.steps)
+        self.on_log(step, [row])
+        return self.state.status == "running"
+
+    def stopped(self, stop) -> bool:
+        return self.problem.group.any(stop.requested)  # all data-parallel ranks stop at the same step
+
+    def advance(self, step: int):
+        run = self.run
+        self.problem.draw_batch(self.config.batch_size, run.seed, step)
+        keys = [(direction_base(run.seed, i), step) for i in range(run.samples)] if self.replayable else []
+        coefs, accepted = self.optimizer.step(self.problem, keys, step + 1)
+        if self.replayable:
+            with self.folder.writing(f"updates/{run.run_id}.bin"):
+                self.log.append(step, keys, coefs, accepted)
+        self.state.steps_done = step + 1
+
+    def checkpoint(self, step: int):
+        self.save_checkpoint(step)
 
 
-def run_models(config: dict, problem, runs, metrics, quiet: bool = False, resume: Path = None, previous=None):
-    """Runs (or, with resume, continues) every run of the config on `problem`, one after another;
-    `previous`: the resumed folder's runs (runfolder.open_for_resume). Returns (folder, status)."""
+def run_models(config, problem, runs, quiet: bool = False, resume: Path = None, previous=None):
+    """Runs (or, with resume, continues) the runs of a typed config on `problem`, one after
+    another; `previous`: the resumed folder's runs (runs/folder.open_for_resume). Returns
+    (folder, status)."""
     previous = previous or {}
-    path = Path(resume) if resume else create_run_dir(config["out"], config["command"], config["name"])
-    folder = RunFolder(path, config, problem, str(problem.device))
+    path = Path(resume) if resume else create_run_dir(config.out, config.command, config.name)
+    folder = RunFolder(path, config.to_dict(), problem, str(problem.device))
     states = {r.run_id: RunState(status="queued") for r in runs}
-    view = LiveView(f"zoflat {config['command']} · {path}", config["steps"], quiet)
+    view = LiveView(f"zoflat {config.command} · {path}", config.steps, quiet)
 
     def on_log(step, rows):
         folder.on_log(step, rows, states)
         view.on_log(step, rows, states)
 
-    plans = []
-    for run in runs:
-        entry = previous.get(run.run_id, {})
-        if entry.get("status") == "diverged" or (entry.get("status") == "completed"
-                                                 and entry["steps_done"] >= config["steps"]):
-            states[run.run_id] = RunState(entry["status"], entry["steps_done"])
-        else:
-            plans.append(run)
+    states.update(carried_over(previous, runs, config.steps, completed=True))  # those are not run again
+    plans = [run for run in runs if states[run.run_id].status == "queued"]
     result = {}
     with session(folder, view, states, result) as stop:
         kept_rows = folder.logged_rows()
@@ -203,7 +158,7 @@ def run_models(config: dict, problem, runs, metrics, quiet: bool = False, resume
             state.status = "running"
             if i > 0:
                 problem.load_base()
-            runner = ModelRunner(problem, run, config, folder, state, on_log, metrics)
+            runner = ModelRunner(problem, run, config, folder, state, on_log)
             mine = [r for r in kept_rows if r["run_id"] == run.run_id]
             start = runner.restore(mine)
             if mine:

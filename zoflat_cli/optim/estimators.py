@@ -8,10 +8,9 @@ An estimator says which oracle it queries and how the answers become the estimat
   query "gradient"     ∇f (gd), or ∇f at the ascent point x + ρ∇f/‖∇f‖ (sam)
 How a path queries (a batched tensor call over (samples, runs, dim), or passes over one model's
 parameters in place) is the path's business; what the answers mean is decided here, once.
-This module also holds the batched path's `estimate(problem, x, u, hyper) -> g`.
+The batched path's `estimate` is engine/batched.py's.
 """
 
-import functools
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -99,44 +98,3 @@ ESTIMATORS = {
 def n_evals(estimator: Estimator, samples: int) -> int:
     """Oracle calls per step (loss values, gradients or JVPs)."""
     return estimator.evals_fixed + estimator.evals_per_sample * (samples if estimator.uses_directions else 0)
-
-
-# ---------------------------------------------------------------- the batched path
-
-def _combine(coef: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Σ_s coef[s, r] · u[s, r, :] over the samples s; coef is (samples, runs, 1). Coefficients
-    fold 1/samples in: on small tensors mean(0) costs 3x a sum, sum(0) 3x indexing."""
-    terms = coef * u
-    return terms[0] if len(terms) == 1 else terms.sum(0)
-
-
-def directional_derivatives(problem, x, u, use_jvp: bool) -> torch.Tensor:
-    """uᵀ∇f(x) for u (samples, runs, dim): (samples, runs)."""
-    if use_jvp:  # forward-mode AD with dual tensors (works through the convex problem's sparse products)
-        with torch.inference_mode(False), torch.autograd.forward_ad.dual_level():  # the trainer's mode has no AD
-            dual = torch.autograd.forward_ad.make_dual(x.expand_as(u).clone(), u.clone())
-            return torch.autograd.forward_ad.unpack_dual(problem.loss(dual)).tangent
-    return torch.linalg.vecdot(u, problem.grad(x))
-
-
-@functools.lru_cache(maxsize=64)
-def _offsets(offsets: tuple, dtype, device) -> torch.Tensor:
-    return torch.tensor(offsets, dtype=dtype, device=device).view(-1, 1, 1, 1)
-
-
-def estimate(estimator: Estimator, problem, x, u, hyper) -> torch.Tensor:
-    """ĝ at x (runs, dim) for a batched problem (`loss` over any leading shape, `grad`), with
-    directions u (samples, runs, dim) and hyper {name: (runs, 1)}."""
-    if estimator.name == "gd":
-        return problem.grad(x)
-    if estimator.name == "sam":
-        g = problem.grad(x)
-        return problem.grad(x + ascent_scale(torch.linalg.vector_norm(g, dim=-1, keepdim=True), hyper["rho"]) * g)
-    if estimator.query == "directional":
-        values = directional_derivatives(problem, x, u, estimator.jvp)[None, ..., None]
-        return _combine(estimator.coefficients(values, None, hyper), u)
-    offsets = _offsets(estimator.offsets, x.dtype, x.device)
-    points = torch.addcmul(x, offsets * hyper["lambda"], u)  # (offsets, samples, runs, dim): one call
-    values = problem.loss(points).unsqueeze(-1)
-    center = problem.loss(x).unsqueeze(-1) if estimator.center else None
-    return _combine(estimator.coefficients(values, center, hyper), u)

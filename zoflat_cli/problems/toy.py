@@ -8,20 +8,19 @@ ZO descends the smoothed loss f + λ²(‖y‖² + ‖z‖²)/2 + const, under w
 
 import torch
 
-from zoflat_cli.config import Setting
-from zoflat_cli.optim.presets import SAMPLES, UPDATE_DEFAULTS, default_lrs
-
 
 class ToyProblem:
-    command = "toy"
-    # Metrics whose best value over a run goes in summary.json, and which way is better.
+    """A BatchedProblem (protocols.py) that is its own bound problem: every run sees one function."""
+
     best = {"loss": "min", "hessian_trace": "min"}
     references = {"hessian_trace": (2.0, "flat minimum (trace 2)"),
                   "lambda_max": (2.0, "flat minimum (λ_max 2)")}
+    panels = None
 
     def __init__(self, dim: int):
         self.dim = dim
         self.n_params = 2 * dim
+        self.description = {}
 
     def memory_bytes(self, runs, itemsize: int) -> int:
         """About what training `runs` holds: per run x, its directions, gradient and rule state."""
@@ -33,7 +32,6 @@ class ToyProblem:
         return x.to(dtype)
 
     def bind(self, runs) -> "ToyProblem":
-        """Every run sees the same function: nothing to specialise per group."""
         return self
 
     def _split(self, x):
@@ -102,27 +100,3 @@ class ToyProblem:
         kappa = self.drift_factor(law)
         return {"balance_theory": initial["balance"] * (1 - 2 * kappa * lr * lam.square()) ** step}
 
-
-# The paper's setting (Section 2, Figure 1): d = 100, T = 100,000, GD lr 0.01, ZO lr 0.001, λ = 0.1.
-SETTINGS = {"dim": Setting("int", 1, 10**9)}  # memory is checked separately
-DEFAULTS = {
-    "command": "toy",
-    "name": "toy",
-    "out": "runs",
-    "device": "auto",
-    "dtype": "float64",
-    "dim": 100,
-    "steps": 100_000,
-    "log_every": 100,
-    "seeds": [13],
-    "optimizer": ["gd", "zo", "dd"],
-    "lr": default_lrs(gradient=0.01, zo=0.001, per_coordinate=0.001),
-    "lambda": 0.1,
-    "rho": 0.05,
-    "tilt": 1.0,
-    "samples": SAMPLES,
-    **UPDATE_DEFAULTS,
-    "directions": "gaussian",
-    "update": None,  # each optimizer's own rule
-    "checkpoint_every": 0,
-}

@@ -1,33 +1,38 @@
-"""Configs: defaults < recipe (YAML) < command-line flags, validated, expanded into runs.
+"""Settings: each experiment's table of what it takes, and configs resolved from it: defaults <
+recipe (YAML) < command-line flags, validated, expanded into runs, and typed.
 
-Settings that may differ per optimizer (PER_OPTIMIZER) take a value, a list of values (a sweep),
+A Setting is the one declaration of a config key and its flag: its kind, bounds, choices, default
+and help. SHARED holds the keys every experiment has (the optimizers, their hyperparameters,
+seeds, logging, device, output); an experiment adds its own table (experiments/*.py). The CLI's
+options, the config's validation and the typed config (a frozen dataclass per experiment) are all
+generated from these tables.
+
+Settings that may differ per optimizer (`per_optimizer`) take a value, a list of values (a sweep),
 or a mapping optimizer -> value(s): `lr: {gd: 0.01, zo: 0.001}` in YAML, `--lr gd=0.01` on the
-command line. The resolved config is saved with the run and is itself a valid recipe.
+command line. The resolved config is saved with the run (config.yaml) and is itself a valid recipe.
 """
 
+import dataclasses
 import difflib
 import itertools
+import keyword
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import torch
 import yaml
 
 from zoflat_cli.errors import ZoflatError
-from zoflat_cli.engine.loop import RunSpec
 from zoflat_cli.optim.directions import LAWS
-from zoflat_cli.optim.presets import HYPERPARAMETERS, PRESETS, get_preset, hyper_names
+from zoflat_cli.optim.presets import HYPERPARAMETERS, PRESETS, SAMPLES, get_preset, hyper_names
 from zoflat_cli.optim.updates import UPDATES, get_update
-from zoflat_cli.trackers import LOGGERS
-from zoflat_cli.trackers import require as require_tracker
+from zoflat_cli.runs.spec import RunSpec
+from zoflat_cli.runs.trackers import LOGGERS
+from zoflat_cli.runs.trackers import require as require_tracker
 
-# Settings that may differ per optimizer; the two last take names, the others numbers.
-PER_OPTIMIZER = ("lr", *HYPERPARAMETERS, "samples", "directions", "update")
-NAMED = {"directions": LAWS, "update": tuple(UPDATES)}
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NAMED = {"directions": LAWS, "update": tuple(UPDATES)}  # per-optimizer settings that take names
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 MAX_STEPS = 10**10
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding (the LM-BFF splits) takes no larger seed
@@ -36,12 +41,17 @@ MAX_SEED_COUNT = 10_000
 
 
 KINDS = {"int": "an integer", "number": "a number", "text": "a text", "path": "a path", "flag": "true or false"}
+PYTHON_TYPES = {"int": int, "number": float, "text": str, "path": str, "flag": bool, "names": list, "seeds": list,
+                "name": str}
 
 
 @dataclass(frozen=True)
 class Setting:
-    """What one config key takes: `kind` int, number (finite), text, path or flag; bounds
-    (inclusive, or `low` exclusive with above=True); the allowed choices; whether None is allowed."""
+    """One config key: `kind` int, number (finite), text, path or flag, or one that its own parser
+    checks (names: a list of optimizers; seeds; name: a run folder's suffix); bounds (inclusive, or `low` exclusive with
+    above=True); the allowed choices; whether None is allowed; its default (None: the experiment
+    gives one), its help, and its flag (`flags`: the CLI's spellings, default --<key>).
+    `per_optimizer`: a value, a sweep or a mapping optimizer -> value(s) (repeatable on the CLI)."""
 
     kind: str
     low: float = None
@@ -49,6 +59,10 @@ class Setting:
     choices: tuple = ()
     optional: bool = False
     above: bool = False
+    default: Any = None
+    help: str = ""
+    flags: tuple = ()
+    per_optimizer: bool = False
 
     def check(self, key: str, value):
         """The value, normalised (an integral float for an int, a path as text), or a ZoflatError."""
@@ -77,19 +91,69 @@ class Setting:
             raise ZoflatError(f"{key} must be <= {self.high}, got {value!r}")
         return value
 
+    @property
+    def checked_alone(self) -> bool:
+        """Whether check() types it (the others have their own parsers in validate())."""
+        return self.kind in KINDS and not self.per_optimizer
 
-# Settings every experiment command has (the optimizers, seeds and per-optimizer values have
-# their own parsers below); each command adds its own table (problems/*.SETTINGS).
-COMMON_SETTINGS = {
-    "out": Setting("path"),
-    "device": Setting("text", choices=("auto", "cpu", "cuda")),
-    "dtype": Setting("text", choices=("float32", "float64")),  # finetune adds half precision
-    "steps": Setting("int", 1, MAX_STEPS),
-    "log_every": Setting("int", 1, MAX_STEPS),
-    "checkpoint_every": Setting("int", 0, MAX_STEPS),
-    "logger": Setting("text", choices=LOGGERS, optional=True),
+
+def per_optimizer(kind: str, help: str, default=None) -> Setting:
+    return Setting(kind, default=default, help=help, per_optimizer=True)
+
+
+# The settings every experiment has, in the order of their flags. An experiment may replace one
+# (dataclasses.replace: another default or bound) and adds its own table before these.
+SHARED = {
+    "optimizer": Setting("names", help="Optimizers (repeatable or comma-separated), from: " + ", ".join(PRESETS) + ".",
+                         flags=("--optimizer", "-o")),
+    "steps": Setting("int", 1, MAX_STEPS, help="Iterations per run."),
+    "lr": per_optimizer("number", "Step size: 0.01, a sweep 0.01,0.001, or per optimizer gd=0.01 (repeatable)."),
+    "samples": per_optimizer("int", "Directions averaged per step by ZO-type optimizers (n independent estimates).",
+                             SAMPLES),
+    "directions": per_optimizer("text", "Direction law: " + ", ".join(LAWS) + " (a sweep, or zo=sphere).", "gaussian"),
+    "update": per_optimizer("text", "Update rule instead of the optimizer's own: " + ", ".join(UPDATES)
+                            + " (or zo=adam).", None),  # None: each optimizer's own rule
+    **{name: per_optimizer("number", hyper.help, hyper.default) for name, hyper in HYPERPARAMETERS.items()},
+    "seeds": Setting("seeds", help="A count n (seeds 0..n-1) or a list 13,21,42 (one seed: 13,)."),
+    "log_every": Setting("int", 1, MAX_STEPS, help="Log metrics every N steps."),
+    "checkpoint_every": Setting("int", 0, MAX_STEPS, default=0,
+                                help="Save a checkpoint every N steps (0: only when a run stops or ends)."),
+    "device": Setting("text", choices=("auto", "cpu", "cuda"), default="auto", help="auto, cpu or cuda."),
+    "dtype": Setting("text", choices=("float32", "float64"), help="float32 or float64; finetune also bfloat16, "
+                     "float16."),
+    "out": Setting("path", default="runs", help="Parent folder of run folders."),
+    "name": Setting("name", help="Suffix of the run folder's name."),
+    "logger": Setting("text", choices=LOGGERS, optional=True, help="Also stream metrics.csv's rows to wandb (offline "
+                      "unless WANDB_MODE), tensorboard or mlflow (files in the run folder)."),
 }
-COMMON_DEFAULTS = {"logger": None}  # every command's, beside its own DEFAULTS
+PER_OPTIMIZER = tuple(key for key, setting in SHARED.items() if setting.per_optimizer)
+
+
+def field_name(key: str) -> str:
+    """A config key as a Python name (`lambda` is a keyword: `lambda_`)."""
+    return key + "_" if keyword.iskeyword(key) else key
+
+
+def config_class(name: str, settings: dict):
+    """The typed config of an experiment: a frozen dataclass with one field per setting (plus the
+    command), made from its table. `to_dict()` gives config.yaml's mapping back."""
+    fields = [("command", str)] + [(field_name(k), PYTHON_TYPES.get(s.kind, Any)) for k, s in settings.items()]
+
+    def to_dict(self) -> dict:
+        return {"command": self.command, **{k: getattr(self, field_name(k)) for k in settings}}
+
+    def value(self, key: str):
+        return getattr(self, field_name(key))
+
+    cls = dataclasses.make_dataclass(f"{name.title()}Config", fields, frozen=True,
+                                     namespace={"to_dict": to_dict, "value": value, "keys": tuple(settings)})
+    cls.__doc__ = f"The resolved config of `zoflat {name}` (experiments/settings.py makes it from its table)."
+    return cls
+
+
+def typed(cls, config: dict):
+    """A resolved config mapping (a config.yaml) as the experiment's typed config."""
+    return cls(**{field_name(k): v for k, v in config.items()})
 
 
 # ---------------------------------------------------------------- reading recipes and flags
@@ -208,11 +272,11 @@ def merge(base: dict, override: dict, source: str) -> dict:
     return merged
 
 
-def resolve(defaults: dict, recipe_path, flags: dict, settings: dict = None, check=None) -> dict:
-    """The full config for one invocation: defaults, then the recipe, then the given flags.
-    `settings` types the command's own keys; `check(config)`, if given, checks what depends on
+def resolve(defaults: dict, recipe_path, flags: dict, settings: dict, check=None) -> dict:
+    """The full config for one invocation: defaults (with "command"), then the recipe, then the
+    given flags. `settings` types every key; `check(config)`, if given, checks what depends on
     several keys, after every key has been checked alone."""
-    config = {**COMMON_DEFAULTS, **defaults}
+    config = dict(defaults)
     if recipe_path is not None:
         recipe = load_recipe(recipe_path)
         command = recipe.pop("command", defaults["command"])
@@ -220,7 +284,7 @@ def resolve(defaults: dict, recipe_path, flags: dict, settings: dict = None, che
             raise ZoflatError(f"recipe {recipe_path} is for `zoflat {command}`, not `zoflat {defaults['command']}`")
         config = merge(config, recipe, str(recipe_path))
     config = merge(config, {k: v for k, v in flags.items() if v is not None}, "command line")
-    config = validate(config, settings or {})
+    config = validate(config, settings)
     return check(config) if check else config
 
 
@@ -262,12 +326,11 @@ def _check_value(key: str, value):
         raise ZoflatError(f"samples must be <= {MAX_SAMPLES}, got {value!r}")
 
 
-def validate(config: dict, settings: dict = None) -> dict:
-    """Every key checked against its Setting (COMMON_SETTINGS and the command's own), then the
-    optimizers, seeds and per-optimizer values."""
+def validate(config: dict, settings: dict) -> dict:
+    """Every key checked against its Setting, then the optimizers, seeds and per-optimizer values."""
     config = dict(config)
-    for key, setting in {**COMMON_SETTINGS, **(settings or {})}.items():
-        if key in config:
+    for key, setting in settings.items():
+        if key in config and setting.checked_alone:
             config[key] = setting.check(key, config[key])
     if config.get("logger"):
         require_tracker(config["logger"])
@@ -334,29 +397,3 @@ def runs_from(config: dict) -> list:
                                        r.samples, config["seeds"].index(r.seed)))
 
 
-def available_bytes(device: torch.device) -> int:
-    """Memory free for a new allocation: the GPU's free memory, or the system's MemAvailable."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):  # not Linux: what is not yet used at all
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def check_memory(needed: int, device: torch.device, what: str):
-    """Refuses, before anything is allocated or written, a problem that cannot fit in memory."""
-    free = available_bytes(device)
-    if needed > free:
-        raise ZoflatError(f"{what}: about {needed / 2**30:.1f} GiB of memory needed, {free / 2**30:.1f} GiB free "
-                          f"on {device.type}; make it smaller")
-
-
-def resolve_device(requested: str) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ZoflatError("--device cuda: no CUDA device is available to torch (use --device cpu)")
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)

@@ -29,8 +29,10 @@ from urllib.parse import urlparse
 
 import yaml
 
-from zoflat_cli.engine.runfolder import create_run_dir
 from zoflat_cli.errors import ZoflatError, one_line, require
+from zoflat_cli.experiments.settings import runs_from
+from zoflat_cli.optim.presets import get_preset
+from zoflat_cli.runs.folder import create_run_dir
 
 LAUNCHERS = ("local", "ray", "slurm")
 STATES = ("queued", "running", "done", "failed", "cancelled")
@@ -42,8 +44,6 @@ STDERR_TAIL = 2000  # characters of a failed job's stderr kept in sweep.yaml
 
 def job_config(config: dict, run) -> dict:
     """The config of one run of the grid: every swept key fixed to the run's value."""
-    from zoflat_cli.optim.presets import get_preset
-
     job = {**config, "optimizer": [run.optimizer], "lr": run.lr, "seeds": [run.seed], "update": run.update,
            **dict(run.hyper)}
     if get_preset(run.optimizer).uses_directions:
@@ -54,8 +54,6 @@ def job_config(config: dict, run) -> dict:
 
 def expand(config: dict) -> dict:
     """{run_id: job config} of a resolved config, each checked to be exactly its run."""
-    from zoflat_cli.config import runs_from
-
     jobs = {}
     for run in runs_from(config):
         job = job_config(config, run)
@@ -84,7 +82,7 @@ def run_job(job_dir: str, command: str, cwd: str, threads: int = 1) -> dict:
         args = [command, "--resume", str(folder), "--quiet"]
     else:
         args = [command, "--config", str(job_dir / "job.yaml"), "--out", str(job_dir), "--quiet"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]),
                                                          os.environ.get("PYTHONPATH", "")]),
            **{name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
     done = subprocess.run([sys.executable, "-m", "zoflat_cli", *args], cwd=cwd, env=env, capture_output=True,

@@ -19,9 +19,10 @@ from typing import Callable, Optional
 import numpy as np
 
 from zoflat_cli.errors import ZoflatError, one_line
-from zoflat_cli.text_tasks import BUNDLED_DIR as TEXT_DIR
+from zoflat_cli.data.lmbff_tasks import BUNDLED_DIR as TEXT_DIR
+from zoflat_cli.env import hub_reachable
 
-BUNDLED_DIR = Path(__file__).parent / "data" / "llm"
+BUNDLED_DIR = Path(__file__).parent / "llm"
 KINDS = ("classification", "choice", "generation")
 POOLS = ("train", "eval")  # MeZO: the HF train split for train+dev, the validation split for eval
 TRAIN_POOLS = ("train", "eval")  # --train-pool eval: train+dev from the eval pool, disjoint from the eval sample
@@ -403,8 +404,6 @@ def hub_cached(source: Source) -> bool:
 
 
 def _read_hub(task: LMTask, pool: str, source: Source) -> list:
-    from zoflat_cli.problems.pretrained import hub_reachable
-
     datasets = _quiet_datasets()
     path, config, split = source.hub
     online = hub_reachable()
@@ -491,13 +490,14 @@ def sample(task: LMTask, pool_sizes: dict, num_train: int, num_dev: int, num_eva
     return Sample(train, dev, evaluation, train_pool)
 
 
-def load_sample(task: LMTask, config: dict) -> tuple:
-    """(Sample, {split: rows}) for a config's task and sampling settings."""
-    pools = {"eval": read_pool(task, "eval", config["data_dir"])}
-    if config["train_pool"] == "train":
-        pools["train"] = read_pool(task, "train", config["data_dir"])
-    drawn = sample(task, {p: len(r) for p, r in pools.items()}, config["num_train"], config["num_dev"],
-                   config["num_eval"], config["train_set_seed"], config["train_pool"])
+def load_sample(task: LMTask, num_train: int, num_dev: int, num_eval: int, train_set_seed: int, train_pool: str,
+                data_dir=None) -> tuple:
+    """(Sample, {split: rows}) of a task's pools (read from data_dir, the bundle or the hub)."""
+    pools = {"eval": read_pool(task, "eval", data_dir)}
+    if train_pool == "train":
+        pools["train"] = read_pool(task, "train", data_dir)
+    drawn = sample(task, {p: len(r) for p, r in pools.items()}, num_train, num_dev, num_eval, train_set_seed,
+                   train_pool)
     source = pools[drawn.train_pool]
     rows = {"train": [source[i] for i in drawn.train], "dev": [source[i] for i in drawn.dev],
             "eval": [pools["eval"][i] for i in drawn.eval]}
@@ -514,11 +514,12 @@ def examples(task: LMTask, rows: list) -> list:
     return out
 
 
-def write_sample(task: LMTask, config: dict, out: Path) -> Path:
-    """The sample as train.jsonl, dev.jsonl, eval.jsonl in <out>/<task>-seed<seed>/, in sampled
-    order, each row with its source_index (0-based row of its pool, in the HF schema's order)."""
-    drawn, rows = load_sample(task, config)
-    folder = Path(out) / f"{task.name}-seed{config['train_set_seed']}"
+def write_sample(task: LMTask, out: Path, **sampling) -> Path:
+    """The sample (load_sample's settings) as train.jsonl, dev.jsonl, eval.jsonl in
+    <out>/<task>-seed<seed>/, in sampled order, each row with its source_index (0-based row of its
+    pool, in the HF schema's order)."""
+    drawn, rows = load_sample(task, **sampling)
+    folder = Path(out) / f"{task.name}-seed{sampling['train_set_seed']}"
     folder.mkdir(parents=True, exist_ok=True)
     for split, indices in (("train", drawn.train), ("dev", drawn.dev), ("eval", drawn.eval)):
         lines = [json.dumps({"source_index": i, **row}, ensure_ascii=False) + "\n" for i, row in zip(indices, rows[split])]

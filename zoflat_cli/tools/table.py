@@ -14,9 +14,9 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from zoflat_cli.engine.runfolder import complete_metrics, read_summary
 from zoflat_cli.errors import ZoflatError
-from zoflat_cli.plot import find_run_folders
+from zoflat_cli.runs.folder import complete_metrics, read_summary
+from zoflat_cli.tools.plot import find_run_folders
 
 FORMATS = ("markdown", "csv", "latex")
 HIGHER_IS_BETTER = ("accuracy", "f1", "em")  # metric names ending so; the rest: lower is better

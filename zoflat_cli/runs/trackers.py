@@ -15,11 +15,10 @@ import math
 import os
 from pathlib import Path
 
-from zoflat_cli.engine.loop import RUN_COLUMNS
+from zoflat_cli.runs.spec import NOT_METRICS, RUN_COLUMNS
 from zoflat_cli.errors import require as require_package
 
 LOGGERS = ("wandb", "tensorboard", "mlflow")  # each also the name of the package it imports
-NOT_METRICS = {*RUN_COLUMNS, "step"}  # a run's settings are in its config, not its curves
 
 
 def require(kind: str):

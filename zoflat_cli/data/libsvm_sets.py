@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-from sklearn.datasets import load_svmlight_file
 
+from zoflat_cli.env import cache_dir
 from zoflat_cli.errors import ZoflatError
 
 LIBSVM_URL = os.environ.get("ZOFLAT_LIBSVM_URL", "https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/binary")
@@ -72,18 +72,12 @@ BUNDLED = {"a8a": "a8a.xz", "w8a": "w8a.xz"}  # training files only
 
 
 @dataclass
-class Split:
+class LabelledRows:
     """One split as a sparse matrix (scipy CSR, float64) and labels in {-1, +1}."""
 
     X: object
     y: np.ndarray
     source: str
-
-
-def cache_dir() -> Path:
-    if os.environ.get("ZOFLAT_DATA"):
-        return Path(os.environ["ZOFLAT_DATA"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "zoflat"
 
 
 def cached_path(name: str, split: str) -> Path:
@@ -137,7 +131,9 @@ def _first_bad_line(lines, source: str) -> str:
     return f"{source}: not a valid svmlight file"
 
 
-def parse_svmlight(data: bytes, source: str, n_features: int = None) -> Split:
+def parse_svmlight(data: bytes, source: str, n_features: int = None) -> LabelledRows:
+    from sklearn.datasets import load_svmlight_file  # seconds to import: only when a file is read
+
     try:
         X, y = load_svmlight_file(io.BytesIO(data), n_features=n_features, dtype=np.float64, zero_based=False)
     except ValueError as err:
@@ -157,7 +153,7 @@ def parse_svmlight(data: bytes, source: str, n_features: int = None) -> Split:
     if len(labels) != 2:
         raise ZoflatError(f"{source}: needs exactly two labels (binary classification), found {len(labels)}: "
                           f"{', '.join(f'{v:g}' for v in labels[:5])}")
-    return Split(X.tocsr(), np.where(y == labels[1], 1.0, -1.0), source)
+    return LabelledRows(X.tocsr(), np.where(y == labels[1], 1.0, -1.0), source)
 
 
 def _read(path: Path) -> bytes:
@@ -171,11 +167,11 @@ def _read(path: Path) -> bytes:
         raise ZoflatError(f"{path}: not a whole .xz file (truncated or not xz)") from None
 
 
-def load_file(path, n_features: int = None) -> Split:
+def load_file(path, n_features: int = None) -> LabelledRows:
     return parse_svmlight(_read(Path(path)), str(path), n_features)
 
 
-def _verify(split: Split, spec: LibsvmSet, which: str):
+def _verify(split: LabelledRows, spec: LibsvmSet, which: str):
     expected = spec.rows(which)
     if split.X.shape[0] != expected:
         raise ZoflatError(f"{split.source}: {split.X.shape[0]} rows, but {spec.name} {which} has {expected}; "
@@ -214,7 +210,7 @@ def download(spec: LibsvmSet, which: str) -> Path:
     return target
 
 
-def load_registered(name: str, which: str) -> Split:
+def load_registered(name: str, which: str) -> LabelledRows:
     """A registry set's split: bundled, else cached, else downloaded; verified either way."""
     if imported(name):
         path = cached_path(name, which)
@@ -224,7 +220,7 @@ def load_registered(name: str, which: str) -> Split:
         return load_file(path)
     spec = lookup(name)
     if which == "train" and name in BUNDLED:
-        data = lzma.decompress(resources.files("zoflat_cli").joinpath("data/libsvm", BUNDLED[name]).read_bytes())
+        data = lzma.decompress(resources.files("zoflat_cli.data").joinpath("libsvm", BUNDLED[name]).read_bytes())
         split = parse_svmlight(data, f"bundled {name}", spec.n_features)
     else:
         path = cached_path(name, which)
@@ -254,39 +250,39 @@ def availability(name: str, which: str) -> str:
     return "cached" if cached_path(name, which).is_file() else "-"
 
 
-def resplit(pool: Split, train_size: int, seed: int, source: str):
+def resplit(pool: LabelledRows, train_size: int, seed: int, source: str):
     """A seeded random split of one pool of rows into (train, test)."""
     n = pool.X.shape[0]
     if not 0 < train_size < n:
         raise ZoflatError(f"--train-size must be between 1 and {n - 1} for {source} ({n} rows), got {train_size}")
     order = np.random.default_rng(seed).permutation(n)
     train, test = np.sort(order[:train_size]), np.sort(order[train_size:])
-    return (Split(pool.X[train], pool.y[train], f"{source}[split {seed}: {train_size}]"),
-            Split(pool.X[test], pool.y[test], f"{source}[split {seed}: rest]"))
+    return (LabelledRows(pool.X[train], pool.y[train], f"{source}[split {seed}: {train_size}]"),
+            LabelledRows(pool.X[test], pool.y[test], f"{source}[split {seed}: rest]"))
 
 
-def load_splits(config: dict):
-    """(train, test, description) for a convex config: a registry set, a seeded re-split of its
-    training file (train_size), or svmlight files of one's own."""
-    size = config["train_size"]
-    if config["data_file"]:
-        if (config["test_file"] is None) == (size is None):
+def load_splits(dataset=None, data_file=None, test_file=None, train_size=None, split_seed: int = 0):
+    """(train, test, description): a registry set, a seeded re-split of its training file
+    (train_size), or svmlight files of one's own."""
+    size = train_size
+    if data_file:
+        if (test_file is None) == (size is None):
             raise ZoflatError("--data-file needs exactly one of --test-file and --train-size")
-        source = str(config["data_file"])
-        train = load_file(config["data_file"])
-        test = load_file(config["test_file"]) if config["test_file"] else None
+        source = str(data_file)
+        train = load_file(data_file)
+        test = load_file(test_file) if test_file else None
         if test is not None:  # the two files may name different highest feature indices
             width = max(train.X.shape[1], test.X.shape[1])
             for split in (train, test):
                 split.X.resize((split.X.shape[0], width))
-    elif config["dataset"]:
-        source = config["dataset"]
+    elif dataset:
+        source = dataset
         train = load_registered(source, "train")
         test = load_registered(source, "test") if size is None else None
     else:
         raise ZoflatError("give --dataset NAME or --data-file PATH")
     if size is None:
         return train, test, f"{source}: {train.X.shape[0]} train / {test.X.shape[0]} test rows"
-    train, test = resplit(train, int(size), int(config["split_seed"]), source)
-    return train, test, (f"{source} re-split with seed {config['split_seed']}: "
+    train, test = resplit(train, int(size), int(split_seed), source)
+    return train, test, (f"{source} re-split with seed {split_seed}: "
                          f"{train.X.shape[0]} train / {test.X.shape[0]} test rows")

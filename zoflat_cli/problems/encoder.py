@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from zoflat_cli.errors import ZoflatError
-from zoflat_cli.problems.pretrained import (PretrainedProblem, at_least_float32, check_max_length, from_pretrained,
-                                            quiet_transformers)
-from zoflat_cli.text_tasks import Task
+from zoflat_cli.models.loading import from_pretrained, quiet_transformers
+from zoflat_cli.problems.pretrained import PretrainedProblem, at_least_float32, check_max_length
+from zoflat_cli.data.lmbff_tasks import Task
 
 HEADS = ("auto", "prompt", "linear")
 ENCODER_MAX_LENGTH = 128  # --max-length's default for encoders
@@ -137,43 +137,40 @@ class Batch(NamedTuple):
 
 # ---------------------------------------------------------------- the problem
 
-class LMProblem(PretrainedProblem):
+class EncoderProblem(PretrainedProblem):
     """An encoder + head on a K-shot split: losses, accuracies and the parameters to train."""
 
     best = {"loss": "min", "test_accuracy": "max"}
     references = {}
+    metric_name = "accuracy"
 
-    def __init__(self, config: dict, task: Task, splits: dict, device, dtype, model_config=None):
+    def __init__(self, config, task: Task, splits: dict, device, dtype, model_config=None, group=None):
+        """config: finetune's typed config; splits: {split: [(sentence, label)]}; group: the
+        data-parallel process group (None: a single process)."""
         quiet_transformers()
         from transformers import AutoConfig, AutoTokenizer
 
-        self.read_options(config, device, dtype)
+        self.read_options(config, device, dtype, group)
         self.task = task
         if self.trainable == "prefix":
             raise ZoflatError(f"--trainable prefix is for decoder LMs (MeZO's prefix tuning); for the encoder "
                               f"{self.name!r} use lora, bias, head or all")
-        # the paper's three panels, and the sharpness measures when λ_max is being computed
-        sharpness = ["lambda_max", "grad_norm"] if config["eig_every"] else []
-        self.panels = ["loss", "test_accuracy", "hessian_trace", *sharpness]
         model_config = model_config or from_pretrained(AutoConfig, self.name)
-        self.head = resolve_head(config["head"], model_config, self.name)
-        max_length = config["max_length"] or ENCODER_MAX_LENGTH
+        self.head = resolve_head(config.head, model_config, self.name)
+        max_length = config.max_length or ENCODER_MAX_LENGTH
         check_max_length(max_length, model_config, self.name)
         self.tokenizer = from_pretrained(AutoTokenizer, self.name)
         self.label_ids = label_word_ids(task, self.tokenizer) if self.head == "prompt" else None
         self.load_base()
-        self.micro_batch = config["micro_batch"]
+        self.micro_batch = config.micro_batch
         self.encoded, self.splits = {}, {}
         for split, rows in splits.items():
             self.encoded[split] = [(*self._encode(task, s, max_length), y) for s, y in rows]
             self.splits[split] = self._batches(self.encoded[split])
         self.splits["batch"] = self.splits["train"]
         self.forward_passes = 0.0  # over the training split, in full-batch units
-        self.description = {
-            "task": task.name, "model": self.name, "head": self.head, "trainable": self.trainable,
-            "parameters": self.n_params, "total_parameters": self.n_total,
-            **{f"{s}_examples": b.size for s, b in self.splits.items()},
-        }
+        self.description = self.described(task=task.name, model=self.name, head=self.head,
+                                          **{f"{s}_examples": b.size for s, b in self.splits.items()})
 
     def load_base(self):
         """(Re)load the pretrained weights and a fresh head: every run starts from here."""

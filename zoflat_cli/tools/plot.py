@@ -10,12 +10,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from zoflat_cli.errors import ZoflatError  # noqa: E402
-from zoflat_cli.engine.loop import RUN_COLUMNS as SETTINGS  # noqa: E402
-from zoflat_cli.engine.runfolder import complete_metrics, read_summary  # noqa: E402
+from zoflat_cli.runs.folder import complete_metrics, read_summary  # noqa: E402
+from zoflat_cli.runs.spec import NOT_METRICS  # noqa: E402
 from zoflat_cli.optim.presets import HYPERPARAMETERS, PRESETS  # noqa: E402
 
 REQUIRED_COLUMNS = ["run_id", "optimizer", "lr", "seed", "samples"]  # also in older folders
-NOT_PLOTTED = set(SETTINGS) | {"step", "wall_s", "n_evals"}
+NOT_PLOTTED = NOT_METRICS | {"wall_s", "n_evals"}
 FORMATS = ("png", "pdf")
 PANELS_PER_ROW = 3
 

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from zoflat_cli.errors import ZoflatError, one_line
 
-BUNDLED_DIR = Path(__file__).parent / "data" / "text"
+BUNDLED_DIR = Path(__file__).parent / "text"
 SPLIT_SEEDS = (13, 21, 42, 87, 100)  # LM-BFF's default split seeds
 TEST_LIMIT = 1000  # LM-BFF's `k-shot-1k-test` mode cuts larger test sets to this many rows
 TEST_MODES = ("1k", "full")
@@ -63,7 +62,7 @@ def get_task(name: str) -> Task:
 
 
 @dataclass
-class Split:
+class TaskSplit:
     """Rows as LM-BFF holds them: GLUE lines (text, with newline) or csv [label, sentence] lists."""
     task: Task
     header: list
@@ -81,6 +80,8 @@ class Split:
         return (str(row[1]), row[0]) if len(row) == 2 else ("", None)
 
     def write(self, path: Path):
+        import pandas as pd  # slow to import: only when a file is read or written
+
         if self.task.glue:
             path.write_text("".join(self.header + self.rows))
         else:
@@ -102,8 +103,10 @@ def _open_text(folder: Path, name: str) -> str:
                       f"(e.g. {folder.parent}/SST-2/train.tsv)")
 
 
-def read_original(task: Task, data_dir=None, file: str = None) -> Split:
+def read_original(task: Task, data_dir=None, file: str = None) -> TaskSplit:
     """One original file of a task, from --data-dir (LM-BFF `data/original` layout) or the bundle."""
+    import pandas as pd  # slow to import: only when a file is read or written
+
     root = Path(data_dir) if data_dir else BUNDLED_DIR
     if data_dir and not root.is_dir():
         raise ZoflatError(f"--data-dir {root} is not a directory")
@@ -112,18 +115,18 @@ def read_original(task: Task, data_dir=None, file: str = None) -> Split:
     source = root / task.folder / name
     if task.glue:
         lines = text.splitlines(keepends=True)
-        split = Split(task, lines[:1], lines[1:])
+        split = TaskSplit(task, lines[:1], lines[1:])
     else:
         try:  # empty cells stay "" (pandas would read them as NaN, then the text "nan")
             rows = pd.read_csv(io.StringIO(text), header=None, keep_default_na=False, dtype=str).values.tolist()
         except (pd.errors.EmptyDataError, pd.errors.ParserError) as err:
             raise ZoflatError(f"{source}: not a label,sentence csv ({one_line(err)})") from None
-        split = Split(task, [], rows)
+        split = TaskSplit(task, [], rows)
     _check_rows(split, source)
     return split
 
 
-def _check_rows(split: Split, source: Path):
+def _check_rows(split: TaskSplit, source: Path):
     """Every row: a sentence that is not empty and a label of the task, else one line naming it."""
     task, first = split.task, 2 if split.task.glue else 1  # line numbers in the file
     if not split.rows:
@@ -147,6 +150,8 @@ def _label(task: Task, row):
 
 def kshot(task: Task, k: int, seed: int, data_dir=None, test_mode: str = "1k"):
     """LM-BFF's K-shot sample: (train, dev, test) Splits for split seed `seed`."""
+    import pandas as pd  # slow to import: only when a file is read or written
+
     if k < 1:
         raise ZoflatError(f"k must be >= 1, got {k}")
     if test_mode not in TEST_MODES:
@@ -174,7 +179,7 @@ def kshot(task: Task, k: int, seed: int, data_dir=None, test_mode: str = "1k"):
                           f"(K for train plus K for dev); use a smaller --k")
     picked_train = [row for members in by_label.values() for row in members[:k]]
     picked_dev = [row for members in by_label.values() for row in members[k:2 * k]]
-    return Split(task, train.header, picked_train), Split(task, train.header, picked_dev), test
+    return TaskSplit(task, train.header, picked_train), TaskSplit(task, train.header, picked_dev), test
 
 
 def write_kshot(task: Task, k: int, seed: int, out: Path, data_dir=None, test_mode: str = "1k") -> Path:

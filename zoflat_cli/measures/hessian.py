@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from zoflat_cli.optim.inplace import dot
+from zoflat_cli.optim.parameters import dot
 
 
 def mean_stderr(values) -> tuple:

@@ -1,18 +1,23 @@
-"""Tiny random RoBERTa models with a tokenizer trained on the fly: offline stand-ins for the
-hub's models, used by the tests and the benchmarks (no downloads)."""
+"""Tiny random models with tokenizers trained on the fly: offline stand-ins for the hub's models.
+RoBERTa layouts serve the tests and benchmarks; the decoder layouts are also `--model tiny-gpt2 |
+tiny-opt | tiny-llama`, built once into zoflat's cache."""
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
+
+from zoflat_cli.data import lmbff_tasks, mezo_tasks
+from zoflat_cli.env import cache_dir
 
 LABEL_WORDS = ["terrible", "great", "bad", "okay", "good", "Description", "Entity", "Expression", "Human",
                "Location", "Number", "It was"]
 
 
 def _corpus(n: int = 3000) -> list:
-    from zoflat_cli.text_tasks import TASKS, read_original
-
-    sentences = [s for s, _ in read_original(TASKS["sst2"]).examples()[:n]]
+    sentences = [s for s, _ in lmbff_tasks.read_original(lmbff_tasks.TASKS["sst2"]).examples()[:n]]
     return sentences + [" " + " ".join(LABEL_WORDS)] * 200  # every " word" becomes one token
 
 
@@ -47,33 +52,6 @@ def save_tiny_roberta(folder: Path, mlm_head: bool = True, hidden: int = 16, lay
     return str(folder)
 
 
-class BatchedAsModel(torch.nn.Module):
-    """A batched problem (toy, convex) bound to one run, seen as a model for the in-place path:
-    one parameter vector x, loss() (its forward) and gradient() at x, jvp(u) = uᵀ∇f by
-    forward-mode AD. The tests drive both paths with it to show that they share one optimizer core."""
-
-    def __init__(self, problem, x):
-        super().__init__()
-        self.problem = problem
-        self.x = torch.nn.Parameter(x.detach().clone())
-        self.params = [self.x]
-        self.device = x.device
-
-    def forward(self):
-        return self.problem.loss(self.x[None])[0]
-
-    def loss(self) -> float:
-        with torch.no_grad():
-            return float(self())
-
-    def gradient(self) -> list:
-        with torch.no_grad():
-            return [self.problem.grad(self.x.detach()[None])[0]]
-
-    def jvp(self, tangents) -> float:
-        return float(torch.func.jvp(lambda v: self.problem.loss(v[None])[0], (self.x.detach(),), (tangents[0],))[1])
-
-
 # ---------------------------------------------------------------- tiny random decoder LMs
 
 CAUSAL_ARCHS = ("gpt2", "opt", "llama")
@@ -82,12 +60,10 @@ TINY_VERSION = 1  # bump when the builder changes: cached folders are named by i
 
 def _causal_corpus() -> list:
     """SST-2 sentences and rendered prompts of the bundled decoder tasks (newlines, Yes/No, answers)."""
-    from zoflat_cli import llm_tasks
-
     texts = _corpus(1500)
     for name in ("rte", "copa", "boolq", "squad", "cb", "piqa"):
-        task = llm_tasks.TASKS[name]
-        for example in llm_tasks.examples(task, llm_tasks.read_pool(task, "eval")[:150]):
+        task = mezo_tasks.TASKS[name]
+        for example in mezo_tasks.examples(task, mezo_tasks.read_pool(task, "eval")[:150]):
             texts.append(example.demonstration())
     return texts
 
@@ -113,10 +89,9 @@ def save_tiny_causal(folder: Path, arch: str = "gpt2", hidden: int = 32, layers:
     """A random decoder LM of one of CAUSAL_ARCHS' layouts and its tokenizer, saved to folder."""
     from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig,
                               OPTForCausalLM)
+    from transformers.utils import logging
 
-    from zoflat_cli.problems.pretrained import quiet_transformers
-
-    quiet_transformers()
+    logging.set_verbosity_error()  # no warnings about the random weights
     torch.manual_seed(0)
     tok = train_causal_tokenizer(folder, bos=arch != "gpt2")
     ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -139,12 +114,6 @@ def save_tiny_causal(folder: Path, arch: str = "gpt2", hidden: int = 32, layers:
 
 def cached_tiny_causal(arch: str) -> Path:
     """--model tiny-<arch>: built once (seconds) into zoflat's cache, then reused."""
-    import os
-    import shutil
-    import tempfile
-
-    from zoflat_cli.datasets import cache_dir
-
     folder = cache_dir() / "models" / f"tiny-{arch}-v{TINY_VERSION}"
     if not (folder / "config.json").is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)

@@ -30,13 +30,15 @@ from pathlib import Path
 import yaml
 
 import zoflat_cli
-from zoflat_cli.engine.loop import RUN_COLUMNS
 from zoflat_cli.errors import RunFailed, ZoflatError, one_line
-from zoflat_cli.trackers import open_tracker
+from zoflat_cli.optim.directions import FORMAT_VERSION
+from zoflat_cli.optim.presets import get_preset
+from zoflat_cli.runs.spec import NOT_METRICS, RUN_COLUMNS
+from zoflat_cli.runs.trackers import open_tracker
+from zoflat_cli.runs.updatelog import UPDATE_LOG_VERSION
 
 SUMMARY_EVERY_S = 1.0  # summary.json is rewritten at most this often while running
 RESERVE_BYTES = 64 * 1024  # room kept for the final summary on a full disk
-SETTINGS = {*RUN_COLUMNS, "step"}  # a row's columns that are not metrics
 
 
 def utc_now() -> str:
@@ -122,17 +124,12 @@ def read_summary(folder: Path) -> dict:
 def formats() -> dict:
     """The format versions of what a resume regenerates or reads back: directions drawn from their
     keys, and finetune's update logs. A folder written with other versions is not resumed."""
-    from zoflat_cli.engine.model import UPDATE_LOG_VERSION
-    from zoflat_cli.optim.directions import FORMAT_VERSION
-
     return {"directions": FORMAT_VERSION, "update_log": UPDATE_LOG_VERSION}
 
 
 def open_for_resume(folder: Path, runs, device, steps: int) -> dict:
     """Checks that this zoflat can continue the folder's runs on `device` bit for bit, up to
     `steps`; returns the recorded runs ({run_id: entry})."""
-    from zoflat_cli.optim.presets import get_preset
-
     summary = read_summary(folder)
     done = max((entry.get("steps_done", 0) for entry in summary.get("runs", {}).values()), default=0)
     if steps < done:  # resuming would drop rows already logged
@@ -212,8 +209,8 @@ class RunFolder:
             "versions": versions(),
             "formats": formats(),
             "references": {k: {"value": v, "label": lab} for k, (v, lab) in problem.references.items()},
-            "problem": getattr(problem, "description", {}),
-            "panels": getattr(problem, "panels", None),
+            "problem": problem.description,
+            "panels": problem.panels,
             "runs": {},
         }
 
@@ -327,7 +324,7 @@ class RunFolder:
         entry.update(status=state.status, steps_done=state.steps_done)
         final = entry.setdefault("final", {})
         final["step"] = row["step"]
-        final.update((k, v) for k, v in row.items() if v is not None and k not in SETTINGS)
+        final.update((k, v) for k, v in row.items() if v is not None and k not in NOT_METRICS)
         best = entry.setdefault("best", {})
         for name, direction in self.problem.best.items():
             value = row[name]

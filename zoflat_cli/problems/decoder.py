@@ -20,10 +20,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from zoflat_cli.answer_metrics import SCORERS
+from zoflat_cli.data.answers import SCORERS
 from zoflat_cli.errors import ZoflatError, require
-from zoflat_cli.problems.pretrained import (PretrainedProblem, at_least_float32, check_max_length, from_pretrained,
-                                            quiet_transformers)
+from zoflat_cli.models.loading import from_pretrained, quiet_transformers
+from zoflat_cli.problems.pretrained import PretrainedProblem, at_least_float32, check_max_length
 
 SCORING = ("sum", "mean")
 DEMO_SEPARATOR = "\n\n"  # MeZO's train_sep between in-context demonstrations
@@ -119,33 +119,34 @@ class OptionBatches:
                            [ex.answers for ex in group])
 
 
-class CausalProblem(PretrainedProblem):
+class DecoderProblem(PretrainedProblem):
     """A decoder LM on a sampled task: losses, accuracy or F1, and the parameters to train."""
 
     references = {}
 
-    def __init__(self, config: dict, task, examples: dict, device, dtype, model_config):
-        """examples: {split: [llm_tasks.Example]} with splits train, test (the eval sample) and
-        optionally dev; config["demos"] > 0 prefixes every prompt with that many training examples."""
+    def __init__(self, config, task, examples: dict, device, dtype, model_config, group=None):
+        """config: finetune's typed config; examples: {split: [mezo_tasks.Example]} with splits
+        train, test (the eval sample) and optionally dev; config.demos > 0 prefixes every prompt
+        with that many training examples; group: the data-parallel process group (None: a single
+        process)."""
         quiet_transformers()
         from transformers import AutoTokenizer
 
-        self.read_options(config, device, dtype)
-        self.task, self.scoring = task, config["scoring"]
+        self.task, self.metric_name = task, task.metric
+        self.read_options(config, device, dtype, group)
+        self.scoring = config.scoring
         self.generation = task.kind == "generation"
-        self.max_new_tokens, self.micro_batch = config["max_new_tokens"], config["micro_batch"]
-        sharpness = ["lambda_max", "grad_norm"] if config["eig_every"] else []
-        self.panels = ["loss", f"test_{task.metric}", "hessian_trace", *sharpness]
+        self.max_new_tokens, self.micro_batch = config.max_new_tokens, config.micro_batch
         self.best = {"loss": "min", f"test_{task.metric}": "max"}
         positions = getattr(model_config, "max_position_embeddings", None) or 2048
-        self.max_length = config["max_length"] or min(2048, positions)
+        self.max_length = config.max_length or min(2048, positions)
         check_max_length(self.max_length, model_config, self.name)
         self.tokenizer = from_pretrained(AutoTokenizer, self.name)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.tokenizer.eos_token_id
         self.stop_ids = self._newline_ids() if self.generation else []
         self.load_base()
-        demos = examples["train"][:config["demos"]]
+        demos = examples["train"][:config.demos]
         prefix = "".join(e.demonstration() + DEMO_SEPARATOR for e in demos)
         self.truncated, self.encoded, self.splits = {}, {}, {}
         for split, items in examples.items():
@@ -157,13 +158,10 @@ class CausalProblem(PretrainedProblem):
             self.splits[split] = self._batches(self.encoded[split])
         self.splits["batch"] = self.splits["train"]
         self.forward_passes = 0.0
-        self.description = {
-            "task": task.name, "kind": task.kind, "model": self.name, "trainable": self.trainable,
-            "parameters": self.n_params, "total_parameters": self.n_total,
-            "scoring": self.scoring, "demos": len(demos), "max_length": self.max_length,
-            **{f"{s}_examples": b.size for s, b in self.splits.items() if s != "batch"},
-            "truncated_prompts": dict(self.truncated),
-        }
+        self.description = self.described(
+            task=task.name, kind=task.kind, model=self.name, scoring=self.scoring, demos=len(demos),
+            max_length=self.max_length, **{f"{s}_examples": b.size for s, b in self.splits.items() if s != "batch"},
+            truncated_prompts=dict(self.truncated), train_pool=config.train_pool)
 
     def load_base(self):
         from transformers import AutoModelForCausalLM

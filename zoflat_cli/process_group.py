@@ -1,0 +1,47 @@
+"""This process's place among data-parallel processes (torch.distributed), as a problem sees it:
+its share of a split's micro-batches and the sums over all ranks. engine/distributed.py sets the
+group up under torchrun; a plain run is a group of one."""
+
+import torch
+
+
+class ProcessGroup:
+    """This process's rank among `world` data-parallel processes (world 1: a plain run)."""
+
+    def __init__(self, rank: int = 0, world: int = 1, device=torch.device("cpu")):
+        self.rank, self.world, self.device = rank, world, device
+        self.bytes_sent = 0  # payload all-reduced so far (the benchmark's figure)
+
+    def mine(self, items) -> list:
+        """This rank's share of a split's micro-batches."""
+        return list(items)[self.rank::self.world]
+
+    def sum(self, values) -> list:
+        """Σ over ranks of a few numbers, in float64."""
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        self._all_reduce(t)
+        return t.tolist()
+
+    def sum_tensors(self, tensors) -> list:
+        """Σ over ranks of tensors (gradients, Hessian-vector products), in place."""
+        for t in tensors if self.world > 1 else ():
+            self._all_reduce(t)
+        return tensors
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is on one (a Ctrl-C seen by some ranks stops all at the same step)."""
+        return bool(self.sum([float(flag)])[0]) if self.world > 1 else flag
+
+    def barrier(self):
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def _all_reduce(self, t: torch.Tensor):
+        import torch.distributed as dist
+
+        self.bytes_sent += t.numel() * t.element_size()
+        dist.all_reduce(t)
