@@ -20,7 +20,9 @@ run: setup
 	$(BIN)/zoflat toy --config recipes/toy/fig1.yaml
 	$(BIN)/zoflat plot runs/toy
 
+# The layers and no-cycle contracts (pyproject's [tool.importlinter]), then the tests.
 test: setup
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 bench: setup
