@@ -1,4 +1,5 @@
-"""The `zoflat` command line: subcommands merge recipe + flags and hand off to the trainers."""
+"""The `zoflat` command line: one command per experiment, its options generated from the experiment's
+settings table (experiments/); sweep, table, plot and data; the one error boundary."""
 
 import contextlib
 import inspect

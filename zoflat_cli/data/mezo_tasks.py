@@ -65,7 +65,7 @@ class LMTask:
     example: Callable  # a row -> Example
     licence: str
     labels: Optional[tuple] = None  # classification: the HF label names, by index
-    scorer: str = "squad"  # generation: answer_metrics.SCORERS
+    scorer: str = "squad"  # generation: answers.SCORERS
 
 
 # ---------------------------------------------------------------- prompts (MeZO's templates)

@@ -1,5 +1,5 @@
 """Decoder language models (any AutoModelForCausalLM: OPT, GPT-2, LLaMA, Qwen, Mistral, ...) on
-MeZO's tasks (llm_tasks.py).
+MeZO's tasks (data/mezo_tasks.py).
 
 Every example is a context and either options or a target answer:
   classification, choice  each option's score is the sum of its tokens' log-probabilities after the
@@ -8,7 +8,7 @@ Every example is a context and either options or a target answer:
                           argmax's. All options of a micro-batch's examples go in one forward pass.
   generation              the loss is the answer tokens' negative log-likelihood (teacher forcing),
                           per token of the split; evaluation decodes greedily up to a newline and
-                          scores the answer by exact match and F1 (answer_metrics.py).
+                          scores the answer by exact match and F1 (data/answers.py).
 Texts are tokenized whole, as MeZO does: an option's tokens are the full text's beyond the
 context's. A prompt longer than --max-length loses its beginning (the passage or the
 demonstrations), never its answer. The LM head runs only on the positions that predict an
