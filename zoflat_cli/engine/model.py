@@ -44,7 +44,7 @@ class ModelRunner:
         self.optimizer = InPlaceOptimizer(self.directions, estimator_of(run.optimizer), get_update(run.rule),
                                           run_hyper(run))
         self.replayable = get_preset(run.optimizer).uses_directions  # its steps are a few logged numbers
-        self.log = UpdateLog(update_log_path(folder.path, run.run_id), run.samples)
+        self.updates = UpdateLog(update_log_path(folder.path, run.run_id), run.samples)
         self.evals_per_step = evals_per_step(run.optimizer, run.rule, run.samples)
         self.wall_offset = 0.0
         self.passes_offset = 0.0
@@ -60,7 +60,7 @@ class ModelRunner:
             self.optimizer.load_state_dict(saved.get("optimizer"))
             step = saved["step"]
         if self.replayable:
-            records = self.log.read()
+            records = self.updates.read()
             done = step
             for rec_step, keys, coefs, accepted in records:
                 if rec_step != done:
@@ -70,7 +70,7 @@ class ModelRunner:
                 self.optimizer.step(self.problem, keys, done + 1, logged=(coefs, accepted))
                 done += 1
             step = done
-            self.log.truncate(sum(1 for r in records if r[0] < step))
+            self.updates.truncate(sum(1 for r in records if r[0] < step))
         previous = [r for r in logged_rows if int(r["step"]) < step]
         if previous:  # carry the counters on, counting the replayed steps' forward passes
             last = previous[-1]
@@ -89,7 +89,7 @@ class ModelRunner:
     def train(self, start: int, stop):
         self.problem.forward_passes = 0.0
         if self.replayable:
-            self.log.open()
+            self.updates.open()
         try:
             self._began = time.perf_counter()
             step, stopped = drive(self, start, self.config.steps, self.config.log_every,
@@ -103,7 +103,7 @@ class ModelRunner:
             self.folder.note(self.run.run_id, describe(err))
         finally:
             if self.replayable:
-                self.log.close()
+                self.updates.close()
 
     # -- the Stepper protocol (engine/loop.py)
 
@@ -127,7 +127,7 @@ class ModelRunner:
         coefs, accepted = self.optimizer.step(self.problem, keys, step + 1)
         if self.replayable:
             with self.folder.writing(f"updates/{run.run_id}.bin"):
-                self.log.append(step, keys, coefs, accepted)
+                self.updates.append(step, keys, coefs, accepted)
         self.state.steps_done = step + 1
 
     def checkpoint(self, step: int):
