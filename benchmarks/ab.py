@@ -2,7 +2,7 @@
 
 For a change that should not change speed (a refactor): the benchmark script of each tree runs
 with that tree's package first on the path, alternately, `--repeats` times each; it prints each
-tree's median wall time, their ratio, and the last run's output of each, line by line side by side.
+tree's median wall time, their ratio, and each run's output, the two trees' line by line side by side.
 
     python benchmarks/ab.py --base HEAD~1 -- benchmarks/toy_batched_vs_numpy.py --steps 20000 --seeds 5
     python benchmarks/ab.py --base main --repeats 3 -- benchmarks/finetune_zo_step.py --models minilm
@@ -46,21 +46,22 @@ def main():
         subprocess.run(["git", "worktree", "add", "--detach", str(base), args.base], cwd=REPO, check=True,
                        capture_output=True)
         try:
-            walls = {"base": [], "this": []}
-            outputs = {}
+            walls, outputs = {"base": [], "this": []}, {"base": [], "this": []}
             for _, (label, tree) in itertools.product(range(args.repeats), (("base", base), ("this", REPO))):
-                wall, outputs[label] = run(tree, script, script_args)
+                wall, output = run(tree, script, script_args)
                 walls[label].append(wall)
+                outputs[label].append(output.splitlines())
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=REPO, capture_output=True)
     base_s, this_s = statistics.median(walls["base"]), statistics.median(walls["this"])
     print(f"{script} {' '.join(script_args)}: {args.repeats} runs each, interleaved")
     print(f"  median wall: base ({args.base}) {base_s:.2f} s, this tree {this_s:.2f} s -> this / base = "
           f"{this_s / base_s:.3f}")
-    width = max((len(line) for line in outputs["base"].splitlines()), default=0)
-    print(f"\n  {'base: last run':<{width}} | this tree: last run")
-    for left, right in itertools.zip_longest(outputs["base"].splitlines(), outputs["this"].splitlines(), fillvalue=""):
-        print(f"  {left:<{width}} | {right}")
+    width = max((len(line) for lines in outputs["base"] for line in lines), default=0)
+    for repeat, (base_lines, this_lines) in enumerate(zip(outputs["base"], outputs["this"]), start=1):
+        print(f"\n  {f'base: run {repeat}':<{width}} | this tree: run {repeat}")
+        for left, right in itertools.zip_longest(base_lines, this_lines, fillvalue=""):
+            print(f"  {left:<{width}} | {right}")
 
 
 if __name__ == "__main__":
