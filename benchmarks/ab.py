@@ -49,6 +49,7 @@ def main():
             walls, outputs = {"base": [], "this": []}, {"base": [], "this": []}
             for _, (label, tree) in itertools.product(range(args.repeats), (("base", base), ("this", REPO))):
                 wall, output = run(tree, script, script_args)
+                print(f"  {label}: {wall:.2f} s", flush=True)  # as it goes: a long A/B cut short keeps its runs
                 walls[label].append(wall)
                 outputs[label].append(output.splitlines())
         finally:
