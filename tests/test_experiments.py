@@ -50,7 +50,7 @@ def test_typed_configs_are_frozen_and_round_trip_to_the_saved_mapping(name):
     mapping = experiment.resolve_mapping({})
     config = experiment.typed(mapping)
     assert config.to_dict() == mapping and config.command == name
-    assert config.value("lambda") == config.lambda_ == mapping["lambda"]
+    assert config.lambda_ == mapping["lambda"]
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.steps = 1
 

@@ -137,16 +137,13 @@ def field_name(key: str) -> str:
 def config_class(name: str, settings: dict):
     """The typed config of an experiment: a frozen dataclass with one field per setting (plus the
     command), made from its table. `to_dict()` gives config.yaml's mapping back."""
-    fields = [("command", str)] + [(field_name(k), PYTHON_TYPES.get(s.kind, Any)) for k, s in settings.items()]
+    fields = [("command", str)] + [(field_name(k), Any if s.per_optimizer else PYTHON_TYPES[s.kind])
+                                   for k, s in settings.items()]  # per optimizer: a value, a sweep or a mapping
 
     def to_dict(self) -> dict:
         return {"command": self.command, **{k: getattr(self, field_name(k)) for k in settings}}
 
-    def value(self, key: str):
-        return getattr(self, field_name(key))
-
-    cls = dataclasses.make_dataclass(f"{name.title()}Config", fields, frozen=True,
-                                     namespace={"to_dict": to_dict, "value": value, "keys": tuple(settings)})
+    cls = dataclasses.make_dataclass(f"{name.title()}Config", fields, frozen=True, namespace={"to_dict": to_dict})
     cls.__doc__ = f"The resolved config of `zoflat {name}` (experiments/settings.py makes it from its table)."
     return cls
 
