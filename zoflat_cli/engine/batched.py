@@ -171,7 +171,7 @@ class Trainer:
         self._began = time.perf_counter()
         with torch.inference_mode():  # skips autograd bookkeeping: ~20% off each small op
             step, _ = drive(self, start, self.steps, self.log_every, self.checkpoint_every, stop)
-        self.save(step)
+        self.checkpoint(step)
         return self.states
 
     # -- the Stepper protocol (engine/loop.py)
@@ -189,9 +189,6 @@ class Trainer:
             group.step(step)
 
     def checkpoint(self, step: int):
-        self.save(step)
-
-    def save(self, step: int):
         if self.folder is None:
             return
         self.folder.save_checkpoint(CHECKPOINT, {

@@ -79,7 +79,7 @@ class ModelRunner:
                 self.problem.batch_fraction(self.config.batch_size))
         return step
 
-    def save_checkpoint(self, step: int):
+    def checkpoint(self, step: int):
         self.folder.save_checkpoint(checkpoint_name(self.run.run_id), {
             "step": step, "state": {k: v.cpu() for k, v in self.problem.state().items()},
             "optimizer": self.optimizer.state_dict()})
@@ -97,7 +97,7 @@ class ModelRunner:
             if stopped:
                 self.state.status = "interrupted"
                 if not self.replayable:
-                    self.save_checkpoint(step)
+                    self.checkpoint(step)
         except NUMERICAL_ERRORS as err:  # this run's arithmetic failed: it diverged, the next runs go on
             self.state.status = "diverged"
             self.folder.note(self.run.run_id, describe(err))
@@ -129,9 +129,6 @@ class ModelRunner:
             with self.folder.writing(f"updates/{run.run_id}.bin"):
                 self.updates.append(step, keys, coefs, accepted)
         self.state.steps_done = step + 1
-
-    def checkpoint(self, step: int):
-        self.save_checkpoint(step)
 
 
 def run_models(config, problem, runs, quiet: bool = False, resume: Path = None, previous=None):

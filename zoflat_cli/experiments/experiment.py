@@ -4,7 +4,7 @@ The CLI makes one command per experiment (its options from the table), `zoflat s
 recipe's grid with it, and the tests drive it without the CLI:
 
     config = EXPERIMENT.resolve({"steps": 10})   # defaults < recipe < flags, checked, typed
-    EXPERIMENT.run(config, quiet=True)           # -> (run folder, status)
+    EXPERIMENT.start(config, quiet=True)         # -> (run folder, status)
 """
 
 import dataclasses
