@@ -21,7 +21,7 @@ FAMILY = "gd,zo-adam,zo-momentum,zo-cons"
 def zoflat(*args, code=0):
     result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == code, result.output
-    return Path(result.output.strip().splitlines()[0])  # --quiet: the run folder first
+    return Path(result.stdout.strip().splitlines()[0])  # --quiet: the run folder
 
 
 def table(folder: Path) -> dict:

@@ -18,13 +18,13 @@ from zoflat_cli.errors import RunFailed, ZoflatError, one_line
 from zoflat_cli.experiments import registry
 from zoflat_cli.experiments.settings import PER_OPTIMIZER, Setting, field_name, load_recipe, parse_flag
 from zoflat_cli.optim.presets import FLAG_GROUPS, SAMPLES
+from zoflat_cli.signals import EXIT_INTERRUPTED
 
 try:  # Typer vendors click from 0.2x on
     from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 except ImportError:
     from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
-EXIT_INTERRUPTED = 130
 
 
 class OneLineErrors(TyperGroup):
@@ -42,7 +42,9 @@ class OneLineErrors(TyperGroup):
             code = _error(one_line(err.format_message()) + where, err.exit_code)
         except ClickException as err:
             code = _error(one_line(err.format_message()), err.exit_code)
-        except typer.Abort:
+        except (typer.Abort, KeyboardInterrupt):  # a stop signal outside a run (click turns it into Abort)
+            with contextlib.suppress(OSError):
+                typer.echo("interrupted", err=True)
             code = EXIT_INTERRUPTED
         except ZoflatError as err:
             code = _error(one_line(err), err.exit_code)
@@ -75,7 +77,7 @@ app = typer.Typer(
 
 def _version(value: bool):
     if value:
-        typer.echo(f"zoflat {zoflat_cli.__version__}")
+        typer.echo(zoflat_cli.version_line())
         raise typer.Exit()
 
 
@@ -127,7 +129,7 @@ def experiment_command(experiment):
     def command(**options):
         config, resume = resolve_invocation(experiment, options)
         path, status = experiment.start(config, options["quiet"], resume)
-        _finish(path, status, options["quiet"])
+        _finish(experiment.name, path, status, options["quiet"])
 
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}
@@ -190,13 +192,14 @@ def planned_config(command: str, args: list) -> dict:
     return config.to_dict()
 
 
-def _finish(path: Path, status: str, quiet: bool):
+def _finish(command: str, path: Path, status: str, quiet: bool):
     if path is not None:  # None: a data-parallel rank other than 0, which says nothing
         say(str(path) if quiet else f"{status}: {path}")
         if status == "diverged" and not quiet:
             say("note: some runs diverged (NaN/Inf); see summary.json", err=True)
         if status == "interrupted":
-            say("interrupted: the run folder keeps everything logged so far", err=True)
+            say(f"interrupted: the run folder keeps everything logged so far; zoflat {command} --resume {path} "
+                f"continues it", err=True)
     if status == "interrupted":
         raise typer.Exit(EXIT_INTERRUPTED)
 
@@ -270,6 +273,7 @@ def data_kshot(
         "--seed", help="Split seeds (repeatable); default 13, 21, 42, 87, 100.")] = None,
     test_mode: Annotated[str, typer.Option("--test-mode", help="1k or full.")] = "1k",
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="LM-BFF data/original layout.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace split folders that already hold files.")] = False,
 ):
     """Write LM-BFF K-shot splits (train, dev, test) byte for byte as LM-BFF's generator does."""
     from zoflat_cli.data.lmbff_tasks import SPLIT_SEEDS, get_task, write_kshot
@@ -280,7 +284,7 @@ def data_kshot(
         SETTINGS["split_seed"].check("--seed", s)
     SETTINGS["k"].check("--k", k)
     for s in seed or SPLIT_SEEDS:
-        typer.echo(str(write_kshot(spec, k, s, out, data_dir, test_mode)))
+        typer.echo(str(write_kshot(spec, k, s, out, data_dir, test_mode, force)))
 
 
 @data_app.command("sample")
@@ -293,6 +297,7 @@ def data_sample(
     num_eval: Annotated[int, typer.Option("--num-eval", help="Evaluation examples (MeZO: 1000).")] = 1000,
     train_pool: Annotated[str, typer.Option("--train-pool", help="train, or eval (a re-split of it).")] = "train",
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Local copies of the official files.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a sample folder that already holds files.")] = False,
 ):
     """Write MeZO's sample of a task (in sampled order, each row with its source_index) for inspection."""
     from zoflat_cli.data import mezo_tasks as llm_tasks
@@ -304,7 +309,7 @@ def data_sample(
     for key, value in config.items():  # the bounds of finetune's settings
         flag = "--seed" if key == "train_set_seed" else "--" + key.replace("_", "-")
         SETTINGS[key].check(flag, value)
-    typer.echo(str(llm_tasks.write_sample(spec, out, **config)))
+    typer.echo(str(llm_tasks.write_sample(spec, out, force, **config)))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -404,7 +409,3 @@ def plot(
 
 def main():
     app()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

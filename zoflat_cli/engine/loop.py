@@ -2,8 +2,8 @@
 
 A run's status goes queued -> running -> completed | diverged | interrupted | failed:
   diverged     its loss or parameters became NaN/Inf at a logged step (the others go on);
-  interrupted  Ctrl-C or SIGTERM: the runner stops after the current step and saves what it
-               needs to resume;
+  interrupted  a stop signal (signals.py: Ctrl-C, SIGTERM, SIGHUP, SIGQUIT): the runner stops
+               after the current step and saves what it needs to resume;
   failed       an unexpected error (then reported).
 `drive()` is the one loop: log every --log-every steps and at the last, stop on request, step,
 checkpoint every --checkpoint-every steps; a runner (the batched one: all runs as tensors; the
@@ -14,7 +14,6 @@ the final summary.
 
 import contextlib
 import math
-import signal
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,6 +21,7 @@ import torch
 
 from zoflat_cli.errors import describe
 from zoflat_cli.runs.spec import due
+from zoflat_cli.signals import GracefulStop
 
 
 @dataclass
@@ -59,7 +59,7 @@ class Stepper(Protocol):
         """Log `step` (metrics rows, statuses judged); whether any of its runs goes on."""
 
     def stopped(self, stop) -> bool:
-        """Whether to stop before stepping (a Ctrl-C or SIGTERM seen by `stop`, on every rank at once)."""
+        """Whether to stop before stepping (a stop signal seen by `stop`, on every rank at once)."""
 
     def advance(self, step: int):
         """Iteration `step` (from 0): the parameters go from x_step to x_(step+1)."""
@@ -90,28 +90,6 @@ NUMERICAL_ERRORS = (torch.linalg.LinAlgError, ArithmeticError)
 
 def finite(value) -> bool:
     return value is not None and math.isfinite(value)
-
-
-class GracefulStop:
-    """First Ctrl-C (or SIGTERM) asks the runner to stop after the current step; a second Ctrl-C
-    interrupts at once."""
-
-    def __init__(self):
-        self.requested = False
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self):
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
-        return False
 
 
 def mark_unfinished(states: dict, status: str):
