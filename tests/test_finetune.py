@@ -268,7 +268,7 @@ def test_finetune_cli_end_to_end(tiny_mlm, tmp_path):
     assert float(zo[-1]["n_evals"]) == 16 and float(zo[-1]["forward_passes"]) >= 16
     assert float(zo[-1]["peak_memory_mib"]) > 0
     assert zo[0]["loss"] != zo[-1]["loss"]
-    assert (path / "updates" / "zo-lam0.002-lr0.01-s0.bin").stat().st_size == 8 * (16 + 16)  # step, accepted, (key, c)
+    assert (path / "updates" / "zo-lam0.002-lr0.01-s0.bin").stat().st_size == 40 + 8 * (16 + 16)  # header; step, accepted, (key, c)
     summary = json.loads((path / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["panels"] == ["loss", "test_accuracy", "hessian_trace"]
     assert summary["problem"]["head"] == "prompt" and summary["problem"]["train_examples"] == 16
@@ -306,7 +306,7 @@ def test_finetune_sam_and_zest_with_sharpness_columns(tiny_mlm, tmp_path):
     assert zest[-1]["n_evals"] == "32" and zest[-1]["samples"] == "2" and zest[-1]["tilt"] == "1.0"
     assert [r["lambda_max"] != "" for r in zest] == [True, False, False, False, True]
     assert all(r["grad_norm"] != "" for r in zest if r["test_accuracy"] != "")
-    assert (path / "updates" / f"{zest[0]['run_id']}.bin").stat().st_size == 8 * (16 + 2 * 16)
+    assert (path / "updates" / f"{zest[0]['run_id']}.bin").stat().st_size == 40 + 8 * (16 + 2 * 16)
     assert {r["optimizer"] for r in rows} == {"sam", "zest"}
     summary = json.loads((path / "summary.json").read_text())
     assert summary["panels"] == ["loss", "test_accuracy", "hessian_trace", "lambda_max", "grad_norm"]
@@ -333,7 +333,7 @@ def test_interrupted_runs_resume_to_the_uninterrupted_result(tiny_mlm, tmp_path,
     monkeypatch.setattr(runfolder.RunFolder, "on_log", interrupt_at_step_4)
     stopped = _invoke("--model", tiny_mlm, "-o", "gd,zo", "--out", tmp_path / "b", *COMMON)
     assert stopped.exit_code == 130
-    path = Path(stopped.output.strip().splitlines()[0])
+    path = Path(stopped.stdout.strip().splitlines()[0])
     assert json.loads((path / "summary.json").read_text())["status"] == "interrupted"
     assert (path / "checkpoints" / "gd-lr0.05-s0.pt").is_file()  # GD cannot be replayed
     monkeypatch.setenv("RESUMED", "1")

@@ -95,7 +95,7 @@ def test_conservative_never_raises_the_loss_and_moves_where_it_lowers_it():
 @pytest.mark.parametrize("law", laws.LAWS)
 def test_direction_laws_have_zero_mean_and_identity_covariance(law):
     dim, n = 6, 40_000
-    stream = DirectionStream(list(range(n)), 1, dim, law, torch.float64, CPU)
+    stream = DirectionStream(list(range(n)), 1, dim, law, torch.float64, CPU, end_step=1)
     u = stream.next()[0]  # n independent directions (one per seed)
     assert (u.mean(0).abs() < 5 / math.sqrt(n)).all()
     cov = u.T @ u / n

@@ -264,13 +264,13 @@ def test_a_numerical_exception_marks_only_its_run_diverged(tmp_path, monkeypatch
 def test_a_run_folder_has_one_writer(tmp_path):  # 13
     folder = tmp_path / "f"
     folder.mkdir()
-    held = runfolder._lock(folder)
+    held = runfolder.lock_folder(folder)
     try:
         with pytest.raises(runfolder.ZoflatError, match="another zoflat process"):
-            runfolder._lock(folder)
+            runfolder.lock_folder(folder)
     finally:
         held.close()
-    runfolder._lock(folder).close()  # free again once the first writer is gone
+    runfolder.lock_folder(folder).close()  # free again once the first writer is gone
 
 
 class FullDisk:

@@ -18,11 +18,13 @@ import torch
 from zoflat_cli.engine.live import LiveView
 from zoflat_cli.engine.loop import NUMERICAL_ERRORS, RunState, carried_over, drive, judge, session
 from zoflat_cli.env import DTYPES, check_memory, resolve_device
-from zoflat_cli.optim.directions import DirectionStream
+from zoflat_cli.errors import ZoflatError, describe
+from zoflat_cli.optim.directions import DirectionStream, stream_bytes
 from zoflat_cli.optim.estimators import Estimator, ascent_scale
 from zoflat_cli.optim.presets import HYPERPARAMETERS, estimator_of, evals_per_step
 from zoflat_cli.optim.updates import apply, get_update, state_to
 from zoflat_cli.runs.folder import RunFolder, create_run_dir, open_for_resume
+from zoflat_cli.runs.identity import check_checkpoint_step
 from zoflat_cli.streams import generator
 
 CHECKPOINT = "batched.pt"  # under checkpoints/
@@ -74,7 +76,7 @@ def estimate(estimator: Estimator, problem, x, u, hyper) -> torch.Tensor:
 class BatchedGroup:
     """Runs that share one preset, update rule, direction law and sample count, as batched tensors."""
 
-    def __init__(self, problem, runs, dtype, device):
+    def __init__(self, problem, runs, dtype, device, steps: int = None):
         first = runs[0]
         self.source = problem
         self.problem = problem.bind(runs)  # the problem as seen by these runs (e.g. their seeds' features)
@@ -95,7 +97,7 @@ class BatchedGroup:
         self.plain_sgd = self.rule.name == "sgd" and not decay  # the fast path: one addcmul
         self.state = self.transform.init(self.x)
         self.dtype, self.device = dtype, device
-        self.directions = None
+        self.directions, self.steps = None, steps  # directions are drawn up to `steps` (None: on and on)
         self.evals_per_step = evals_per_step(first.optimizer, first.rule, first.samples)
         # the theory predicts from the initial point (also when the group resumes later on)
         self.initial_metrics = self.problem.metrics(self.x, 0) if self.problem.theory is not None else None
@@ -105,7 +107,7 @@ class BatchedGroup:
         if self.estimator.uses_directions and self.directions is None:
             first = self.runs[0]
             self.directions = DirectionStream([r.seed for r in self.runs], first.samples, self.x.shape[-1], first.directions,
-                                              self.dtype, self.device, start_step=step)
+                                              self.dtype, self.device, start_step=step, end_step=self.steps)
         u = self.directions.next() if self.directions else None
         g = estimate(self.estimator, self.problem, self.x, u, self.hyper)
         if self.plain_sgd:
@@ -147,11 +149,16 @@ class BatchedGroup:
         return "|".join(r.run_id for r in self.runs)
 
 
-def make_groups(problem, runs, dtype, device) -> list:
+def group_kind(run) -> tuple:
+    """What the runs of one group share: (optimizer, update rule, direction law, samples)."""
+    return run.optimizer, run.rule, run.directions, run.samples
+
+
+def make_groups(problem, runs, dtype, device, steps: int = None) -> list:
     by_kind = {}
     for run in runs:
-        by_kind.setdefault((run.optimizer, run.rule, run.directions, run.samples), []).append(run)
-    return [BatchedGroup(problem, members, dtype, device) for members in by_kind.values()]
+        by_kind.setdefault(group_kind(run), []).append(run)
+    return [BatchedGroup(problem, members, dtype, device, steps) for members in by_kind.values()]
 
 
 class Trainer:
@@ -188,21 +195,35 @@ class Trainer:
         for group in self.groups:
             group.step(step)
 
+    def run_ids(self) -> list:
+        return [r.run_id for g in self.groups for r in g.runs]
+
     def checkpoint(self, step: int):
         if self.folder is None:
             return
         self.folder.save_checkpoint(CHECKPOINT, {
-            "step": step, "groups": {g.key(): {"x": g.x.cpu(), "state": state_to(g.state, "cpu")} for g in self.groups}})
+            "step": step, "groups": {g.key(): {"x": g.x.cpu(), "state": state_to(g.state, "cpu")} for g in self.groups}},
+            self.run_ids())
 
-    def restore(self, logged_rows: list) -> int:
-        """Load the checkpoint of a resumed folder; returns its step (0 without one)."""
-        saved = self.folder.load_checkpoint(CHECKPOINT)
+    def restore(self, logged_rows: list, live) -> int:
+        """Load the checkpoint of a resumed folder; returns its step (0 without one). `live`: the
+        runs that go on (their rows must reach the checkpoint's step)."""
+        path = self.folder.path / "checkpoints" / CHECKPOINT
+        saved = self.folder.load_checkpoint(CHECKPOINT, self.run_ids())
         if saved is None:
             return 0
-        for group in self.groups:
-            entry = saved["groups"][group.key()]
-            group.x = entry["x"].to(group.device)
-            group.state = state_to(entry["state"], group.device)
+        check_checkpoint_step(path, saved.get("step"), logged_rows, live, self.log_every, self.steps)
+        restored = []
+        try:
+            for group in self.groups:
+                entry = saved["groups"][group.key()]
+                if entry["x"].shape != group.x.shape:
+                    raise ValueError(f"parameters of shape {tuple(entry['x'].shape)}, not {tuple(group.x.shape)}")
+                restored.append((entry["x"].to(group.device), state_to(entry["state"], group.device)))
+        except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as err:
+            raise ZoflatError(f"{path} is damaged ({describe(err)}); delete it to start its runs over") from None
+        for group, (x, state) in zip(self.groups, restored):
+            group.x, group.state = x, state
         step = saved["step"]
         earlier = [float(r["wall_s"]) for r in logged_rows if int(r["step"]) <= step]
         self.wall_offset = max(earlier, default=0.0)
@@ -236,10 +257,15 @@ def run_batched(config, runs, make_problem, quiet: bool = False, resume=None, co
     make_problem(device, dtype) builds the problem. Returns (run folder path, overall status)."""
     device, dtype = resolve_device(config.device), DTYPES[config.dtype]
     if resume:
-        previous = open_for_resume(resume, runs, device, config.steps)
+        previous = open_for_resume(resume, runs, device, config.to_dict())
     problem = make_problem(device, dtype)
-    check_memory(problem.memory_bytes(runs, dtype.itemsize), device, f"{len(runs)} runs of `zoflat {config.command}`")
-    groups = make_groups(problem, runs, dtype, device)
+    groups = {}
+    for run in runs:
+        groups.setdefault(group_kind(run), set()).add(run.seed)
+    streams = sum(stream_bytes(len(seeds), kind[3], problem.n_params, config.steps) for kind, seeds in groups.items())
+    check_memory(problem.memory_bytes(runs, dtype.itemsize) + streams, device,
+                 f"{len(runs)} runs of `zoflat {config.command}`")
+    groups = make_groups(problem, runs, dtype, device, config.steps)
     path = resume or create_run_dir(config.out, config.command, config.name)
     folder = RunFolder(path, config.to_dict(), problem, str(device))
     states = {r.run_id: RunState() for r in runs}
@@ -250,9 +276,10 @@ def run_batched(config, runs, make_problem, quiet: bool = False, resume=None, co
     with session(folder, view, states, result) as stop:
         start = 0
         if resume:
-            start = trainer.restore(folder.logged_rows())
             # diverged runs stay as they ended; the others continue from the checkpoint
             states.update(carried_over(previous, runs, config.steps, completed=False))
+            start = trainer.restore(folder.logged_rows(), [r for r, s in states.items() if s.status != "diverged"])
+            folder.begin()
             folder.keep_rows(lambda r: int(r["step"]) < start or states[r["run_id"]].status == "diverged")
         trainer.run(start, stop)
     return path, result["status"]

@@ -16,17 +16,22 @@ from pathlib import Path
 
 from zoflat_cli.engine.live import LiveView
 from zoflat_cli.engine.loop import NUMERICAL_ERRORS, RunState, carried_over, drive, finite, judge, session
-from zoflat_cli.errors import describe
+from zoflat_cli.errors import ZoflatError, describe
 from zoflat_cli.optim.inplace import InPlaceOptimizer
 from zoflat_cli.optim.parameters import ParameterDirections
 from zoflat_cli.optim.presets import HYPERPARAMETERS, estimator_of, evals_per_step, get_preset
 from zoflat_cli.optim.updates import get_update
 from zoflat_cli.runs.folder import RunFolder, create_run_dir
+from zoflat_cli.runs.identity import check_checkpoint_step, identity
 from zoflat_cli.runs.updatelog import UpdateLog, update_log_path
 from zoflat_cli.streams import direction_base
 
 def checkpoint_name(run_id: str) -> str:
     return f"{run_id}.pt"  # under checkpoints/
+
+
+def update_log(folder: RunFolder, run) -> UpdateLog:
+    return UpdateLog(update_log_path(folder.path, run.run_id), run.samples, identity(folder.summary, [run.run_id]))
 
 
 def run_hyper(run) -> dict:
@@ -44,7 +49,7 @@ class ModelRunner:
         self.optimizer = InPlaceOptimizer(self.directions, estimator_of(run.optimizer), get_update(run.rule),
                                           run_hyper(run))
         self.replayable = get_preset(run.optimizer).uses_directions  # its steps are a few logged numbers
-        self.updates = UpdateLog(update_log_path(folder.path, run.run_id), run.samples)
+        self.updates = update_log(folder, run)
         self.evals_per_step = evals_per_step(run.optimizer, run.rule, run.samples)
         self.wall_offset = 0.0
         self.passes_offset = 0.0
@@ -53,11 +58,18 @@ class ModelRunner:
 
     def restore(self, logged_rows: list) -> int:
         """Bring the model to the latest recoverable step of this run; returns that step."""
-        saved = self.folder.load_checkpoint(checkpoint_name(self.run.run_id))
+        name = checkpoint_name(self.run.run_id)
+        saved = self.folder.load_checkpoint(name, [self.run.run_id])
         step = 0
         if saved is not None:
-            self.problem.load_state(saved["state"])
-            self.optimizer.load_state_dict(saved.get("optimizer"))
+            path = self.folder.path / "checkpoints" / name
+            check_checkpoint_step(path, saved.get("step"), logged_rows, [self.run.run_id], self.config.log_every,
+                                  self.config.steps)
+            try:
+                self.problem.load_state(saved["state"])
+                self.optimizer.load_state_dict(saved.get("optimizer"))
+            except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as err:
+                raise ZoflatError(f"{path} is damaged ({describe(err)}); delete it to start the run over") from None
             step = saved["step"]
         if self.replayable:
             records = self.updates.read()
@@ -82,7 +94,7 @@ class ModelRunner:
     def checkpoint(self, step: int):
         self.folder.save_checkpoint(checkpoint_name(self.run.run_id), {
             "step": step, "state": {k: v.cpu() for k, v in self.problem.state().items()},
-            "optimizer": self.optimizer.state_dict()})
+            "optimizer": self.optimizer.state_dict()}, [self.run.run_id])
 
     # -- the loop
 
@@ -150,6 +162,9 @@ def run_models(config, problem, runs, quiet: bool = False, resume: Path = None, 
     result = {}
     with session(folder, view, states, result) as stop:
         kept_rows = folder.logged_rows()
+        for run in plans:  # every update log is this run's before any run goes on
+            if get_preset(run.optimizer).uses_directions:
+                update_log(folder, run).read()
         for i, run in enumerate(plans):
             state = states[run.run_id]
             state.status = "running"
@@ -158,8 +173,10 @@ def run_models(config, problem, runs, quiet: bool = False, resume: Path = None, 
             runner = ModelRunner(problem, run, config, folder, state, on_log)
             mine = [r for r in kept_rows if r["run_id"] == run.run_id]
             start = runner.restore(mine)
+            if not folder.begun:
+                folder.begin()
             if mine:
-                folder.keep_rows(lambda r: r["run_id"] != run.run_id or int(r["step"]) < start)
+                folder.keep_rows(lambda r, run_id=run.run_id, start=start: r["run_id"] != run_id or int(r["step"]) < start)
             runner.train(start, stop)
             if problem.group.any(stop.requested):
                 break

@@ -163,16 +163,18 @@ def run(config, runs, quiet: bool = False, resume: Path = None):
     if distributed.world_size() > 1 and config.device_map:
         raise ZoflatError("--device-map places one model across GPUs; under torchrun every process holds the whole "
                           "model: use one or the other")
-    previous = open_for_resume(resume, runs, device, config.steps) if resume else {}  # before the model loads
-    with distributed.group_for(device) as group, distributed.private_outputs(group, config, resume) as (config, resume):
-        problem = make_problem(config, group.device, dtype, group)  # `previous` holds for a rank's copy too
-        cut = {s: n for s, n in problem.truncated.items() if n}
-        if cut and not group.rank:  # said once, before the run
-            say(f"note: prompts longer than --max-length {problem.max_length} lost their beginning (never the "
-                f"answer): " + ", ".join(f"{n} in {s}" for s, n in cut.items()), err=True)
-        path, status = run_models(config, problem, runs, quiet or group.rank > 0, Path(resume) if resume else None,
-                                  previous)
-        return (None if group.rank else path), status
+    previous = open_for_resume(resume, runs, device, config.to_dict()) if resume else {}  # before the model loads
+    with distributed.group_for(device) as group:
+        distributed.check_same_config(group, config.to_dict())
+        with distributed.private_outputs(group, config, resume) as (config, resume):
+            problem = make_problem(config, group.device, dtype, group)  # `previous` holds for a rank's copy too
+            cut = {s: n for s, n in problem.truncated.items() if n}
+            if cut and not group.rank:  # said once, before the run
+                say(f"note: prompts longer than --max-length {problem.max_length} lost their beginning (never the "
+                    f"answer): " + ", ".join(f"{n} in {s}" for s, n in cut.items()), err=True)
+            path, status = run_models(config, problem, runs, quiet or group.rank > 0,
+                                      Path(resume) if resume else None, previous)
+            return (None if group.rank else path), status
 
 
 EXPERIMENT = Experiment(

@@ -70,8 +70,22 @@ def sphere_scale(square_norm: float, dim: int) -> float:
 # The batched path draws blocks of steps on a background thread while the trainer steps (torch
 # drops the GIL inside a draw), so drawing overlaps with training on a second core.
 _DRAWER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zoflat-directions")
-BLOCK_ELEMENTS = 1 << 16  # numbers per background block (at least MIN_BLOCK_STEPS steps, whole units)
+BLOCK_ELEMENTS = 1 << 16  # numbers per background block (at least MIN_BLOCK_STEPS steps, whole units) ...
 MIN_BLOCK_STEPS = 8
+BLOCK_BYTES = 32 << 20  # ... but never more than this (a seed study's thousands of runs), nor past the last step
+
+
+def block_steps(runs: int, samples: int, dim: int) -> int:
+    """Steps per background block of a stream of `runs` distinct seeds."""
+    step_elements = samples * dim * runs
+    steps = max(MIN_BLOCK_STEPS, BLOCK_ELEMENTS // step_elements)
+    whole_units = -(-steps // layout(dim)[1]) * layout(dim)[1]  # one seeding per unit drawn
+    return max(1, min(whole_units, BLOCK_BYTES // (4 * step_elements)))
+
+
+def stream_bytes(runs: int, samples: int, dim: int, steps: int) -> int:
+    """What a stream holds at most: its block and the next, each as drawn (float32) and as used (up to float64)."""
+    return 2 * 12 * samples * dim * runs * min(block_steps(runs, samples, dim), max(steps, 1))
 
 
 class DirectionStream:
@@ -79,22 +93,27 @@ class DirectionStream:
     the current step, drawn by the seed convention above. Runs with the same seed get the same
     directions (common random numbers), whatever else is in the group."""
 
-    def __init__(self, seeds, samples: int, dim: int, law: str, dtype, device, start_step: int = 0):
+    def __init__(self, seeds, samples: int, dim: int, law: str, dtype, device, start_step: int = 0,
+                 end_step: int = None):
         self.unique = list(dict.fromkeys(seeds))
-        self.rows = torch.tensor([self.unique.index(s) for s in seeds], device=device)
+        index = {s: i for i, s in enumerate(self.unique)}
+        self.rows = torch.tensor([index[s] for s in seeds], device=device)
         self.shared = len(self.unique) == len(seeds)  # no index_select needed
         self.bases = [[direction_base(s, i) for s in self.unique] for i in range(samples)]
         self.samples, self.dim, self.law, self.dtype, self.device = samples, dim, law, dtype, device
         self.units, self.per_unit = layout(dim)
-        steps = max(MIN_BLOCK_STEPS, BLOCK_ELEMENTS // (samples * dim * len(self.unique)))
-        self.block = -(-steps // self.per_unit) * self.per_unit  # whole units
+        self.block = block_steps(len(self.unique), samples, dim)
+        self.end = end_step  # None: no last step (the stream draws on)
         self.gen = torch.Generator(device=device)
         self.step, self.chunk, self.position = start_step, None, 0
         self.pending = _DRAWER.submit(self._draw, self.step)
 
+    def _count(self, first: int) -> int:
+        return self.block if self.end is None else max(1, min(self.block, self.end - first))
+
     def _draw(self, first: int) -> torch.Tensor:
-        """Steps first .. first + block - 1 as (steps, samples, runs, dim) in the run's dtype."""
-        count, per = self.block, self.per_unit
+        """Steps first .. first + count - 1 as (steps, samples, runs, dim) in the run's dtype."""
+        count, per = self._count(first), self.per_unit
         g = torch.empty(count, self.samples, len(self.unique), self.dim, dtype=torch.float32, device=self.device)
         if self.dim <= UNIT:  # whole units of `per` steps, sliced to [first, first + count)
             u0, u1 = first // per, (first + count - 1) // per
@@ -122,8 +141,11 @@ class DirectionStream:
 
     def next(self) -> torch.Tensor:
         if self.chunk is None or self.position == self.chunk.shape[0]:
+            if self.pending is None:  # past the last step it was made for: one step at a time
+                self.pending = _DRAWER.submit(self._draw, self.step)
             self.chunk, self.position = self.pending.result(), 0
-            self.pending = _DRAWER.submit(self._draw, self.step + self.block)
+            following = self.step + self.chunk.shape[0]
+            self.pending = _DRAWER.submit(self._draw, following) if self.end is None or following < self.end else None
         u = self.chunk[self.position]
         self.position += 1
         self.step += 1

@@ -33,6 +33,8 @@ import zoflat_cli
 from zoflat_cli.errors import RunFailed, ZoflatError, one_line
 from zoflat_cli.optim.directions import FORMAT_VERSION
 from zoflat_cli.optim.presets import get_preset
+from zoflat_cli.runs.identity import (check_identity, check_rows, check_unchanged, data_hashes, fingerprint, identity,
+                                      summary_damage)
 from zoflat_cli.runs.spec import NOT_METRICS, RUN_COLUMNS
 from zoflat_cli.runs.trackers import open_tracker
 from zoflat_cli.runs.updatelog import UPDATE_LOG_VERSION
@@ -72,6 +74,22 @@ def strict(value):
     if isinstance(value, (list, tuple)):
         return [strict(v) for v in value]
     return value
+
+
+def summary_text(summary: dict) -> str:
+    """summary.json's text: a key per line, and a line per run (json's C encoder: its indenting
+    one is pure Python, seconds for a seed study of thousands of runs)."""
+    def line(key, value, indent):
+        try:
+            text = json.dumps(value, allow_nan=False)
+        except ValueError:  # a NaN or Inf somewhere: null, as strict JSON has it
+            text = json.dumps(strict(value), allow_nan=False)
+        return f"{indent}{json.dumps(key)}: {text}"
+
+    lines = [line(k, v, "  ") for k, v in summary.items() if k != "runs"]
+    runs = ",\n".join(line(k, v, "    ") for k, v in summary.get("runs", {}).items())
+    lines.append(f'  "runs": {{\n{runs}\n  }}' if runs else '  "runs": {}')
+    return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
 def complete_metrics(folder: Path) -> str:
@@ -127,10 +145,21 @@ def formats() -> dict:
     return {"directions": FORMAT_VERSION, "update_log": UPDATE_LOG_VERSION}
 
 
-def open_for_resume(folder: Path, runs, device, steps: int) -> dict:
-    """Checks that this zoflat can continue the folder's runs on `device` bit for bit, up to
-    `steps`; returns the recorded runs ({run_id: entry})."""
+def open_for_resume(folder: Path, runs, device, config: dict) -> dict:
+    """Checks, before anything is written, that this zoflat can continue the folder's runs of
+    `config` (as resolved for the resume) on `device` bit for bit, and that the folder's files are
+    those its runs wrote (runs/identity.py); returns the recorded runs ({run_id: entry})."""
+    folder, steps = Path(folder), config["steps"]
     summary = read_summary(folder)
+    if not summary:
+        raise ZoflatError(f"--resume {folder}: no summary.json (the run never started, or the file was deleted); "
+                          f"start a new run folder")
+    damage = summary_damage(summary)
+    if damage:
+        raise ZoflatError(f"{folder / 'summary.json'} is damaged ({damage}); restore it, or start a new run folder")
+    check_unchanged(folder, summary, config)
+    check_rows(folder, list(csv.DictReader(io.StringIO(complete_metrics(folder)))), summary,
+               {r.run_id for r in runs})
     done = max((entry.get("steps_done", 0) for entry in summary.get("runs", {}).values()), default=0)
     if steps < done:  # resuming would drop rows already logged
         raise ZoflatError(f"--resume: --steps {steps} is below the {done} steps already done; give --steps {done} "
@@ -170,23 +199,21 @@ class RunFolder:
     def __init__(self, path: Path, config: dict, problem, device: str):
         self.path = Path(path)
         self.problem = problem
-        self._lock = _lock(self.path)
+        self._lock = lock_folder(self.path)
         self._csv_file = None
         self._writer = None
         self._last_summary = 0.0
+        self._keep = []  # keep_rows' predicates, not yet applied
         self.error = None
         recorded = read_summary(self.path)
-        try:
-            with self.writing("config.yaml"):
-                _atomic_write(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-                reserve = self.path / ".reserve"
-                if not reserve.is_file() or reserve.stat().st_size < RESERVE_BYTES:
-                    _atomic_write(reserve, "\0" * RESERVE_BYTES)
-        except RunFailed:
-            self._lock.close()
-            if not recorded:  # nothing ran: leave no half-made folder behind
-                shutil.rmtree(self.path, ignore_errors=True)
-            raise RunFailed(f"cannot start a run folder in {self.path.parent}: {self.error}") from None
+        self._config, self.begun = config, False
+        if not recorded:
+            try:
+                self.begin()
+            except RunFailed:
+                self._lock.close()
+                shutil.rmtree(self.path, ignore_errors=True)  # nothing ran: leave no half-made folder behind
+                raise RunFailed(f"cannot start a run folder in {self.path.parent}: {self.error}") from None
         try:
             self.tracker = open_tracker(config.get("logger"), self.path, config)
         except Exception as err:  # a tracker's own failures come in its own types
@@ -208,11 +235,24 @@ class RunFolder:
             "device": device,
             "versions": versions(),
             "formats": formats(),
+            "fingerprint": fingerprint(config),
+            "data": data_hashes(config),
             "references": {k: {"value": v, "label": lab} for k, (v, lab) in problem.references.items()},
             "problem": problem.description,
             "panels": problem.panels,
             "runs": {},
         }
+
+    def begin(self):
+        """The folder is this session's from here on: config.yaml (a resume's --steps and --device) and
+        the reserve are written. A resumed folder begins once its runs have their state back: a resume
+        refused before that changes no file."""
+        with self.writing("config.yaml"):
+            atomic_write(self.path / "config.yaml", yaml.safe_dump(self._config, sort_keys=False))
+            reserve = self.path / ".reserve"
+            if not reserve.is_file() or reserve.stat().st_size < RESERVE_BYTES:
+                atomic_write(reserve, "\0" * RESERVE_BYTES)
+        self.begun = True
 
     @contextlib.contextmanager
     def writing(self, what: str):
@@ -225,8 +265,9 @@ class RunFolder:
             raise RunFailed(f"{self.error}; the run folder {self.path} keeps everything written before and is "
                             f"marked failed (free space, then --resume it)") from None
 
-    def save_checkpoint(self, name: str, content: dict):
-        """checkpoints/<name>, replaced atomically (a failed save keeps the previous one)."""
+    def save_checkpoint(self, name: str, content: dict, run_ids):
+        """checkpoints/<name> of these runs (with their identity), replaced atomically: a failed save
+        (a full disk, a folder in its place) keeps the previous one and is RunFailed."""
         import torch
 
         path = self.path / "checkpoints" / name
@@ -234,41 +275,55 @@ class RunFolder:
         with self.writing(f"checkpoints/{name}"):
             path.parent.mkdir(exist_ok=True)
             try:
-                torch.save(content, tmp)
-            except BaseException:
+                with open(tmp, "wb") as f:  # through a Python file: a failed write is an OSError (ENOSPC, ...)
+                    torch.save({**content, "identity": identity(self.summary, run_ids)}, f)
+            except BaseException as err:
                 tmp.unlink(missing_ok=True)
+                if isinstance(err, RuntimeError):  # torch's own writer errors
+                    raise OSError(errno.EIO, one_line(err)) from None
                 raise
             os.replace(tmp, path)
 
-    def load_checkpoint(self, name: str):
-        """checkpoints/<name> (None when there is none)."""
+    def load_checkpoint(self, name: str, run_ids):
+        """checkpoints/<name> of these runs (None when there is none), its identity checked
+        against the folder's (its step is the runner's to check: identity.check_checkpoint_step)."""
         import torch
 
         path = self.path / "checkpoints" / name
-        if not path.is_file():
+        if not path.exists():
             return None
         try:
-            return torch.load(path, map_location="cpu")
-        except Exception as err:  # torch raises several kinds on a damaged file
+            saved = torch.load(path, map_location="cpu")
+        except Exception as err:  # torch raises several kinds on a damaged file (IsADirectoryError, ...)
             raise ZoflatError(f"{path} is damaged ({type(err).__name__}); delete it to resume from the start of "
                               f"its runs, or start a new run folder") from None
+        if not isinstance(saved, dict):
+            raise ZoflatError(f"{path} is damaged (not a zoflat checkpoint); delete it to start its runs over")
+        check_identity(saved.get("identity"), self.summary, run_ids, path)
+        return saved
 
     def logged_rows(self) -> list:
         """The whole rows of metrics.csv so far, as dicts of strings ([] before the first log)."""
         return list(csv.DictReader(io.StringIO(complete_metrics(self.path))))
 
     def keep_rows(self, keep):
-        """Resuming: drop the logged rows for which keep(row) is false, append after the rest."""
+        """Resuming: the logged rows for which keep(row) is false are dropped when the resumed runs
+        log their first row (so a resume that fails before then loses nothing); appending goes on
+        after the rest."""
+        self._keep.append(keep)
+
+    def _drop_rows(self):
+        keep, self._keep = self._keep, []
         rows = self.logged_rows()
         if not rows:
             return
-        fields, rows = list(rows[0]), [r for r in rows if keep(r)]
+        fields, rows = list(rows[0]), [r for r in rows if all(k(r) for k in keep)]
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
         with self.writing("metrics.csv"):
-            _atomic_write(self.path / "metrics.csv", text.getvalue())
+            atomic_write(self.path / "metrics.csv", text.getvalue())
         self._close_csv()
         self._open_csv(fields)
 
@@ -298,6 +353,8 @@ class RunFolder:
 
     def on_log(self, step: int, rows: list, states: dict):
         if rows:
+            if self._keep:
+                self._drop_rows()
             if self._writer is None:  # after what an earlier session wrote, under its header
                 self._open_csv(list(rows[0]))
             try:
@@ -341,12 +398,18 @@ class RunFolder:
     def _write_summary(self):
         self.summary["updated_utc"] = utc_now()
         with self.writing("summary.json"):
-            _atomic_write(self.path / "summary.json", json.dumps(strict(self.summary), indent=2, allow_nan=False))
+            atomic_write(self.path / "summary.json", summary_text(self.summary))
         self._last_summary = time.monotonic()
 
     def finish(self, states: dict, error: str = None) -> str:
         """Final statuses; returns the overall status: the first of failed, interrupted,
-        diverged that any run has, else completed. `error`: why the runs failed."""
+        diverged that any run has, else completed. `error`: why the runs failed. A resumed folder
+        that never began (its resume was refused) is left as it was."""
+        if not self.begun:
+            if self.tracker is not None:
+                self.tracker.close()
+            self._lock.close()
+            return "failed"
         for run_id, state in states.items():
             entry = self.summary["runs"].get(run_id)
             if entry is not None:
@@ -369,12 +432,13 @@ class RunFolder:
         return overall
 
 
-def _lock(folder: Path):
-    """An exclusive lock on the folder for this process (released when it exits, also on kill -9)."""
+def lock_folder(folder: Path, what: str = "run folder"):
+    """An exclusive lock on a run or sweep folder for this process (released when it exits, also on
+    kill -9); one zoflat process writes a folder at a time."""
     try:
         handle = open(folder / ".lock", "a+")
     except OSError as err:
-        raise ZoflatError(f"cannot write in the run folder {folder} ({err.strerror})") from None
+        raise ZoflatError(f"cannot write in the {what} {folder} ({err.strerror})") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -384,7 +448,7 @@ def _lock(folder: Path):
     return handle
 
 
-def _atomic_write(path: Path, text: str):
+def atomic_write(path: Path, text: str):
     """path holds either its old content or all of text, whatever happens; a partial temporary
     file is removed."""
     tmp = path.with_name(path.name + ".tmp")

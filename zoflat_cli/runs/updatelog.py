@@ -4,38 +4,60 @@ Replaying it on the base weights rebuilds the run bit for bit (see engine/model.
 billion parameters is resumed from a few numbers per step.
 """
 
+import hashlib
+import json
 import os
 import struct
 from pathlib import Path
 
-UPDATE_LOG_VERSION = 2  # record layout below; run folders record it and --resume checks it
+from zoflat_cli.errors import ZoflatError
+
+UPDATE_LOG_VERSION = 3  # layout below; run folders record it and --resume checks it
+MAGIC = b"ZOFLATUL"
 
 
 class UpdateLog:
-    """Fixed-size little-endian records: int64 step, float64 accepted (1 or 0: conservative
-    rules), then (uint64 direction base, float64 coefficient) per direction: the step's
-    directions are (base, step)."""
+    """A 40-byte header (MAGIC, then the sha256 of the run's identity: runs/identity.py), then
+    fixed-size little-endian records: int64 step, float64 accepted (1 or 0: conservative rules),
+    then (uint64 direction base, float64 coefficient) per direction: the step's directions are
+    (base, step)."""
 
-    def __init__(self, path: Path, samples: int):
+    def __init__(self, path: Path, samples: int, identity: dict):
         self.path = path
         self.record = struct.Struct("<qd" + "Qd" * samples)
+        self.header = MAGIC + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).digest()
 
     def read(self) -> list:
-        """[(step, direction keys, coefs, accepted)]; a torn last record (killed mid-write) is ignored."""
-        if not self.path.is_file():
+        """[(step, direction keys, coefs, accepted)]; a torn last record (killed mid-write) is ignored;
+        the log of another run is an error."""
+        if not self.path.exists():
             return []
-        data = self.path.read_bytes()
+        try:
+            data = self.path.read_bytes()
+        except OSError as err:
+            raise ZoflatError(f"{self.path} cannot be read ({err.strerror}); restore it, or delete it to start "
+                              f"its run over") from None
+        if len(data) < len(self.header):  # killed while writing the header
+            return []
+        if data[:len(self.header)] != self.header:
+            raise ZoflatError(f"{self.path} is the update log of another run or config; restore this run's, or "
+                              f"delete it to start its run over")
+        data = data[len(self.header):]
         usable = len(data) - len(data) % self.record.size
         return [(step, [(base, step) for base in pairs[0::2]], list(pairs[1::2]), bool(accepted))
                 for step, accepted, *pairs in self.record.iter_unpack(data[:usable])]
 
     def truncate(self, records: int):
         if self.path.is_file():
-            os.truncate(self.path, records * self.record.size)
+            os.truncate(self.path, len(self.header) + records * self.record.size)
 
     def open(self):
         self.path.parent.mkdir(exist_ok=True)
         self._file = open(self.path, "ab")
+        if self._file.tell() < len(self.header):  # new (or a torn header)
+            self._file.truncate(0)
+            self._file.write(self.header)
+            self._file.flush()
         return self
 
     def append(self, step: int, keys, coefs, accepted: bool):
