@@ -1,6 +1,7 @@
 """`zoflat plot`: paper-style figures from run folders, one panel per metric against step."""
 
 import io
+import os
 from pathlib import Path
 
 import matplotlib
@@ -26,12 +27,26 @@ def find_run_folders(paths) -> list:
         if not path.exists():
             raise ZoflatError(f"no such folder: {path}")
         path = path.resolve()  # "." is named after the folder it is
-        found = [path] if (path / "metrics.csv").is_file() else sorted(
-            p.parent for p in path.rglob("metrics.csv"))
+        found = [path] if (path / "metrics.csv").is_file() else _walk(path)
         if not found:
             raise ZoflatError(f"no run folders (with metrics.csv) under {path}")
         folders.extend(found)
     return list(dict.fromkeys(folders))
+
+
+def _walk(root: Path) -> list:
+    """The run folders under root, following symbolic links (each real folder once, loops cut)."""
+    found, seen = [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up, or a second link to the same folder
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        if "metrics.csv" in files:
+            found.append(Path(real))
+        subfolders.sort()
+    return sorted(found)
 
 
 def method_label(row) -> str:

@@ -29,10 +29,11 @@ from urllib.parse import urlparse
 
 import yaml
 
-from zoflat_cli.errors import ZoflatError, one_line, require
+from zoflat_cli.errors import RunFailed, ZoflatError, one_line, require
 from zoflat_cli.experiments.settings import runs_from
 from zoflat_cli.optim.presets import get_preset
-from zoflat_cli.runs.folder import create_run_dir
+from zoflat_cli.runs.folder import atomic_write, create_run_dir, lock_folder
+from zoflat_cli.signals import EXIT_INTERRUPTED, stopping_at_once
 
 LAUNCHERS = ("local", "ray", "slurm")
 STATES = ("queued", "running", "done", "failed", "cancelled")
@@ -72,10 +73,17 @@ def job_run_folder(job_dir: Path, command: str):
     return found[-1].parent if found else None
 
 
+STOP_WAIT_S = 30  # a job stopped by the sweep gets this long to finish its step and save
+_CHILDREN = set()  # the job processes this process waits on
+_CHILDREN_LOCK = threading.Lock()
+
+
 def run_job(job_dir: str, command: str, cwd: str, threads: int = 1) -> dict:
     """Run (or resume) one job to its end in a child process; {returncode, folder, stderr}.
     Runs on the worker: a local thread, a Ray task, a Slurm job. `threads`: the job's CPUs, which
-    its math libraries keep to (jobs side by side would otherwise each spin a thread per core)."""
+    its math libraries keep to (jobs side by side would otherwise each spin a thread per core).
+    The child has a session of its own: only a stop forwarded by the sweep (stop_jobs) reaches
+    it, once, however the sweep was stopped."""
     job_dir = Path(job_dir)
     folder = job_run_folder(job_dir, command)
     if folder is not None:
@@ -85,11 +93,39 @@ def run_job(job_dir: str, command: str, cwd: str, threads: int = 1) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]),
                                                          os.environ.get("PYTHONPATH", "")]),
            **{name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
-    done = subprocess.run([sys.executable, "-m", "zoflat_cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "zoflat_cli", *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    with _CHILDREN_LOCK:
+        _CHILDREN.add(proc)
+    try:
+        _, stderr = proc.communicate()
+    except BaseException:  # a Ray cancel or a signal in this worker: the job stops as a run does
+        stop_jobs([proc])
+        raise
+    finally:
+        with _CHILDREN_LOCK:
+            _CHILDREN.discard(proc)
     folder = job_run_folder(job_dir, command)
-    return {"returncode": done.returncode, "folder": str(folder) if folder else None,
-            "stderr": done.stderr[-STDERR_TAIL:]}
+    return {"returncode": proc.returncode, "folder": str(folder) if folder else None, "stderr": stderr[-STDERR_TAIL:]}
+
+
+def stop_jobs(procs=None, wait_s: float = STOP_WAIT_S):
+    """Stop job processes (default: every one this process runs) as a stop signal stops a run:
+    SIGTERM, `wait_s` to save and exit, then once more (stop at once), then SIGKILL. Each job's
+    folder stays resumable."""
+    procs = list(_CHILDREN) if procs is None else procs
+    for patience in (wait_s, 5.0):  # the second SIGTERM stops a job at once
+        alive = [p for p in procs if p.poll() is None]
+        for proc in alive:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + patience
+        while any(p.poll() is None for p in alive) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 class SlurmJob:
@@ -133,8 +169,12 @@ def _slot(folder: Path, slots: int):
 # ---------------------------------------------------------------- the sweep folder
 
 class Sweep:
+    """A sweep folder, locked (runs/folder.lock_folder) by the one driver that runs it; its path
+    absolute, so jobs find their folders whatever the driver's working directory."""
+
     def __init__(self, path: Path, state: dict):
-        self.path, self.state = path, state
+        self.path, self.state = Path(path).resolve(), state
+        self.lock = lock_folder(self.path, "sweep folder")
 
     @classmethod
     def create(cls, out: Path, name: str, command: str, config: dict, jobs: dict, launcher: dict, cwd: str):
@@ -159,14 +199,18 @@ class Sweep:
             state = yaml.safe_load(file.read_text())
         except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise ZoflatError(f"{file}: damaged ({one_line(err)})") from None
-        if not isinstance(state, dict) or not isinstance(state.get("jobs"), dict):
-            raise ZoflatError(f"{file}: damaged (no jobs)")
+        problem = _damage(state, Path(path))
+        if problem:
+            raise ZoflatError(f"{file}: damaged ({problem}); restore it, or start a new sweep")
         return cls(Path(path), state)
 
     def save(self):
-        scratch = self.path / f".{SWEEP_FILE}.tmp"
-        scratch.write_text(yaml.safe_dump(self.state, sort_keys=False))
-        os.replace(scratch, self.path / SWEEP_FILE)  # atomic: a reader never sees half a file
+        """sweep.yaml, replaced atomically; a failed write (disk full) is one line, the old file kept."""
+        try:
+            atomic_write(self.path / SWEEP_FILE, yaml.safe_dump(self.state, sort_keys=False))
+        except OSError as err:
+            raise RunFailed(f"writing {self.path / SWEEP_FILE} failed ({err.strerror or one_line(err)}); the sweep "
+                            f"keeps its jobs' folders: free space, then zoflat sweep --resume {self.path}") from None
 
     def job_dir(self, run_id: str) -> Path:
         return self.path / "jobs" / run_id
@@ -195,6 +239,26 @@ class Sweep:
         for entry in self.state["jobs"].values():
             counts[entry["state"]] += 1
         return counts
+
+
+def _damage(state, path: Path):
+    """What makes a loaded sweep.yaml unusable (None if nothing): each key it needs, in its type."""
+    if not isinstance(state, dict):
+        return "not a mapping"
+    from zoflat_cli.experiments import registry
+
+    if state.get("command") not in registry():
+        return f"command {state.get('command')!r} is not one of {', '.join(registry())}"
+    if not isinstance(state.get("cwd"), str) or not Path(state["cwd"]).is_dir():
+        return f"cwd {state.get('cwd')!r} is not a folder on this machine"
+    if not isinstance(state.get("jobs"), dict) or not state["jobs"]:
+        return "no jobs"
+    for run_id, entry in state["jobs"].items():
+        if not isinstance(entry, dict) or entry.get("state") not in STATES:
+            return f"job {run_id!r} is not a mapping with a state ({', '.join(STATES)})"
+        if not (path / "jobs" / str(run_id) / "job.yaml").is_file():
+            return f"job {run_id!r} has no jobs/{run_id}/job.yaml"
+    return None
 
 
 # ---------------------------------------------------------------- launchers
@@ -236,12 +300,15 @@ class LocalLauncher:
 
     @staticmethod
     def result(handle) -> dict:
+        if handle.cancelled():  # never started
+            return {"returncode": EXIT_INTERRUPTED, "folder": None, "stderr": ""}
         return handle.result()
 
-    def cancel(self, handles):
+    def stop(self, handles):
         for handle in handles:
-            handle.cancel()
-        self.pool.shutdown(wait=True, cancel_futures=True)  # running jobs stop on the SIGINT they got too
+            handle.cancel()  # the queued ones
+        stop_jobs()  # the running ones: their threads return once the processes have saved and ended
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
     def close(self):
         self.pool.shutdown(wait=True)
@@ -282,13 +349,16 @@ class RayLauncher:
     def result(self, handle) -> dict:
         try:
             return self.ray.get(handle)
+        except self.ray.exceptions.TaskCancelledError:
+            return {"returncode": EXIT_INTERRUPTED, "folder": None, "stderr": ""}
         except Exception as err:  # a task that died (its worker killed, ...): the job failed
-            return {"returncode": -1, "folder": None, "stderr": one_line(err)}
+            return {"returncode": LOST, "folder": None, "stderr": one_line(err)}
 
-    def cancel(self, handles):
+    def stop(self, handles):
+        """Each task gets a KeyboardInterrupt, on which run_job stops its job process."""
         for handle in handles:
-            self.ray.cancel(handle, force=True)
-        self.close()
+            self.ray.cancel(handle, force=False)
+        self.ray.wait(list(handles), num_returns=len(handles), timeout=STOP_WAIT_S + 15)
 
     def close(self):
         self.ray.shutdown()
@@ -346,12 +416,16 @@ class SlurmLauncher:
         try:
             return handle.result()
         except Exception as err:  # submitit's FailedJobError and friends: the job failed
-            return {"returncode": -1, "folder": None, "stderr": one_line(err)}
+            return {"returncode": LOST, "folder": None, "stderr": one_line(err)}
 
     @staticmethod
-    def cancel(handles):
+    def stop(handles):
+        """scancel (locally: a SIGINT to the worker, on which run_job stops its job process)."""
         for handle in handles:
             handle.cancel(check=False)
+        deadline = time.monotonic() + STOP_WAIT_S + 15
+        while not all(h.done() for h in handles) and time.monotonic() < deadline:
+            time.sleep(0.2)
 
     def close(self):
         pass
@@ -381,9 +455,8 @@ def run_sweep(sweep: Sweep, launcher, quiet: bool = False) -> dict:
     columns = [TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                TimeElapsedColumn()]
     total = len(sweep.state["jobs"])
-    previous = _catch_interrupts()
     try:
-        with Progress(*columns, disable=quiet, transient=False) as progress:
+        with stopping_at_once(), Progress(*columns, disable=quiet, transient=False) as progress:
             bar = progress.add_task("", total=total)
             while handles:
                 for run_id in [r for r, h in handles.items() if launcher.done(h)]:
@@ -397,33 +470,29 @@ def run_sweep(sweep: Sweep, launcher, quiet: bool = False) -> dict:
                 progress.update(bar, completed=counts["done"] + counts["failed"],
                                 description=" · ".join(f"{counts[s]} {s}" for s in STATES if counts[s]))
                 time.sleep(0.2)
-    except KeyboardInterrupt:
-        launcher.cancel(list(handles.values()))
-        for run_id in handles:
-            sweep.set(run_id, "cancelled", {"returncode": 130, "folder": _folder(sweep, run_id), "stderr": ""})
+    except KeyboardInterrupt:  # a stop signal to the sweep: forwarded to its jobs, each left resumable
+        launcher.stop(list(handles.values()))
+        for run_id, handle in handles.items():
+            result = launcher.result(handle) if launcher.done(handle) else None
+            state = finished_state(result["returncode"], stopped=True) if result else "cancelled"
+            if result is None or not result["folder"]:
+                result = {**(result or {"stderr": ""}), "returncode": EXIT_INTERRUPTED,
+                          "folder": _folder(sweep, run_id)}
+            sweep.set(run_id, state, result)
         raise
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    launcher.close()
+        launcher.close()
     return sweep.counts()
 
 
-def finished_state(returncode: int) -> str:
-    """A job's state from its exit status: 130 (or killed by SIGINT) is an interrupted, resumable job."""
-    return "done" if returncode == 0 else "cancelled" if returncode in (130, -signal.SIGINT) else "failed"
+LOST = -1  # the exit status recorded for a job whose worker died (Ray, Slurm)
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def _catch_interrupts() -> dict:
-    """Ctrl-C and SIGTERM stop the sweep as they stop its jobs (which install their own handlers), even
-    in a process started with SIGINT ignored (a background job of a non-interactive shell)."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+def finished_state(returncode: int, stopped: bool = False) -> str:
+    """A job's state from its exit status: 130 (or ended by a stop signal) is an interrupted,
+    resumable job; so is one the sweep stopped by force, or whose worker it lost while stopping."""
+    interrupted = {EXIT_INTERRUPTED, -signal.SIGINT, -signal.SIGTERM} | ({LOST, -signal.SIGKILL} if stopped else set())
+    return "done" if returncode == 0 else "cancelled" if returncode in interrupted else "failed"
 
 
 def _folder(sweep: Sweep, run_id: str):
