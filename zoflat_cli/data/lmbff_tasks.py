@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from zoflat_cli.data.files import write_new_folder
 from zoflat_cli.errors import ZoflatError, one_line
 
 BUNDLED_DIR = Path(__file__).parent / "text"
@@ -182,12 +183,15 @@ def kshot(task: Task, k: int, seed: int, data_dir=None, test_mode: str = "1k"):
     return TaskSplit(task, train.header, picked_train), TaskSplit(task, train.header, picked_dev), test
 
 
-def write_kshot(task: Task, k: int, seed: int, out: Path, data_dir=None, test_mode: str = "1k") -> Path:
-    """Write a split as LM-BFF does: <out>/<task folder>/<k>-<seed>/{train,dev,test}.<tsv|csv>."""
+def write_kshot(task: Task, k: int, seed: int, out: Path, data_dir=None, test_mode: str = "1k",
+                force: bool = False) -> Path:
+    """Write a split as LM-BFF does: <out>/<task folder>/<k>-<seed>/{train,dev,test}.<tsv|csv>; a
+    folder that holds files already is replaced only with force."""
     train, dev, test = kshot(task, k, seed, data_dir, test_mode)
-    folder = Path(out) / task.folder / f"{k}-{seed}"
-    folder.mkdir(parents=True, exist_ok=True)
     ext = "tsv" if task.glue else "csv"
-    for name, split in (("train", train), ("dev", dev), ("test", test)):
-        split.write(folder / f"{name}.{ext}")
-    return folder
+
+    def write(folder: Path):
+        for name, split in (("train", train), ("dev", dev), ("test", test)):
+            split.write(folder / f"{name}.{ext}")
+
+    return write_new_folder(Path(out) / task.folder / f"{k}-{seed}", write, force)

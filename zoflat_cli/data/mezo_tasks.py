@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from zoflat_cli.data.files import write_new_folder
 from zoflat_cli.errors import ZoflatError, one_line
 from zoflat_cli.data.lmbff_tasks import BUNDLED_DIR as TEXT_DIR
 from zoflat_cli.env import hub_reachable
@@ -444,8 +445,12 @@ def read_pool(task: LMTask, pool: str, data_dir=None) -> list:
                 raise ZoflatError(f"{path}: {err}") from None
             if not rows:
                 raise ZoflatError(f"{path}: no rows")
+            check_rows(task, rows, str(path))
             return rows
-    return _read_hub(task, pool, source)
+    rows = _read_hub(task, pool, source)
+    path, config, split = source.hub
+    check_rows(task, rows, f"hub dataset {path}{'/' + config if config else ''} {split}")
+    return rows
 
 
 def availability(task: LMTask, pool: str) -> str:
@@ -504,24 +509,55 @@ def load_sample(task: LMTask, num_train: int, num_dev: int, num_eval: int, train
     return drawn, rows
 
 
-def examples(task: LMTask, rows: list) -> list:
-    out = []
-    for number, row in enumerate(rows):
+def example_of(task: LMTask, row) -> Example:
+    """A row's Example, checked field by field: every field present and not null, texts that are
+    text, a label among the options, a non-empty list of text answers (ValueError says which)."""
+    if not isinstance(row, dict):
+        raise ValueError(f"a {type(row).__name__}, not a record")
+    nulls = [key for key, value in row.items() if value is None]
+    if nulls:
+        raise ValueError(f"field {nulls[0]!r} is null")
+    try:
+        example = task.example(row)
+    except KeyError as err:
+        raise ValueError(f"no field {err}") from None
+    except (TypeError, AttributeError, IndexError) as err:
+        raise ValueError(f"a field of the wrong type ({one_line(err)})") from None
+    texts = [example.context, *example.options, *example.answers]
+    if not all(isinstance(t, str) for t in texts):
+        raise ValueError("a text field that is not text")
+    if task.kind == "generation":
+        if not example.answers or not all(a.strip() for a in example.answers):
+            raise ValueError("no answer text (answers is empty)")
+    elif not (0 <= example.gold < len(example.options) and all(0 <= c < len(example.options) for c in example.correct)):
+        raise ValueError(f"label {example.gold} is not one of its {len(example.options)} options")
+    return example
+
+
+def check_rows(task: LMTask, rows: list, where: str):
+    """Every row of a pool makes an Example, else one line naming the file (or hub set) and row."""
+    for number, row in enumerate(rows, start=1):
         try:
-            out.append(task.example(row))
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise ZoflatError(f"task {task.name}: row {number} does not fit its prompt ({one_line(err)})") from None
-    return out
+            example_of(task, row)
+        except ValueError as err:
+            raise ZoflatError(f"{where} row {number}: {err} (task {task.name})") from None
 
 
-def write_sample(task: LMTask, out: Path, **sampling) -> Path:
+def examples(task: LMTask, rows: list) -> list:
+    """The Examples of rows already checked by check_rows (read_pool does)."""
+    return [example_of(task, row) for row in rows]
+
+
+def write_sample(task: LMTask, out: Path, force: bool = False, **sampling) -> Path:
     """The sample (load_sample's settings) as train.jsonl, dev.jsonl, eval.jsonl in
     <out>/<task>-seed<seed>/, in sampled order, each row with its source_index (0-based row of its
-    pool, in the HF schema's order)."""
+    pool, in the HF schema's order); a folder that holds files already is replaced only with force."""
     drawn, rows = load_sample(task, **sampling)
-    folder = Path(out) / f"{task.name}-seed{sampling['train_set_seed']}"
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, indices in (("train", drawn.train), ("dev", drawn.dev), ("eval", drawn.eval)):
-        lines = [json.dumps({"source_index": i, **row}, ensure_ascii=False) + "\n" for i, row in zip(indices, rows[split])]
-        (folder / f"{split}.jsonl").write_text("".join(lines), encoding="utf-8")
-    return folder
+
+    def write(folder: Path):
+        for split, indices in (("train", drawn.train), ("dev", drawn.dev), ("eval", drawn.eval)):
+            lines = [json.dumps({"source_index": i, **row}, ensure_ascii=False) + "\n"
+                     for i, row in zip(indices, rows[split])]
+            (folder / f"{split}.jsonl").write_text("".join(lines), encoding="utf-8")
+
+    return write_new_folder(Path(out) / f"{task.name}-seed{sampling['train_set_seed']}", write, force)
