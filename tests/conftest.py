@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random language models with a tokenizer trained on the fly (offline)."""
 
 import os
+import resource
 
 import pytest
 import torch
@@ -10,6 +11,29 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
 # parametrize("device", DEVICES): the CPU always, CUDA where there is one (never in CI)
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                  reason="needs a CUDA device"))]
+
+
+PEAK_LIMIT = 4 << 30  # the test process's peak resident memory (README: make test fits a 24 GiB machine beside others)
+_PASSED_LIMIT = []  # the test during which it was passed
+
+
+@pytest.fixture(autouse=True)
+def memory_guard(request):
+    """Fails the test during which this process's peak resident memory first passes PEAK_LIMIT; the
+    session's peak is printed at the end (pytest_terminal_summary)."""
+    yield
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if peak > PEAK_LIMIT and not _PASSED_LIMIT:
+        _PASSED_LIMIT.append(request.node.nodeid)
+        pytest.fail(f"the test process's peak resident memory reached {peak / 2**30:.2f} GiB here "
+                    f"(limit {PEAK_LIMIT / 2**30:.0f} GiB)")
+
+
+def pytest_terminal_summary(terminalreporter):
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    terminalreporter.write_line(f"peak resident memory: {peak / 2**30:.2f} GiB (test process), "
+                                f"{children / 2**30:.2f} GiB (largest subprocess)")
 
 
 @pytest.fixture

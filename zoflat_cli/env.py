@@ -54,15 +54,22 @@ def peak_memory_mib(device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def reachable(url: str, timeout: float = 5.0) -> bool:
+    """Whether a server's port answers within `timeout` seconds (a quick check before a client's own
+    minutes of retries)."""
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme in ("https", "wss") else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def hub_reachable() -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=5).close()
-        return True
-    except OSError:
-        return False
+    return reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
 
 
 def cache_dir() -> Path:

@@ -15,6 +15,9 @@ def require(package: str, flag: str, extra: str = None):
         return __import__(package)
     except ImportError:
         raise ZoflatError(f"{flag} needs {package}: pip install 'zoflat[{extra or package}]'") from None
+    except Exception as err:  # a broken install fails in its own ways
+        raise ZoflatError(f"{flag}: {package} is installed but fails to import ({describe(err)}); reinstall it: "
+                          f"pip install --force-reinstall 'zoflat[{extra or package}]'") from None
 
 
 class ZoflatError(Exception):

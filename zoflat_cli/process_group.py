@@ -4,6 +4,14 @@ group up under torchrun; a plain run is a group of one."""
 
 import torch
 
+from zoflat_cli.errors import RunFailed, one_line
+
+
+def lost_peer(err: Exception) -> RunFailed:
+    """A collective that failed (a rank killed or gone): one line, the run marked failed and resumable."""
+    return RunFailed(f"data-parallel: a peer process was lost ({one_line(str(err).splitlines()[0] if str(err) else err)})"
+                     f"; the run folder is resumable with the same torchrun command and --resume")
+
 
 class ProcessGroup:
     """This process's rank among `world` data-parallel processes (world 1: a plain run)."""
@@ -38,10 +46,16 @@ class ProcessGroup:
         if self.world > 1:
             import torch.distributed as dist
 
-            dist.barrier()
+            try:
+                dist.barrier()
+            except RuntimeError as err:
+                raise lost_peer(err) from None
 
     def _all_reduce(self, t: torch.Tensor):
         import torch.distributed as dist
 
         self.bytes_sent += t.numel() * t.element_size()
-        dist.all_reduce(t)
+        try:
+            dist.all_reduce(t)
+        except RuntimeError as err:
+            raise lost_peer(err) from None

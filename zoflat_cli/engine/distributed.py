@@ -11,6 +11,8 @@ at the end (a resume starts them from a private copy of the resumed folder).
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -18,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from zoflat_cli.process_group import ProcessGroup
+from zoflat_cli.errors import ZoflatError
+from zoflat_cli.process_group import ProcessGroup, lost_peer
 
 
 def world_size() -> int:
@@ -42,6 +45,25 @@ def group_for(device):
         yield ProcessGroup(dist.get_rank(), dist.get_world_size(), device)
     finally:
         dist.destroy_process_group()
+
+
+def check_same_config(group: ProcessGroup, config: dict):
+    """Every rank runs rank 0's config (else they would deadlock on other --steps, or mix two
+    models' losses): a rank given another one stops every rank with one line, before any folder."""
+    if group.world == 1:
+        return
+    import torch.distributed as dist
+
+    mine = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    every = [None] * group.world
+    try:
+        dist.all_gather_object(every, mine)
+    except RuntimeError as err:
+        raise lost_peer(err) from None
+    others = [rank for rank, digest in enumerate(every) if digest != every[0]]
+    if others:
+        raise ZoflatError(f"torchrun: rank {others[0]} was given another config than rank 0; every rank must run "
+                          f"the same zoflat command")
 
 
 @contextlib.contextmanager

@@ -15,15 +15,34 @@ import math
 import os
 from pathlib import Path
 
-from zoflat_cli.runs.spec import NOT_METRICS, RUN_COLUMNS
+from zoflat_cli.env import reachable
+from zoflat_cli.errors import ZoflatError
 from zoflat_cli.errors import require as require_package
+from zoflat_cli.runs.spec import NOT_METRICS, RUN_COLUMNS
 
 LOGGERS = ("wandb", "tensorboard", "mlflow")  # each also the name of the package it imports
 
 
+WANDB_MODES = ("offline", "online", "disabled", "dryrun", "run")
+
+
 def require(kind: str):
-    """One line naming the extra to install, before any run folder exists."""
+    """Before any run folder exists: the tracker's package imports (else one line naming the extra
+    to install), and a server it is told to use answers within seconds (else one line)."""
     require_package(kind, f"--logger {kind}", "trackers")
+    if kind == "wandb":
+        mode = os.environ.get("WANDB_MODE", "offline")
+        if mode not in WANDB_MODES:
+            raise ZoflatError(f"--logger wandb: WANDB_MODE={mode} is not one of {', '.join(WANDB_MODES)}")
+        server = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+        if mode in ("online", "run") and not reachable(server):
+            raise ZoflatError(f"--logger wandb: {server} cannot be reached; set WANDB_MODE=offline (then `wandb sync` "
+                              f"later) or check the network")
+    if kind == "mlflow":
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        if uri.startswith(("http://", "https://")) and not reachable(uri):
+            raise ZoflatError(f"--logger mlflow: the tracking server {uri} cannot be reached; start it, or unset "
+                              f"MLFLOW_TRACKING_URI to log into the run folder")
 
 
 def metrics_of(row: dict) -> dict:
