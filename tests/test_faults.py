@@ -394,23 +394,45 @@ def test_output_degrades_on_an_ascii_terminal(tmp_path, args):
 
 # ---------------------------------------------------------------- 15: torchrun ranks share one config
 
-def test_ranks_given_other_configs_stop_with_one_line(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def two_ranks(tmp_path, steps) -> list:
+    """Rank 0 and rank 1 of a gloo group, as torchrun would start them, each with its --steps."""
+    port = closed_port()
     procs = []
-    for rank, steps in ((0, 4), (1, 6)):
+    for rank, n in enumerate(steps):
         env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(spawn("finetune", "--model", "tiny-gpt2", "--task", "rte", "--num-train", 4, "--num-dev", 1,
-                           "--num-eval", 4, "--steps", steps, "--device", "cpu", "-q", "--out", tmp_path / "o",
-                           env=env, cwd=tmp_path))
+        procs.append(spawn("finetune", "--model", "tiny-gpt2", "--task", "rte", "--num-train", 16, "--num-dev", 2,
+                           "--num-eval", 4, "--steps", n, "--log-every", 5, "--eval-every", 1000, "--trace-every", 1000,
+                           "--device", "cpu", "-q", "--out", tmp_path / "o", env=env, cwd=tmp_path))
+    return procs
+
+
+def test_ranks_given_other_configs_stop_with_one_line(tmp_path):
+    procs = two_ranks(tmp_path, [4, 6])
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         lines = [line for line in err.splitlines() if line.strip()]
         assert proc.returncode == 2 and lines[-1].startswith("error: torchrun: rank 1 was given another config"), err
         assert "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_lost_peer_fails_the_run_with_one_line(tmp_path):
+    first, second = two_ranks(tmp_path, [100000, 100000])
+    wait_for(lambda: any(rows_of(p.parent) >= 2 for p in tmp_path.glob("o/finetune/*/metrics.csv")), timeout=180)
+    second.kill()
+    out, err = first.communicate(timeout=120)
+    second.communicate()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert first.returncode == 1 and len(lines) == 1, err
+    assert lines[0].startswith("error: data-parallel: a peer process was lost (") and "resumable" in lines[0]
+    folder, = tmp_path.glob("o/finetune/*")
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    done = max(entry["steps_done"] for entry in summary["runs"].values())
+    result = invoke("finetune", "--resume", folder, "--steps", done + 5, env={"WORLD_SIZE": "1"})  # resumable
+    assert result.exit_code == 0, result.output
+    assert json.loads((folder / "summary.json").read_text())["status"] == "completed"
 
 
 # ---------------------------------------------------------------- 16: symlinked run folders

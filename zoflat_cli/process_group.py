@@ -2,6 +2,8 @@
 its share of a split's micro-batches and the sums over all ranks. engine/distributed.py sets the
 group up under torchrun; a plain run is a group of one."""
 
+import re
+
 import torch
 
 from zoflat_cli.errors import RunFailed, one_line
@@ -9,8 +11,9 @@ from zoflat_cli.errors import RunFailed, one_line
 
 def lost_peer(err: Exception) -> RunFailed:
     """A collective that failed (a rank killed or gone): one line, the run marked failed and resumable."""
-    return RunFailed(f"data-parallel: a peer process was lost ({one_line(str(err).splitlines()[0] if str(err) else err)})"
-                     f"; the run folder is resumable with the same torchrun command and --resume")
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", one_line(err)).split(". ")[0]  # gloo's: "[file:line] Read error ...."
+    return RunFailed(f"data-parallel: a peer process was lost ({reason}); the run folder is resumable: the same "
+                     f"torchrun command with --resume")
 
 
 class ProcessGroup:
