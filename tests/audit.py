@@ -6,7 +6,7 @@ Every case runs the real command in a fresh folder and is judged by the rules of
 not strict JSON or still says `running`, or a lost row is a defect. Prints tried / handled /
 defects, and each defect.
 
-    .venv/bin/python tests/audit.py [--only flags,recipes,files,faults] [--subprocess --jobs 2]
+    .venv/bin/python tests/audit.py [--only flags,recipes,files,state,faults] [--subprocess --jobs 2]
 """
 
 import argparse
@@ -15,6 +15,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -37,10 +38,12 @@ BAD_NAMES = ["", "zz", "../x", "a b", "ZO", "gd,,", "=0.1"]
 
 
 class Case:
-    def __init__(self, label, args, expect="any", files=None, env=None, pipe_head=False):
+    def __init__(self, label, args, expect="any", files=None, env=None, pipe_head=False, keeps=None, own=False):
         self.label, self.args, self.expect = label, args, expect
         self.files = files or {}  # relative path -> bytes, written before the command
         self.env, self.pipe_head = env or {}, pipe_head
+        self.keeps = keeps  # a fixture (a run or sweep folder) that a refused command must leave as it was
+        self.own = own or pipe_head  # needs a process of its own (a pipe, the terminal's encoding)
 
 
 def run(args, cwd, env=None, timeout=600, pipe_head=False):
@@ -127,11 +130,23 @@ def run_case(case: Case, fixtures: dict, in_process: bool = False) -> tuple:
         for key, value in fixtures.items():  # "{tiny}" -> the tiny model's folder
             args = [a.replace("{" + key + "}", value) for a in args]
         before = run_folders(cwd)
-        if in_process and not case.pipe_head:
+        kept = snapshot(Path(fixtures[case.keeps])) if case.keeps else None
+        if in_process and not case.own:
             rc, out, err = run_in_process(args, cwd, case.env)
         else:
             rc, out, err = run(args, cwd, case.env, pipe_head=case.pipe_head)
-        return case, judge(case, rc, out, err, before, run_folders(cwd))
+        defects = judge(case, rc, out, err, before, run_folders(cwd))
+        if kept is not None and rc != 0:
+            changed = sorted(str(p) for p in set(kept) | set(snapshot(Path(fixtures[case.keeps])))
+                             if kept.get(p) != snapshot(Path(fixtures[case.keeps])).get(p))
+            if changed:
+                defects.append(f"refused, yet it changed {', '.join(changed[:3])}")
+        return case, defects
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file of a folder (but its lock), byte for byte."""
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != ".lock"}
 
 
 # ---------------------------------------------------------------- the cases
@@ -289,7 +304,8 @@ def file_cases() -> list:
     # plot and resume on damaged folders (made by `toy`, then damaged)
     for label, damage in DAMAGE.items():
         cases.append(Case(f"plot: {label}", ["plot", "{damaged_" + label + "}", "--out", "figs"], "any"))
-        cases.append(Case(f"resume: {label}", ["toy", "--resume", "{damaged_" + label + "}"], "any"))
+        cases.append(Case(f"resume: {label}", ["toy", "--resume", "{damaged_" + label + "}"],
+                          "error" if label in REFUSED_DAMAGE else "any", keeps="damaged_" + label))
     cases.append(Case("plot: no such folder", ["plot", "nope"], "error"))
     cases.append(Case("plot: no runs", ["plot", "."], "error"))
     cases.append(Case("resume: not a run folder", ["toy", "--resume", "."], "error"))
@@ -297,6 +313,69 @@ def file_cases() -> list:
     cases.append(Case("resume: --steps below done", ["toy", "--resume", "{damaged_none}", "--steps", "5"], "error"))
     cases.append(Case("resume: other command", ["convex", "--resume", "{damaged_none}"], "error"))
     return cases
+
+
+RTE_ROW = {"premise": "A cat sat.", "hypothesis": "A cat exists.", "label": "entailment", "idx": 0}
+COPA_ROW = {"premise": "The man fell.", "choice1": "He slipped.", "choice2": "He sang.", "question": "cause",
+            "label": 0, "idx": 0}
+
+
+def _squad(answers) -> bytes:
+    qa = {"id": "1", "question": "Where is Paris?", "answers": answers}
+    return json.dumps({"data": [{"title": "T", "paragraphs": [{"context": "Paris is in France.", "qas": [qa]}]}]}).encode()
+
+
+def _jsonl(*rows) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def state_cases() -> list:
+    """Reliability II (issue 28): decoder-task files per field (12), trackers before the folder (13),
+    a terminal that cannot encode (14), data folders not overwritten (4), sweep.yaml checked (10)."""
+    cases = []
+    pool = ["--data-dir", "d", "--train-pool", "eval", "--num-dev", "0", "--num-train", "1", "--num-eval", "1"]
+    for label, task, file, content in (
+            ("RTE null field", "rte", "RTE/val.jsonl", _jsonl({**RTE_ROW, "hypothesis": None})),
+            ("RTE missing field", "rte", "RTE/val.jsonl", _jsonl({k: v for k, v in RTE_ROW.items() if k != "premise"})),
+            ("RTE JSON array line", "rte", "RTE/val.jsonl", _jsonl([1, 2])),
+            ("COPA label 2", "copa", "COPA/val.jsonl", _jsonl(COPA_ROW, {**COPA_ROW, "label": 2})),
+            ("SQuAD empty answers", "squad", "squad/dev-v1.1.json", _squad([])),
+            ("SQuAD numeric answer", "squad", "squad/dev-v1.1.json", _squad([{"text": 5, "answer_start": 0}]))):
+        cases.append(Case(f"finetune (decoder) --data-dir {label}", DECODER + ["--task", task, *pool], "error",
+                          {f"d/{file}": content}))
+    for label, logger, env in (("WANDB_MODE=bogus", "wandb", {"WANDB_MODE": "bogus"}),
+                               ("wandb online, no server", "wandb",
+                                {"WANDB_MODE": "online", "WANDB_BASE_URL": "http://127.0.0.1:9"}),
+                               ("mlflow server unreachable", "mlflow", {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})):
+        cases.append(Case(f"toy --logger {logger}: {label}", TOY + ["--logger", logger], "error", env=env))
+    ascii = {"PYTHONIOENCODING": "ascii"}
+    for args in (["toy", "--help"], ["data", "list"], TOY + ["--out", "runs-\u03bb"]):
+        cases.append(Case(f"ascii terminal: {' '.join(args[:2])}", args, "ok", env=ascii, own=True))
+    sample = ["data", "sample", "--task", "cb", "--out", "s", "--num-train", "4", "--num-dev", "2", "--num-eval", "4"]
+    cases.append(Case("data sample over hand-edited files", sample, "error", {"s/cb-seed0/train.jsonl": b"edited\n"}))
+    cases.append(Case("data sample --force", sample + ["--force"], "ok", {"s/cb-seed0/train.jsonl": b"edited\n"}))
+    cases.append(Case("data kshot over hand-edited files", ["data", "kshot", "--task", "trec", "--out", "k", "--k", "2",
+                                                            "--seed", "13"], "error",
+                      {"k/trec/2-13/train.csv": b"edited\n"}))
+    for label in SWEEP_DAMAGE:
+        cases.append(Case(f"sweep --resume: sweep.yaml {label}", ["sweep", "--resume", "{sweep_" + label + "}"],
+                          "error", keeps="sweep_" + label))
+    return cases
+
+
+def _sweep_yaml(change):
+    def damage(folder: Path):
+        import yaml
+
+        state = yaml.safe_load((folder / "sweep.yaml").read_text())
+        (folder / "sweep.yaml").write_text(yaml.safe_dump(change(state)))
+    return damage
+
+
+SWEEP_DAMAGE = {"without command": _sweep_yaml(lambda s: {k: v for k, v in s.items() if k != "command"}),
+                "without cwd": _sweep_yaml(lambda s: {k: v for k, v in s.items() if k != "cwd"}),
+                "a job not a mapping": _sweep_yaml(lambda s: {**s, "jobs": {"x": 3}}),
+                "a list": _sweep_yaml(lambda s: [s])}
 
 
 def _append(folder, text):
@@ -321,13 +400,52 @@ def _cell(folder):
     (folder / "metrics.csv").write_text("".join(text))
 
 
+def _checkpoint_folder(folder):
+    (folder / "checkpoints" / "batched.pt").unlink()
+    (folder / "checkpoints" / "batched.pt").mkdir()
+
+
+def _edit_lr(folder):
+    import yaml
+
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    (folder / "config.yaml").write_text(yaml.safe_dump({**config, "lr": 0.5}, sort_keys=False))
+
+
+def _edit_steps_done(folder):
+    summary = json.loads((folder / "summary.json").read_text())
+    next(iter(summary["runs"].values()))["steps_done"] = "abc"
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def _reorder(folder):
+    header, *rows = (folder / "metrics.csv").read_text().splitlines(keepends=True)
+    (folder / "metrics.csv").write_text(header + "".join(reversed(rows)))
+
+
+def _foreign_checkpoint(folder):
+    donor = folder.parent / "donor"
+    run(FIXTURE_TOY + ["--dim", "6", "--out", str(donor), "--quiet"], folder.parent)
+    (folder / "checkpoints" / "batched.pt").write_bytes(next(donor.rglob("batched.pt")).read_bytes())
+
+
 DAMAGE = {"none": lambda folder: None, "torn last row": _torn,
           "binary metrics": _rewrite("metrics.csv", bytes(range(256)) * 4),
           "non-numeric cell": _cell, "summary []": _rewrite("summary.json", b"[]"),
           "summary damaged": _rewrite("summary.json", b"{\"runs\": "),
           "row without step": lambda folder: _append(folder, "zo,zo\n"),
           "garbage checkpoint": _rewrite("checkpoints/batched.pt", b"not a checkpoint"),
-          "config damaged": _rewrite("config.yaml", b"steps: [\n")}
+          "config damaged": _rewrite("config.yaml", b"steps: [\n"),
+          # reliability II (issue 28): foreign, changed or damaged state (3, 9), a checkpoint that cannot be read (1)
+          "checkpoint is a folder": _checkpoint_folder, "lr edited in config.yaml": _edit_lr,
+          "summary steps_done edited": _edit_steps_done, "metrics deleted": lambda folder: (folder / "metrics.csv").unlink(),
+          "metrics reordered": _reorder, "checkpoint of another --dim": _foreign_checkpoint}
+REFUSED_DAMAGE = {"checkpoint is a folder", "lr edited in config.yaml", "summary steps_done edited", "metrics deleted",
+                  "metrics reordered", "checkpoint of another --dim", "binary metrics", "summary []", "summary damaged",
+                  "garbage checkpoint", "config damaged"}
+
+
+FIXTURE_TOY = ["toy", "--steps", "40", "--log-every", "10", "--dim", "5", "--seeds", "1", "-o", "zo"]
 
 
 def make_fixtures(root: Path) -> dict:
@@ -338,12 +456,17 @@ def make_fixtures(root: Path) -> dict:
     fixtures = {"tiny": save_tiny_roberta(root / "tiny"), "causal": save_tiny_causal(root / "causal")}
     for label, damage in DAMAGE.items():
         folder = root / f"damaged-{len(fixtures)}"
-        rc, out, err = run(["toy", "--steps", "40", "--log-every", "10", "--dim", "5", "--seeds", "1", "-o", "zo",
-                            "--out", str(folder), "--quiet"], root)
+        rc, out, err = run(FIXTURE_TOY + ["--out", str(folder), "--quiet"], root)
         path = Path(out.strip())
         path = path if path.is_absolute() else root / path
         damage(path)
         fixtures["damaged_" + label] = str(path)
+    for label, damage in SWEEP_DAMAGE.items():
+        rc, out, err = run(["sweep", str(REPO / "recipes/toy/fig4.yaml"), "-o", "zo", "--lambda", "0.1", "--seeds", "1",
+                            "--steps", "20", "--dim", "5", "--out", str(root / f"sweep-{len(fixtures)}"), "-q"], root)
+        path = Path(out.strip())
+        damage(path)
+        fixtures["sweep_" + label] = str(path)
     return fixtures
 
 
@@ -402,14 +525,20 @@ def _without_clock(csv_bytes: bytes) -> list:
     return [",".join(c for i, c in enumerate(line.split(",")) if i not in drop) for line in lines[1:]]
 
 
-def fault_signal(sig, cwd: Path) -> list:
+def fault_signal(sig, cwd: Path, after_s: float = 4.0) -> list:
+    """A stop signal mid-run (after_s: 4) or at start-up (0.3): exit 130, no traceback, the folder
+    interrupted with the resume command said."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(ZOFLAT + ["toy", "--steps", "2000000", "--dim", "5", "--out", "o", "-q"], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(4)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(after_s)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     defects = [] if proc.returncode == 130 else [f"exit {proc.returncode} after {sig.name}"]
+    if "Traceback" in err or "Exception ignored" in err:
+        defects.append(f"{sig.name}: a traceback")
+    if run_folders(cwd) and "--resume" not in err:
+        defects.append(f"{sig.name}: the resume command is not said")
     for folder in run_folders(cwd):
         summary = json.loads((folder / "summary.json").read_text())
         if summary["status"] != "interrupted":
@@ -429,6 +558,129 @@ def fault_concurrent_resume(cwd: Path) -> list:
     first.communicate(timeout=60)
     if rc != 2 or "another zoflat process" not in err:
         return [f"a second writer was not refused: exit {rc} {err.strip()[-120:]!r}"]
+    return []
+
+
+def fault_signal_at_exit(cwd: Path) -> list:
+    code = ("import atexit, os, signal, sys, time\n"
+            "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.2)))\n"
+            "sys.argv = ['zoflat', 'toy', '--steps', '5', '--dim', '3', '-q', '--out', 'o']\n"
+            "from zoflat_cli.__main__ import main\nmain()\n")
+    done = subprocess.run([PYTHON, "-c", code], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    if done.returncode != 0 or "Exception ignored" in done.stderr or "Traceback" in done.stderr:
+        return [f"a signal at exit: exit {done.returncode} {done.stderr.strip()[-120:]!r}"]
+    return []
+
+
+def _sweep(cwd: Path, steps: str) -> subprocess.Popen:
+    return subprocess.Popen(ZOFLAT + ["sweep", str(REPO / "recipes/toy/fig4.yaml"), "-o", "zo", "--lambda", "0.1,0.05",
+                                      "--seeds", "1", "--steps", steps, "--log-every", "1000", "--dim", "5", "--jobs",
+                                      "2", "--out", "s", "-q"], cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait(predicate, timeout=120) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not predicate():
+        time.sleep(0.1)
+    return predicate()
+
+
+def fault_sweep_driver(cwd: Path) -> list:
+    """SIGTERM to the sweep driver alone (8); while it runs, a second driver on its folder (2)."""
+    import yaml
+
+    proc = _sweep(cwd, "400000")
+    if not _wait(lambda: len(list(cwd.glob("s/sweep/*/jobs/*/toy/*/metrics.csv"))) == 2):
+        proc.kill()
+        return ["the sweep's jobs did not start"]
+    folder = next(cwd.glob("s/sweep/*"))
+    defects = []
+    rc, out, err = run(["sweep", "--resume", str(folder)], cwd)
+    if rc != 2 or "another zoflat process" not in err:
+        defects.append(f"a second sweep driver was not refused: exit {rc} {err.strip()[-120:]!r}")
+    began = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    if time.monotonic() - began > 40 or proc.returncode != 130 or "Traceback" in err:
+        defects.append(f"sweep driver SIGTERM: exit {proc.returncode} after {time.monotonic() - began:.0f} s")
+    for run_id, job in yaml.safe_load((folder / "sweep.yaml").read_text())["jobs"].items():
+        status = json.loads((Path(job["folder"]) / "summary.json").read_text())["status"] if job["folder"] else None
+        if job["state"] != "cancelled" or status != "interrupted":
+            defects.append(f"sweep driver SIGTERM: job {run_id} {job['state']}, its run {status}")
+    return defects
+
+
+def fault_checkpoint_write(cwd: Path) -> list:
+    """A checkpoint written onto a full disk (/dev/full as its temporary file) (11), on resume (1)."""
+    rc, out, err = run(TOY + ["--checkpoint-every", "10", "--log-every", "5", "--out", "o", "-q"], cwd)
+    folder = cwd / out.strip()
+    before = set((folder / "metrics.csv").read_text().splitlines())
+    (folder / "checkpoints" / "batched.pt.tmp").symlink_to("/dev/full")
+    rc, out, err = run(["toy", "--resume", str(folder), "--steps", "40"], cwd)
+    defects = []
+    if rc != 1 or "No space left on device" not in err or "Traceback" in err:
+        defects.append(f"checkpoint on a full disk: exit {rc} {err.strip()[-120:]!r}")
+    if not before <= set((folder / "metrics.csv").read_text().splitlines()):
+        defects.append("checkpoint on a full disk: rows lost")
+    return defects + folder_defects(folder)
+
+
+def fault_torchrun_configs(cwd: Path) -> list:
+    """Two ranks given other --steps (15): one line each, no folder, no deadlock."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank, steps in ((0, "4"), (1, "6")):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        procs.append(subprocess.Popen(ZOFLAT + ["finetune", "--model", "tiny-gpt2", "--task", "rte", "--num-train", "4",
+                                                "--num-dev", "1", "--num-eval", "4", "--steps", steps, "--device", "cpu",
+                                                "-q", "--out", "o"], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    defects = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return ["torchrun ranks with other configs: stuck"]
+        if proc.returncode != 2 or "another config" not in err or "Traceback" in err:
+            defects.append(f"torchrun ranks with other configs: exit {proc.returncode} {err.strip()[-120:]!r}")
+    return defects + (["torchrun ranks with other configs: a folder was made"] if (cwd / "o").exists() else [])
+
+
+def fault_seed_study(cwd: Path) -> list:
+    """10,000 toy seeds at d = 6 for 20 steps: under 1 GiB and a minute (it took 3.4 GiB and 221 s)."""
+    code = ("import resource, sys\nsys.argv = ['zoflat', 'toy', '-o', 'zo', '--seeds', '10000', '--dim', '6', "
+            "'--steps', '20', '-q', '--out', 'o']\nfrom zoflat_cli.__main__ import main\ntry:\n    main()\nfinally:\n"
+            "    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr)\n")
+    began = time.monotonic()
+    done = subprocess.run([PYTHON, "-c", code], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    seconds, peak = time.monotonic() - began, int(done.stderr.split()[-1])
+    if done.returncode != 0 or peak > 1 << 30 or seconds > 60:
+        return [f"10,000 seeds: exit {done.returncode}, {peak / 2**30:.2f} GiB, {seconds:.0f} s"]
+    return []
+
+
+def fault_symlinked_folders(cwd: Path) -> list:
+    """table over a folder of symbolic links to run folders (16), with a loop among them."""
+    folders = []
+    for name in ("a", "b"):
+        rc, out, err = run(TOY + ["-o", "zo", "--out", name, "-q"], cwd)
+        folders.append(cwd / out.strip())
+    (cwd / "links").mkdir()
+    for i, folder in enumerate(folders):
+        (cwd / "links" / f"run{i}").symlink_to(folder)
+    (cwd / "links" / "loop").symlink_to(cwd / "links")
+    rc, out, err = run(["table", "links", "--format", "csv"], cwd)
+    import csv
+
+    if rc != 0 or [row["loss_n"] for row in csv.DictReader(out.splitlines())] != ["2"]:
+        return [f"table over symlinked run folders: exit {rc} {out.strip()[-160:]!r} {err.strip()[-120:]!r}"]
     return []
 
 
@@ -475,9 +727,17 @@ def faults(fixtures) -> list:
         for seed in range(3):
             with tempfile.TemporaryDirectory() as tmp:
                 results.append((f"kill -9 {command} (seed {seed})", fault_kill(args, Path(tmp), seed)))
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         with tempfile.TemporaryDirectory() as tmp:
             results.append((f"{sig.name} toy", fault_signal(sig, Path(tmp))))
+    for label, fault in (("SIGINT at start-up", lambda cwd: fault_signal(signal.SIGINT, cwd, 0.3)),
+                         ("a signal at exit", fault_signal_at_exit), ("sweep driver signals", fault_sweep_driver),
+                         ("checkpoint on a full disk", fault_checkpoint_write),
+                         ("torchrun ranks with other configs", fault_torchrun_configs),
+                         ("a seed study of 10,000 runs", fault_seed_study),
+                         ("symlinked run folders", fault_symlinked_folders)):
+        with tempfile.TemporaryDirectory() as tmp:
+            results.append((label, fault(Path(tmp))))
     with tempfile.TemporaryDirectory() as tmp:
         results.append(("two writers on one folder", fault_concurrent_resume(Path(tmp))))
     for size in (64, 96, 160, 400):
@@ -491,15 +751,15 @@ def faults(fixtures) -> list:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--only", default="flags,recipes,files,faults")
+    parser.add_argument("--only", default="flags,recipes,files,state,faults")
     parser.add_argument("--subprocess", action="store_true",
                         help="every case as its own `python -m zoflat_cli` (slower: ~3 s per case)")
     options = parser.parse_args()
     parts = options.only.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         fixtures = make_fixtures(Path(tmp))
-        cases = [c for part, make in (("flags", flag_cases), ("recipes", recipe_cases), ("files", file_cases))
-                 if part in parts for c in make()]
+        cases = [c for part, make in (("flags", flag_cases), ("recipes", recipe_cases), ("files", file_cases),
+                                      ("state", state_cases)) if part in parts for c in make()]
         results = []
         if options.subprocess:
             with concurrent.futures.ThreadPoolExecutor(options.jobs) as pool:
