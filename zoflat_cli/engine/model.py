@@ -101,7 +101,8 @@ class ModelRunner:
     def train(self, start: int, stop):
         self.problem.forward_passes = 0.0
         if self.replayable:
-            self.updates.open()
+            with self.folder.writing(f"updates/{self.run.run_id}.bin"):
+                self.updates.open()
         try:
             self._began = time.perf_counter()
             step, stopped = drive(self, start, self.config.steps, self.config.log_every,

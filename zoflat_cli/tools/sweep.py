@@ -18,6 +18,7 @@ instance or `--address`), slurm (submitit array jobs; `--slurm-local`: submitit'
 import contextlib
 import fcntl
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -180,9 +181,13 @@ class Sweep:
     def create(cls, out: Path, name: str, command: str, config: dict, jobs: dict, launcher: dict, cwd: str):
         """jobs: expand(config), computed before the launcher starts and any folder exists."""
         path = create_run_dir(out, "sweep", name)
-        for run_id, job in jobs.items():
-            (path / "jobs" / run_id).mkdir(parents=True)
-            (path / "jobs" / run_id / "job.yaml").write_text(yaml.safe_dump(job, sort_keys=False))
+        try:
+            for run_id, job in jobs.items():
+                (path / "jobs" / run_id).mkdir(parents=True)
+                atomic_write(path / "jobs" / run_id / "job.yaml", yaml.safe_dump(job, sort_keys=False))
+        except OSError as err:  # nothing ran: leave no half-made sweep folder
+            shutil.rmtree(path, ignore_errors=True)
+            raise ZoflatError(f"cannot write the sweep folder in {path.parent} ({err.strerror or one_line(err)})") from None
         grid = {k: v for k, v in config.items() if k != "out"}
         state = {"command": command, "cwd": cwd, "launcher": launcher, "grid": grid,
                  "jobs": {run_id: {"state": "queued", "folder": None} for run_id in jobs}}
