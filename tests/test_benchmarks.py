@@ -32,3 +32,8 @@ def test_finetune_benchmark_runs():
 def test_zest_overhead_benchmark_runs():
     out = run("benchmarks/zest_overhead.py", "--pairs", "2", "--repeats", "1")
     assert out.count("ZEST overhead") == 6  # toy: estimate and step for 1 and 9 runs; convex; finetune
+
+
+def test_seed_study_benchmark_runs():
+    out = run("benchmarks/seed_study.py", "--seeds", "3", "--steps", "5")
+    assert out.splitlines()[-1].split()[0] == "3" and "this tree MiB" in out
