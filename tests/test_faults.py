@@ -233,11 +233,14 @@ def test_a_signal_while_exiting_is_acknowledged_not_a_traceback(tmp_path):
     assert "already stopping" in done.stderr
 
 
-def test_a_signal_to_the_sweep_driver_alone_reaches_its_jobs(tmp_path):
+@pytest.mark.parametrize("launcher", [["local"], ["slurm", "--slurm-local"], ["ray"]])
+def test_a_signal_to_the_sweep_driver_alone_reaches_its_jobs(tmp_path, launcher):
     """8: `kill` of the driver (not its process group): it forwards the stop, its jobs save and end,
-    it returns within seconds, and every job resumes."""
+    and it returns within seconds, every job cancelled and its run interrupted (resumable)."""
+    pytest.importorskip({"local": "os", "slurm": "submitit", "ray": "ray"}[launcher[0]])
     proc = spawn("sweep", REPO / "recipes/toy/fig4.yaml", "-o", "zo", "--lambda", "0.1,0.05", "--seeds", 1,
-                 "--steps", 400000, "--log-every", 1000, "--dim", 5, "--jobs", 2, "--out", tmp_path / "s", "-q")
+                 "--steps", 400000, "--log-every", 1000, "--dim", 5, "--jobs", 2, "--out", tmp_path / "s", "-q",
+                 "--launcher", *launcher)
     wait_for(lambda: sum(rows_of(p.parent) >= 2 for p in tmp_path.glob("s/sweep/*/jobs/*/toy/*/metrics.csv")) == 2)
     began = time.monotonic()
     proc.send_signal(signal.SIGTERM)

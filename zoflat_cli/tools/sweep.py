@@ -75,6 +75,7 @@ def job_run_folder(job_dir: Path, command: str):
 
 
 STOP_WAIT_S = 30  # a job stopped by the sweep gets this long to finish its step and save
+JOB_PID = "job.pid"  # in a job's folder while its process runs
 _CHILDREN = set()  # the job processes this process waits on
 _CHILDREN_LOCK = threading.Lock()
 
@@ -98,16 +99,35 @@ def run_job(job_dir: str, command: str, cwd: str, threads: int = 1) -> dict:
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     with _CHILDREN_LOCK:
         _CHILDREN.add(proc)
+    (job_dir / JOB_PID).write_text(str(proc.pid))  # for a driver on this machine whose worker is not its thread
     try:
-        _, stderr = proc.communicate()
+        while True:  # in short waits: a Ray cancel is raised in this thread only between Python instructions
+            try:
+                _, stderr = proc.communicate(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                continue
     except BaseException:  # a Ray cancel or a signal in this worker: the job stops as a run does
         stop_jobs([proc])
         raise
     finally:
+        (job_dir / JOB_PID).unlink(missing_ok=True)
         with _CHILDREN_LOCK:
             _CHILDREN.discard(proc)
     folder = job_run_folder(job_dir, command)
     return {"returncode": proc.returncode, "folder": str(folder) if folder else None, "stderr": stderr[-STDERR_TAIL:]}
+
+
+def signal_job(job_dir: Path, signum=signal.SIGTERM) -> bool:
+    """Send a job's process (found by its job.pid, checked to be that job's) a signal; whether it was running."""
+    try:
+        pid = int((job_dir / JOB_PID).read_text())
+        if str(job_dir) not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+            return False  # ended, and the pid is another process's now
+        os.kill(pid, signum)
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def stop_jobs(procs=None, wait_s: float = STOP_WAIT_S):
@@ -309,7 +329,7 @@ class LocalLauncher:
             return {"returncode": EXIT_INTERRUPTED, "folder": None, "stderr": ""}
         return handle.result()
 
-    def stop(self, handles):
+    def stop(self, handles, job_dirs):
         for handle in handles:
             handle.cancel()  # the queued ones
         stop_jobs()  # the running ones: their threads return once the processes have saved and ended
@@ -359,7 +379,7 @@ class RayLauncher:
         except Exception as err:  # a task that died (its worker killed, ...): the job failed
             return {"returncode": LOST, "folder": None, "stderr": one_line(err)}
 
-    def stop(self, handles):
+    def stop(self, handles, job_dirs):
         """Each task gets a KeyboardInterrupt, on which run_job stops its job process."""
         for handle in handles:
             self.ray.cancel(handle, force=False)
@@ -423,11 +443,15 @@ class SlurmLauncher:
         except Exception as err:  # submitit's FailedJobError and friends: the job failed
             return {"returncode": LOST, "folder": None, "stderr": one_line(err)}
 
-    @staticmethod
-    def stop(handles):
-        """scancel (locally: a SIGINT to the worker, on which run_job stops its job process)."""
-        for handle in handles:
-            handle.cancel(check=False)
+    def stop(self, handles, job_dirs):
+        """On a cluster scancel, whose SIGTERM reaches each job process too; --slurm-local: SIGTERM to
+        each job process (submitit's local workers ignore it, and its controller dies noisily on the
+        SIGINT its cancel sends)."""
+        for handle, job_dir in zip(handles, job_dirs):
+            if self.options["slurm_local"]:
+                signal_job(job_dir)
+            else:
+                handle.cancel(check=False)
         deadline = time.monotonic() + STOP_WAIT_S + 15
         while not all(h.done() for h in handles) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -476,7 +500,7 @@ def run_sweep(sweep: Sweep, launcher, quiet: bool = False) -> dict:
                                 description=" · ".join(f"{counts[s]} {s}" for s in STATES if counts[s]))
                 time.sleep(0.2)
     except KeyboardInterrupt:  # a stop signal to the sweep: forwarded to its jobs, each left resumable
-        launcher.stop(list(handles.values()))
+        launcher.stop(list(handles.values()), [sweep.job_dir(r) for r in handles])
         for run_id, handle in handles.items():
             result = launcher.result(handle) if launcher.done(handle) else None
             state = finished_state(result["returncode"], stopped=True) if result else "cancelled"
