@@ -27,7 +27,8 @@ def measure(tree: Path, seeds: int, dim: int, steps: int) -> tuple:
         args = ["toy", "-o", "zo", "--seeds", str(seeds), "--dim", str(dim), "--steps", str(steps), "-q", "--out", out]
         env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
         began = time.perf_counter()
-        done = subprocess.run([sys.executable, "-c", PEAK, *args], env=env, capture_output=True, text=True)
+        # cwd: `python -c` puts the working directory first on sys.path, so it must be the tree measured
+        done = subprocess.run([sys.executable, "-c", PEAK, *args], cwd=tree, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - began
     if done.returncode:
         sys.exit(f"error: {tree}: {done.stderr.strip()[-400:]}")
