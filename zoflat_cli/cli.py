@@ -369,6 +369,8 @@ def sweep(
         counts = sweeps.run_sweep(folder, runner, quiet)
     except KeyboardInterrupt:
         counts = {"cancelled": 1}
+    finally:
+        folder.lock.close()  # the sweep folder is free for the next driver
     if counts["cancelled"]:  # Ctrl-C, seen by the sweep or only by its jobs
         say(f"interrupted: zoflat sweep --resume {folder.path} relaunches the unfinished jobs", err=True)
         raise typer.Exit(EXIT_INTERRUPTED)
