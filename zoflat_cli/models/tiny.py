@@ -2,15 +2,12 @@
 RoBERTa layouts serve the tests and benchmarks; the decoder layouts are also `--model tiny-gpt2 |
 tiny-opt | tiny-llama`, built once into zoflat's cache."""
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from zoflat_cli.data import lmbff_tasks, mezo_tasks
-from zoflat_cli.env import cache_dir
+from zoflat_cli.models.cache import cached_folder
 
 LABEL_WORDS = ["terrible", "great", "bad", "okay", "good", "Description", "Entity", "Expression", "Human",
                "Location", "Number", "It was"]
@@ -114,13 +111,4 @@ def save_tiny_causal(folder: Path, arch: str = "gpt2", hidden: int = 32, layers:
 
 def cached_tiny_causal(arch: str) -> Path:
     """--model tiny-<arch>: built once (seconds) into zoflat's cache, then reused."""
-    folder = cache_dir() / "models" / f"tiny-{arch}-v{TINY_VERSION}"
-    if not (folder / "config.json").is_file():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(dir=folder.parent))
-        save_tiny_causal(scratch, arch)
-        try:
-            os.rename(scratch, folder)  # atomic: a concurrent builder's copy wins, the same bytes
-        except OSError:
-            shutil.rmtree(scratch, ignore_errors=True)
-    return folder
+    return cached_folder(f"tiny-{arch}-v{TINY_VERSION}", lambda scratch: save_tiny_causal(scratch, arch))
