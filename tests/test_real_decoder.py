@@ -94,3 +94,54 @@ def test_zero_shot_through_the_cli_offline(smollm2, tmp_path):
     summary = json.loads((Path(result.stdout.strip()) / "summary.json").read_text())
     final = next(iter(summary["runs"].values()))["final"]
     assert 0 <= final["test_accuracy"] <= 1 and summary["status"] == "completed"
+
+
+SMALL = ["finetune", "--model", "smollm2-135m", "--task", "sst2", "--num-train", "8", "--num-dev", "2", "--num-eval",
+         "8", "--batch-size", "4", "--log-every", "2", "--eval-every", "4", "--trace", "none", "--eig-every", "0", "-q"]
+
+
+def cli(*args, code=0):
+    result = runner.invoke(app, [str(a) for a in args], env={"HF_HUB_OFFLINE": "1"})
+    assert result.exit_code == code, result.output
+    return Path(result.stdout.strip().splitlines()[0])
+
+
+@pytest.mark.slow  # about 1.5 minutes on 2 CPU cores
+@installed
+def test_bfloat16_zo_at_lr_zero_leaves_the_real_weights_bit_identical(smollm2, tmp_path):
+    folder = cli(*SMALL, "--dtype", "bfloat16", "--lr", "0", "--steps", 4, "--checkpoint-every", 4, "--out", tmp_path)
+    (checkpoint,) = (folder / "checkpoints").iterdir()
+    trained = torch.load(checkpoint)["state"]
+    problem = make_problem(smollm2, "sst2", n=2, dtype=torch.bfloat16)
+    base = problem.state()
+    assert set(trained) == set(base) and all(torch.equal(trained[n], base[n]) for n in base)
+
+
+@pytest.mark.slow  # about 4 minutes on 2 CPU cores
+@installed
+def test_a_stopped_run_on_real_weights_resumes_bit_exactly(smollm2, tmp_path, monkeypatch):
+    import csv
+    import os
+    import signal
+
+    from zoflat_cli.runs import folder as runfolder
+
+    def table(folder):
+        with open(folder / "metrics.csv", newline="") as f:
+            return [{k: v for k, v in r.items() if k not in ("wall_s", "peak_memory_mib")} for r in csv.DictReader(f)]
+
+    args = [*SMALL, "-o", "zo", "--lr", "1e-5", "--steps", 6]
+    straight = cli(*args, "--out", tmp_path / "a")
+    original, sent = runfolder.RunFolder.on_log, []
+
+    def on_log(self, step, rows, states):  # a Ctrl-C once step 2 is logged
+        original(self, step, rows, states)
+        if step == 2 and not sent:
+            sent.append(step)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(runfolder.RunFolder, "on_log", on_log)
+    stopped = cli(*args, "--out", tmp_path / "b", code=130)
+    monkeypatch.undo()
+    cli("finetune", "--resume", stopped, "-q")
+    assert table(stopped) == table(straight) and len(table(straight)) == 4
