@@ -560,14 +560,19 @@ def fault_concurrent_resume(cwd: Path) -> list:
     return []
 
 
+def _python(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    """A Python snippet that drives zoflat's entry point, in cwd."""
+    return subprocess.run([PYTHON, "-c", code], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
 def fault_signal_at_start_up(cwd: Path) -> list:
     """SIGINT while the CLI imports torch (sent by an import hook: no race with the start-up's speed)."""
     code = ("import os, signal, sys\nclass Hook:\n    def find_spec(self, name, path=None, target=None):\n"
             "        if name == 'torch':\n            os.kill(os.getpid(), signal.SIGINT)\n"
             "sys.meta_path.insert(0, Hook())\nsys.argv = ['zoflat', 'toy', '--steps', '5', '-q', '--out', 'o']\n"
             "from zoflat_cli.__main__ import main\nmain()\n")
-    done = subprocess.run([PYTHON, "-c", code], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = _python(code, cwd)
     if done.returncode != 130 or done.stderr.strip().splitlines() != ["interrupted"] or (cwd / "o").exists():
         return [f"SIGINT at start-up: exit {done.returncode} {done.stderr.strip()[-120:]!r}"]
     return []
@@ -578,8 +583,7 @@ def fault_signal_at_exit(cwd: Path) -> list:
             "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.2)))\n"
             "sys.argv = ['zoflat', 'toy', '--steps', '5', '--dim', '3', '-q', '--out', 'o']\n"
             "from zoflat_cli.__main__ import main\nmain()\n")
-    done = subprocess.run([PYTHON, "-c", code], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = _python(code, cwd)
     if done.returncode != 0 or "Exception ignored" in done.stderr or "Traceback" in done.stderr:
         return [f"a signal at exit: exit {done.returncode} {done.stderr.strip()[-120:]!r}"]
     return []
@@ -671,8 +675,7 @@ def fault_seed_study(cwd: Path) -> list:
             "'--steps', '20', '-q', '--out', 'o']\nfrom zoflat_cli.__main__ import main\ntry:\n    main()\nfinally:\n"
             "    print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0], file=sys.stderr)\n")
     began = time.monotonic()
-    done = subprocess.run([PYTHON, "-c", code], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = _python(code, cwd)
     seconds, peak = time.monotonic() - began, int(done.stderr.split()[-1]) * 1024
     if done.returncode != 0 or peak > 1 << 30 or seconds > 60:
         return [f"10,000 seeds: exit {done.returncode}, {peak / 2**30:.2f} GiB, {seconds:.0f} s"]
