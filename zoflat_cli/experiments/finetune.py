@@ -18,7 +18,7 @@ from zoflat_cli.env import DTYPES, resolve_device
 from zoflat_cli.errors import ZoflatError
 from zoflat_cli.experiments.experiment import Experiment, table
 from zoflat_cli.experiments.settings import MAX_SEED, MAX_STEPS, SHARED, Setting
-from zoflat_cli.models.loading import from_pretrained, quiet_transformers
+from zoflat_cli.models.loading import from_pretrained, model_location, quiet_transformers
 from zoflat_cli.optim.presets import default_lrs, estimator_of
 from zoflat_cli.problems import decoder, encoder
 from zoflat_cli.problems.pretrained import DEVICE_MAPS, TRAINABLE
@@ -164,6 +164,8 @@ def run(config, runs, quiet: bool = False, resume: Path = None):
         raise ZoflatError("--device-map places one model across GPUs; under torchrun every process holds the whole "
                           "model: use one or the other")
     previous = open_for_resume(resume, runs, device, config.to_dict()) if resume else {}  # before the model loads
+    model_location(config.model)  # a model built into the cache is built before torch.distributed starts: under
+    # it, transformers' save_pretrained writes on rank 0 only, and the other ranks would cache a model-less folder
     with distributed.group_for(device) as group:
         distributed.check_same_config(group, config.to_dict())
         with distributed.private_outputs(group, config, resume) as (config, resume):

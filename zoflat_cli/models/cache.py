@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 from zoflat_cli.env import cache_dir
+from zoflat_cli.errors import ZoflatError
 
 
 def cached_folder(name: str, build) -> Path:
@@ -17,6 +18,8 @@ def cached_folder(name: str, build) -> Path:
         scratch = Path(tempfile.mkdtemp(dir=folder.parent))
         try:
             build(scratch)
+            if not (scratch / "config.json").is_file():  # never cache a folder without its model
+                raise ZoflatError(f"building the model {name} wrote no config.json into {scratch}")
             os.rename(scratch, folder)
         except BaseException:
             shutil.rmtree(scratch, ignore_errors=True)
