@@ -19,6 +19,7 @@ from zoflat_cli.errors import RunFailed, ZoflatError, one_line
 from zoflat_cli.experiments import registry
 from zoflat_cli.experiments.settings import PER_OPTIMIZER, Setting, field_name, load_recipe, parse_flag
 from zoflat_cli.optim.presets import FLAG_GROUPS, SAMPLES
+from zoflat_cli.runs.identity import RESUMABLE
 from zoflat_cli.signals import EXIT_INTERRUPTED
 
 try:  # Typer vendors click from 0.2x on
@@ -102,7 +103,6 @@ INVOCATION = {
         "--resume", help="Continue the unfinished runs of this run folder (--steps may extend it).")], "device"),
     "quiet": (Annotated[bool, typer.Option("--quiet", "-q", help="Print only the run folder.")], None),
 }
-RESUMABLE_CHANGES = {"steps", "device"}  # what --resume may change in the saved config
 OPTION_TYPES = {"int": int, "number": float, "text": str, "name": str, "path": Path, "flag": bool, "seeds": str}
 
 
@@ -174,7 +174,7 @@ def resolve_invocation(experiment, options: dict) -> tuple:
     """The typed config of an experiment command's options, and the folder to resume (or None)."""
     flags, recipe, resume = config_flags(options), options["config"], options["resume"]
     if resume is not None:
-        others = sorted(set(flags) - RESUMABLE_CHANGES) + (["--config"] if recipe else [])
+        others = sorted(set(flags) - set(RESUMABLE)) + (["--config"] if recipe else [])
         if others:
             raise ZoflatError(f"--resume continues the saved config; only --steps and --device may "
                               f"change it (got {', '.join(others)})")

@@ -11,8 +11,6 @@ at the end (a resume starts them from a private copy of the resumed folder).
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -22,6 +20,7 @@ import torch
 
 from zoflat_cli.errors import ZoflatError
 from zoflat_cli.process_group import ProcessGroup, lost_peer
+from zoflat_cli.runs.identity import digest
 
 
 def world_size() -> int:
@@ -54,7 +53,7 @@ def check_same_config(group: ProcessGroup, config: dict):
         return
     import torch.distributed as dist
 
-    mine = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    mine = digest(config)  # the whole config, --steps included
     every = [None] * group.world
     try:
         dist.all_gather_object(every, mine)

@@ -19,10 +19,14 @@ NOT_IDENTITY = (*RESUMABLE, "out")  # nor where the folder is
 STATUSES = ("queued", "running", "completed", "diverged", "interrupted", "failed")
 
 
+def digest(mapping: dict) -> str:
+    """sha256 of a mapping as canonical JSON."""
+    return hashlib.sha256(json.dumps(mapping, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def fingerprint(config: dict) -> str:
-    """sha256 of the config's identity: its settings but NOT_IDENTITY, as canonical JSON."""
-    kept = {k: v for k, v in config.items() if k not in NOT_IDENTITY}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+    """sha256 of the config's identity: its settings but NOT_IDENTITY."""
+    return digest({k: v for k, v in config.items() if k not in NOT_IDENTITY})
 
 
 def data_hashes(config: dict) -> dict:
