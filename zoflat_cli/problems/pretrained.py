@@ -201,8 +201,9 @@ class PretrainedProblem:
     # -- the metrics of a logged step
 
     def metrics(self, seed: int, step: int) -> dict:
-        """Train loss (and accuracy); test and dev metrics and ‖∇f‖ every --eval-every steps; λ_max
-        every --eig-every steps; the Hessian trace every --trace-every steps; peak memory."""
+        """Train loss (and accuracy); test and dev metrics (and ‖∇f‖ when λ_max is on) every
+        --eval-every steps; λ_max every --eig-every steps; the Hessian trace every --trace-every
+        steps; peak memory."""
         cfg = self.config
         names = ("f1", "em") if self.metric_name == "f1" else ("accuracy",)
         train = self.evaluate("train", decode=False)
@@ -216,8 +217,9 @@ class PretrainedProblem:
         if due(step, cfg.eval_every, cfg.steps):
             for split in evaluated:
                 row.update({f"{split}_{k}": v for k, v in self.evaluate(split).items()})
-            grads = self.gradient("train")
-            row["grad_norm"] = dot(grads, grads) ** 0.5
+            if cfg.eig_every:  # with λ_max, the sharpness measures: a backward pass over the training set
+                grads = self.gradient("train")
+                row["grad_norm"] = dot(grads, grads) ** 0.5
         if cfg.eig_every and due(step, cfg.eig_every, cfg.steps):
             gen = generator(seed, "probes", self.device, step, 1)  # not the trace probes
             row["lambda_max"] = top_eigenvalue(self.params, self.hvp, cfg.eig_iters, gen)
