@@ -29,6 +29,14 @@ def test_finetune_benchmark_runs():
     assert "zoflat ZO step" in out and "update pass" in out and "(target zo <= 1.1x)" in out
 
 
+def test_causal_benchmark_runs():
+    out = run("benchmarks/causal_zo_step.py", "--models", "tiny", "--repeats", "1")
+    assert all(f"{name} " in out for name in ("in-place ZO step", "MeZO-style step", "GD step", "Hutchinson probe",
+                                               "fd probe", "greedy generation"))
+    assert [line.split()[:2] for line in out.splitlines() if line.startswith(("  float32", "  bfloat16"))] == \
+        [["float32", "all"], ["float32", "lora"], ["bfloat16", "all"], ["bfloat16", "lora"]]
+
+
 def test_zest_overhead_benchmark_runs():
     out = run("benchmarks/zest_overhead.py", "--pairs", "2", "--repeats", "1")
     assert out.count("ZEST overhead") == 6  # toy: estimate and step for 1 and 9 runs; convex; finetune
