@@ -4,7 +4,7 @@ For each causal LM (random ones built here: `tiny`, the GPT-2 layout of the test
 hidden 256, 4 layers; or a real one by its --model name, e.g. `smollm2-135m`) on a batch of 16
 examples of --task (MeZO's prompts), prints:
   time        one forward pass over the batch = 1.00x, then as multiples of it: zoflat's in-place
-              ZO step (target <= 2.2x), a plain MeZO-style step written here (seeded regeneration
+              ZO step (target <= 2.2x), a plain MeZO-style step (benchmarks/timing.py: seeded regeneration
               of z per parameter, perturb +λ, -2λ, +λ, update), a GD step (backward), one
               Hutchinson probe (a Hessian-vector product by double backward) and one forward-only
               fd probe (two forwards); the number of forward calls for the batch
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from timing import peak_memory_of_mode, timed  # benchmarks/timing.py (this folder is on sys.path)
+from timing import mezo_step, peak_memory_of_mode, timed  # benchmarks/timing.py (this folder is on sys.path)
 from zoflat_cli.env import DTYPES
 from zoflat_cli.experiments import finetune
 from zoflat_cli.measures.hessian import finite_difference, hutchinson
@@ -53,23 +53,6 @@ def zo_optimizer(problem):
     hyper = {"lr": LR, "lambda": LAM, "weight_decay": 0.0}
     return InPlaceOptimizer(ParameterDirections(problem.params, module=problem.model), ESTIMATORS["two-point"],
                             UPDATES["sgd"], hyper)
-
-
-@torch.no_grad()
-def mezo_step(params, loss, seed: int):
-    """MeZO's step as its paper's Algorithm 1 writes it, independently of zoflat's optim layer: z
-    regenerated from one seed, parameter by parameter, for each of the four passes."""
-    def walk(scale):
-        gen = torch.Generator(params[0].device).manual_seed(seed)
-        for p in params:
-            p.add_(torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype), alpha=scale)
-
-    walk(LAM)
-    plus = loss()
-    walk(-2 * LAM)
-    minus = loss()
-    walk(LAM)
-    walk(-LR * (plus - minus) / (2 * LAM))
 
 
 def gd_step(problem):
@@ -102,8 +85,8 @@ def measure(name: str, model: str, task: str, repeats: int, device: torch.device
     forward = timed(problem.loss, repeats)
     costs = {
         "in-place ZO step": (timed(lambda: zo_sgd.step(problem, [(1, next(seeds))], 1), repeats), "target <= 2.2x"),
-        "MeZO-style step": (timed(lambda: mezo_step(problem.params, problem.loss, next(seeds)), repeats),
-                            "written here, as MeZO's Algorithm 1"),
+        "MeZO-style step": (timed(lambda: mezo_step(problem.params, problem.loss, next(seeds), LAM, LR), repeats),
+                            "MeZO's Algorithm 1, benchmarks/timing.py"),
         "GD step": (timed(lambda: gd_step(problem), repeats), "backward"),
         "Hutchinson probe": (timed(lambda: hutchinson(problem.params, problem.hvp, 1, generator(
             0, "probes", device, next(seeds))), repeats), "one Hessian-vector product"),

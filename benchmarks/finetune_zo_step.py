@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from timing import peak_memory_of_mode, timed  # benchmarks/timing.py (this folder is on sys.path)
+from timing import mezo_step, peak_memory_of_mode, timed  # benchmarks/timing.py (this folder is on sys.path)
 from zoflat_cli.experiments import finetune
 from zoflat_cli.env import DTYPES
 from zoflat_cli.measures.hessian import finite_difference, hutchinson
@@ -57,22 +57,6 @@ def zo_optimizer(problem, update="sgd", law="gaussian"):
     return InPlaceOptimizer(ParameterDirections(problem.params, law, problem.model), ESTIMATORS["two-point"], UPDATES[update], hyper)
 
 
-def mezo_step(params, loss, seed):
-    """MeZO's reference step: perturb, perturb, restore, update: four regenerations of z."""
-    def perturb(scale):
-        torch.manual_seed(seed)
-        for p in params:
-            z = torch.normal(mean=0, std=1, size=p.shape, dtype=p.dtype, device=p.device)
-            p.data.add_(z, alpha=scale)
-
-    perturb(LAM)
-    f_plus = loss()
-    perturb(-2 * LAM)
-    f_minus = loss()
-    perturb(LAM)
-    perturb(-LR * (f_plus - f_minus) / (2 * LAM))
-
-
 def child(model: str, mode: str, steps: int, device: torch.device, dtype: str, trainable: str):
     """One mode in a fresh process; prints its peak memory."""
     problem = load(model, device, dtype, trainable)
@@ -85,7 +69,7 @@ def measure(model: str, repeats: int, device: torch.device):
     zo_sgd = zo_optimizer(problem)
     forward = timed(problem.loss, repeats)
     zo = timed(lambda: zo_sgd.step(problem, [(1, 0)], 1), repeats)
-    mezo = timed(lambda: mezo_step(problem.params, problem.loss, 1), repeats)
+    mezo = timed(lambda: mezo_step(problem.params, problem.loss, 1, LAM, LR), repeats)
     gen = torch.Generator(device).manual_seed(0)
     with problem.double_backward():
         hutch = timed(lambda: hutchinson(problem.params, problem.hvp, 1, gen), max(1, repeats // 2))

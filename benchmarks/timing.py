@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: the median wall time of a call, after one warm-up call."""
+"""Shared by the benchmark scripts: the median wall time of a call (after one warm-up call), the
+peak memory of one mode in a fresh process, and MeZO's step written plainly, to compare with."""
 
 import statistics
 import time
@@ -48,3 +49,20 @@ def peak_memory_of_mode(problem, optimizer, mode: str, steps: int, lr: float, de
                 for p, g in zip(problem.params, grads):
                     p.add_(g, alpha=-lr)
     return {"loaded_mib": loaded, "peak_mib": peak_memory_mib(device)}
+
+
+@torch.no_grad()
+def mezo_step(params, loss, seed: int, lam: float, lr: float):
+    """MeZO's reference step (its Algorithm 1), independent of zoflat's optim layer: perturb,
+    perturb, restore, update, with z regenerated from torch.manual_seed(seed) for each pass."""
+    def perturb(scale):
+        torch.manual_seed(seed)
+        for p in params:
+            p.add_(torch.normal(mean=0, std=1, size=p.shape, dtype=p.dtype, device=p.device), alpha=scale)
+
+    perturb(lam)
+    f_plus = loss()
+    perturb(-2 * lam)
+    f_minus = loss()
+    perturb(lam)
+    perturb(-lr * (f_plus - f_minus) / (2 * lam))
