@@ -5,7 +5,7 @@ subtracted (a per-label prior correction, as contextual calibration does). A cor
 the accuracy well above chance means the model ranks the examples but its label words carry a
 prior: the prompt's verbalisers, not the model. One that leaves it at chance means the model.
 
-    python recipes/smollm2/label_bias.py sst2 rte cb boolq wsc multirc [--model smollm2-135m]
+    python recipes/smollm2/label_bias.py sst2 rte cb boolq wsc multirc [--model smollm2-135m] [--num-eval 200]
 """
 
 import argparse
@@ -18,8 +18,9 @@ from zoflat_cli.experiments import finetune
 EVAL = {"boolq": (500, "eval"), "multirc": (200, "train")}  # as baselines.sh samples them (else the pool)
 
 
-def label_bias(model: str, task: str) -> str:
+def label_bias(model: str, task: str, most: int) -> str:
     num_eval, pool = EVAL.get(task, (1000, "train"))
+    num_eval = min(num_eval, most)  # the first examples of the same sample
     config = finetune.EXPERIMENT.resolve({"model": model, "task": task, "num_train": 32, "num_dev": 0,
                                           "num_eval": num_eval, "train_pool": pool, "steps": 0, "trace": "none"})
     problem = finetune.make_problem(config, torch.device("cpu"), torch.float32)
@@ -43,11 +44,12 @@ def main():
     parser.add_argument("tasks", nargs="+", choices=[t for t, s in mezo_tasks.TASKS.items()
                                                     if s.kind == "classification"])
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--num-eval", type=int, default=1000, help="At most this many examples of the sample.")
     args = parser.parse_args()
     print("| task | examples | gold label shares | picked label shares | accuracy | prior-corrected accuracy |")
     print("|---|---|---|---|---|---|")
     for task in args.tasks:
-        print(label_bias(args.model, task), flush=True)
+        print(label_bias(args.model, task, args.num_eval), flush=True)
 
 
 if __name__ == "__main__":
