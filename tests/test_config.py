@@ -50,6 +50,16 @@ def test_defaults_are_the_papers_setting():
     assert [r.run_id for r in runs_from(config)] == ["gd-lr0.01-s13", "zo-lam0.1-lr0.001-s13", "dd-lr0.001-s13"]
 
 
+def test_an_evaluation_baseline_takes_no_trace_unless_asked(tmp_path):
+    from zoflat_cli.experiments.finetune import EXPERIMENT as FINETUNE
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("command: finetune\nsteps: 0\n")
+    assert [FINETUNE.resolve_mapping(flags, r)["trace"] for flags, r in (
+        ({"steps": 0}, None), ({}, recipe), ({"steps": 0, "trace": "fd"}, None), ({"steps": 5}, recipe), ({}, None),
+    )] == ["none", "none", "fd", "hutchinson", "hutchinson"]
+
+
 def test_per_optimizer_flags_merge_into_the_recipe_and_grid_expands(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("lr: {gd: 0.02}\nlambda: [0.1, 0.01]\nseeds: 2\n")

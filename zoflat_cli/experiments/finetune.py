@@ -120,6 +120,12 @@ def check(config: dict) -> dict:
     return config
 
 
+def defaults_for(chosen: dict) -> dict:
+    """An evaluation baseline (--steps 0) takes no Hessian trace unless one is asked for: on a real
+    model the default 10 Hutchinson probes over the training set cost many times the evaluation."""
+    return {"trace": "none"} if chosen.get("steps") == 0 else {}
+
+
 def encoder_problem(config, model_config, device, dtype, group=None):
     if config.task not in lmbff_tasks.TASKS:
         raise ZoflatError(f"task {config.task} needs a decoder LM (e.g. --model facebook/opt-1.3b); "
@@ -181,4 +187,4 @@ def run(config, runs, quiet: bool = False, resume: Path = None):
 
 EXPERIMENT = Experiment(
     "finetune", "LM fine-tuning (encoders: LM-BFF few-shot; decoders: MeZO's tasks), tracking the Hessian trace.",
-    SETTINGS, run, check=check, position=3)
+    SETTINGS, run, check=check, defaults_for=defaults_for, position=3)
