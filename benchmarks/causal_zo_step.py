@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from timing import mezo_step, peak_memory_of_mode, timed  # benchmarks/timing.py (this folder is on sys.path)
+from timing import gd_step, mezo_step, peak_memory_of_mode, timed  # benchmarks/timing.py (this folder is on sys.path)
 from zoflat_cli.env import DTYPES
 from zoflat_cli.experiments import finetune
 from zoflat_cli.measures.hessian import finite_difference, hutchinson
@@ -55,13 +55,6 @@ def zo_optimizer(problem):
                             UPDATES["sgd"], hyper)
 
 
-def gd_step(problem):
-    grads = problem.gradient()
-    with torch.no_grad():
-        for p, g in zip(problem.params, grads):
-            p.add_(g, alpha=-LR)
-
-
 def child(model: str, mode: str, task: str, dtype: str, trainable: str, steps: int, device: torch.device):
     """One mode in a fresh process; prints its peak memory."""
     problem = load(model, device, task, dtype, trainable=trainable)
@@ -87,7 +80,7 @@ def measure(name: str, model: str, task: str, repeats: int, device: torch.device
         "in-place ZO step": (timed(lambda: zo_sgd.step(problem, [(1, next(seeds))], 1), repeats), "target <= 2.2x"),
         "MeZO-style step": (timed(lambda: mezo_step(problem.params, problem.loss, next(seeds), LAM, LR), repeats),
                             "MeZO's Algorithm 1, benchmarks/timing.py"),
-        "GD step": (timed(lambda: gd_step(problem), repeats), "backward"),
+        "GD step": (timed(lambda: gd_step(problem, LR), repeats), "backward"),
         "Hutchinson probe": (timed(lambda: hutchinson(problem.params, problem.hvp, 1, generator(
             0, "probes", device, next(seeds))), repeats), "one Hessian-vector product"),
         "fd probe": (timed(lambda: finite_difference(

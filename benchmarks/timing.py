@@ -1,5 +1,6 @@
 """Shared by the benchmark scripts: the median wall time of a call (after one warm-up call), the
-peak memory of one mode in a fresh process, and MeZO's step written plainly, to compare with."""
+peak memory of one mode in a fresh process, a GD step, and MeZO's step written plainly, to compare
+with."""
 
 import statistics
 import time
@@ -44,11 +45,16 @@ def peak_memory_of_mode(problem, optimizer, mode: str, steps: int, lr: float, de
         elif mode == "zo":
             optimizer.step(problem, [(0, step)], step + 1)
         else:
-            grads = problem.gradient()
-            with torch.no_grad():
-                for p, g in zip(problem.params, grads):
-                    p.add_(g, alpha=-lr)
+            gd_step(problem, lr)
     return {"loaded_mib": loaded, "peak_mib": peak_memory_mib(device)}
+
+
+def gd_step(problem, lr: float):
+    """One plain gradient step on a model problem's parameters (backprop)."""
+    grads = problem.gradient()
+    with torch.no_grad():
+        for p, g in zip(problem.params, grads):
+            p.add_(g, alpha=-lr)
 
 
 @torch.no_grad()
