@@ -13,7 +13,7 @@ import functools
 import numpy as np
 import torch
 
-STREAM_IDS = {"init": 0, "directions": 1, "features": 2, "batches": 3, "probes": 4}
+STREAM_IDS = {"init": 0, "directions": 1, "features": 2, "batches": 3, "probes": 4, "flatness": 5}
 _MASK64 = (1 << 64) - 1
 
 

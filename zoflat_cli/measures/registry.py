@@ -1,0 +1,178 @@
+"""The flatness measures by name: each takes a Subject (subject.py) and returns tidy rows.
+
+A row is {measure, method, index, module, x, y, value, stderr} (flatness.csv's columns after
+run_id and step; README, "Run folders"):
+    trace        method hutchinson | hutchpp | fd | slq: Tr ∇²f ± its standard error
+    eigenvalues  method lanczos: the k largest eigenvalues, index 0 the largest
+    density      method slq: the quadrature's nodes x (eigenvalues) and weights value (mass 1 in
+                 all): the spectral density, drawn broadened (spectrum.density)
+    modules      method hutchinson: the trace of each module's diagonal block (module), summing
+                 probe by probe to the hutchinson trace (the same probes)
+    sharpness    method plain | adaptive | plain-m<m> | adaptive-m<m>: the worst-case loss rise
+                 in the ρ-ball (sharpness.py); index: 0
+    landscape    method 1d | 2d | plane: the training loss (value) at coefficients x (, y)
+Every measure draws from its own generator (the run's seed, step and the measure), so a measure's
+numbers do not depend on which others are taken beside it.
+"""
+
+from dataclasses import dataclass, field, fields
+from typing import Callable
+
+import numpy as np
+
+from zoflat_cli.errors import ZoflatError
+from zoflat_cli.measures import hessian, landscape, sharpness, spectrum
+from zoflat_cli.measures.subject import gaussian, module_of, shifted
+
+TRACE_METHODS = ("hutchinson", "hutchpp", "fd", "slq")
+
+
+def option(default, help: str, low=None, above=None):
+    """A setting of the measures, with its bounds: at least `low`, or above `above`."""
+    return field(default=default, metadata={"help": help, "low": low, "above": above})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the measures are taken: `zoflat flatness`'s options, generated from these fields."""
+
+    trace_methods: tuple = option(("hutchinson", "hutchpp"), f"Trace estimators: {', '.join(TRACE_METHODS)}.")
+    probes: int = option(10, "Hutchinson and fd probes (also the per-module breakdown's).", low=1)
+    hutchpp: int = option(30, "Hutch++'s Hessian-vector products.", low=3)
+    fd_delta: float = option(1e-3, "The fd trace's δ.", above=0)
+    top_k: int = option(3, "Top eigenvalues (Lanczos).", low=1)
+    slq_vectors: int = option(2, "SLQ start vectors (density; the slq trace).", low=1)
+    slq_steps: int = option(30, "Lanczos steps per SLQ vector.", low=2)
+    rho: float = option(0.05, "Plain sharpness: the ball's radius ρ.", above=0)
+    adaptive_rho: float = option(0.5, "Adaptive sharpness: ρ of the ball scaled by |w| + η.", above=0)
+    eta: float = option(0.01, "Adaptive sharpness: η.", low=0)
+    ascent_steps: int = option(5, "Sharpness: projected gradient-ascent steps.", low=0)
+    m: int = option(0, "m-sharpness: batch size m (0: off; model runs only).", low=0)
+    points: int = option(21, "Landscape: points of the 1d slice (2d and plane: points // 2 + 1 per axis).", low=2)
+    span: float = option(1.0, "Landscape: 1d and 2d coefficients in [-span, span].", above=0)
+
+    def check(self):
+        """Each setting within its bounds, else a ZoflatError naming its option."""
+        for f in fields(self):
+            value, low, above = getattr(self, f.name), f.metadata["low"], f.metadata["above"]
+            flag = "--" + f.name.replace("_", "-")
+            if (low is not None and value < low) or (above is not None and not value > above):
+                bound = f"at least {low}" if low is not None else f"above {above}"
+                raise ZoflatError(f"{flag} must be {bound}, got {value}")
+        unknown = [m for m in self.trace_methods if m not in TRACE_METHODS]
+        if unknown or not self.trace_methods:
+            raise ZoflatError(f"--trace-methods: unknown {', '.join(unknown) or 'empty'}; choose from "
+                              f"{', '.join(TRACE_METHODS)}")
+
+
+def row(measure, method, value, stderr=None, index=0, module="", x=None, y=None) -> dict:
+    return {"measure": measure, "method": method, "index": index, "module": module, "x": x, "y": y,
+            "value": value, "stderr": stderr}
+
+
+def trace(subject, settings: Settings, generators, start=None) -> list:
+    rows = []
+    for method in settings.trace_methods:
+        gen = generators(f"trace-{method}")
+        if method == "hutchinson":
+            value = hessian.hutchinson(subject.params, subject.hvp, settings.probes, gen)
+        elif method == "hutchpp":
+            value = hessian.hutchpp(subject.params, subject.hvp, settings.hutchpp, gen)
+        elif method == "fd":
+            value = forward_difference_trace(subject, settings.probes, settings.fd_delta, gen)
+        else:
+            quadratures = spectrum.slq(subject.params, subject.hvp, settings.slq_vectors, settings.slq_steps, gen)
+            value = hessian.mean_stderr(spectrum.moment(quadratures, n_params(subject), 1))
+        rows.append(row("trace", method, *value))
+    return rows
+
+
+def forward_difference_trace(subject, probes: int, delta: float, generator) -> tuple:
+    """(f(x+δu) + f(x−δu) − 2f(x)) / δ², u ~ N(0, I): the forward-only estimator on any subject."""
+    f0 = subject.loss()
+    values = []
+    for _ in range(probes):
+        u = gaussian(subject.params, generator)
+        sides = []
+        for sign in (1.0, -1.0):
+            with shifted(subject.params, [sign * delta * x for x in u]):
+                sides.append(subject.loss())
+        values.append((sides[0] + sides[1] - 2 * f0) / delta**2)
+    return hessian.mean_stderr(values)
+
+
+def eigenvalues(subject, settings: Settings, generators, start=None) -> list:
+    values = spectrum.top_eigenvalues(subject.params, subject.hvp, settings.top_k, generators("eigenvalues"))
+    return [row("eigenvalues", "lanczos", v, index=i) for i, v in enumerate(values)]
+
+
+def density(subject, settings: Settings, generators, start=None) -> list:
+    quadratures = spectrum.slq(subject.params, subject.hvp, settings.slq_vectors, settings.slq_steps,
+                               generators("density"))
+    nodes = np.concatenate([q[0] for q in quadratures])
+    weights = np.concatenate([q[1] for q in quadratures]) / len(quadratures)
+    return [row("density", "slq", float(w), index=i, x=float(t)) for i, (t, w) in enumerate(zip(nodes, weights))]
+
+
+def modules(subject, settings: Settings, generators, start=None) -> list:
+    terms = hessian.hutchinson_terms(subject.params, subject.hvp, settings.probes, generators("trace-hutchinson"))
+    names = [module_of(n) for n in subject.names]
+    rows = []
+    for module in dict.fromkeys(names):
+        members = [i for i, n in enumerate(names) if n == module]
+        value = hessian.mean_stderr([sum(t[i] for i in members) for t in terms])
+        rows.append(row("modules", "hutchinson", *value, module=module))
+    return rows
+
+
+def sharpness_rows(subject, settings: Settings, generators, start=None) -> list:
+    rows = []
+    for adaptive, rho in ((False, settings.rho), (True, settings.adaptive_rho)):
+        name = "adaptive" if adaptive else "plain"
+        value = sharpness.ascent_sharpness(subject, rho, settings.ascent_steps, generators(f"sharpness-{name}"),
+                                           adaptive, settings.eta)
+        rows.append(row("sharpness", name, value))
+        if settings.m and subject.examples():
+            value = sharpness.m_sharpness(subject, settings.m, rho, settings.ascent_steps,
+                                          generators(f"sharpness-{name}-m"), adaptive, settings.eta)
+            rows.append(row("sharpness", f"{name}-m{settings.m}", *value))
+    return rows
+
+
+def landscape_rows(subject, settings: Settings, generators, start=None) -> list:
+    coarse = settings.points // 2 + 1
+    slices = {"1d": landscape.slice_1d(subject, settings.points, settings.span, generators("landscape-1d")),
+              "2d": landscape.slice_2d(subject, coarse, settings.span, generators("landscape-2d"))}
+    if start is not None and any(((p.detach() - s.to(p.device, p.dtype)) != 0).any()
+                                 for p, s in zip(subject.params, start)):
+        slices["plane"] = landscape.plane(subject, start, coarse, generators("landscape-plane"))
+    return [row("landscape", method, f, index=i, x=a, y=b)
+            for method, points in slices.items() for i, (a, b, f) in enumerate(points)]
+
+
+def n_params(subject) -> int:
+    return sum(p.numel() for p in subject.params)
+
+
+@dataclass(frozen=True)
+class Measure:
+    name: str
+    help: str
+    compute: Callable  # compute(subject, settings, generators, start) -> rows; generators(name) -> a Generator
+    cost: str  # in Hessian-vector products (≈ 2–3 gradients each) or losses
+
+
+MEASURES = {m.name: m for m in (
+    Measure("trace", "Hessian trace: Hutchinson, Hutch++, forward-only fd or SLQ (--trace-methods), ± stderr",
+            trace, "probes HVPs (hutchinson), hutchpp HVPs, 2·probes losses (fd), vectors·steps HVPs (slq)"),
+    Measure("eigenvalues", "the top-k Hessian eigenvalues by Lanczos (scipy eigsh)", eigenvalues,
+            "≈ 20–60 HVPs (ARPACK's restarts)"),
+    Measure("density", "the Hessian's spectral density by stochastic Lanczos quadrature", density,
+            "vectors·steps HVPs"),
+    Measure("modules", "the Hessian trace per module (transformer layer, or tensor block)", modules,
+            "probes HVPs"),
+    Measure("sharpness", "worst-case loss rise in a ρ-ball: plain and adaptive (and m-sharpness with --m)",
+            sharpness_rows, "ascent_steps gradients + ascent_steps + 2 losses per kind"),
+    Measure("landscape", "loss slices: 1d and 2d filter-normalised directions, and the plane through start and point",
+            landscape_rows, "points + 2·(points//2+1)² losses"),
+)}
