@@ -56,12 +56,15 @@ class ModelRunner:
 
     # -- restoring a run
 
-    def restore(self, logged_rows: list) -> int:
-        """Bring the model to the latest recoverable step of this run; returns that step."""
+    def restore(self, logged_rows: list, until: int = None) -> int:
+        """Bring the model to the latest recoverable step of this run; returns that step. With
+        `until` (the flatness measures'), to exactly that step, read-only: a checkpoint past it is
+        passed over, the log replayed up to it, and a run that cannot be replayed (gd, sam) is
+        recomputed from there, as it was trained."""
         name = checkpoint_name(self.run.run_id)
         saved = self.folder.load_checkpoint(name, [self.run.run_id])
         step = 0
-        if saved is not None:
+        if saved is not None and (until is None or saved.get("step", until + 1) <= until):
             path = self.folder.path / "checkpoints" / name
             check_checkpoint_step(path, saved.get("step"), logged_rows, [self.run.run_id], self.config.log_every,
                                   self.config.steps)
@@ -71,17 +74,11 @@ class ModelRunner:
             except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as err:
                 raise ZoflatError(f"{path} is damaged ({describe(err)}); delete it to start the run over") from None
             step = saved["step"]
+        if until is not None:
+            return self.go_to(step, until)
         if self.replayable:
             records = self.updates.read()
-            done = step
-            for rec_step, keys, coefs, accepted in records:
-                if rec_step != done:
-                    if rec_step < done:
-                        continue
-                    break  # a gap: the log ends being usable here
-                self.optimizer.step(self.problem, keys, done + 1, logged=(coefs, accepted))
-                done += 1
-            step = done
+            step = self.replay(records, step)
             self.updates.truncate(sum(1 for r in records if r[0] < step))
         previous = [r for r in logged_rows if int(r["step"]) < step]
         if previous:  # carry the counters on, counting the replayed steps' forward passes
@@ -90,6 +87,28 @@ class ModelRunner:
             self.passes_offset = float(last["forward_passes"]) + (step - int(last["step"])) * self.evals_per_step * (
                 self.problem.batch_fraction(self.config.batch_size))
         return step
+
+    def replay(self, records: list, step: int, until: int = None) -> int:
+        """Apply the logged steps from `step` on (up to `until`); returns the step reached."""
+        for rec_step, keys, coefs, accepted in records:
+            if rec_step < step:
+                continue
+            if rec_step != step or step == until:
+                break  # a gap: the log ends being usable here
+            self.optimizer.step(self.problem, keys, step + 1, logged=(coefs, accepted))
+            step += 1
+        return step
+
+    def go_to(self, step: int, until: int) -> int:
+        """From `step` to exactly `until`: the log replayed, or the steps recomputed (gd, sam)."""
+        if self.replayable:
+            reached = self.replay(self.updates.read(), step, until)
+            if reached < until:
+                raise ZoflatError(f"run {self.run.run_id}: its update log reaches step {reached}, not {until}")
+            return until
+        for at in range(step, until):
+            self.move(at)
+        return until
 
     def checkpoint(self, step: int):
         self.folder.save_checkpoint(checkpoint_name(self.run.run_id), {
@@ -133,13 +152,17 @@ class ModelRunner:
     def stopped(self, stop) -> bool:
         return self.problem.group.any(stop.requested)  # all data-parallel ranks stop at the same step
 
-    def advance(self, step: int):
+    def move(self, step: int) -> tuple:
+        """x_step -> x_(step+1); returns what the update log records of it."""
         run = self.run
         self.problem.draw_batch(self.config.batch_size, run.seed, step)
         keys = [(direction_base(run.seed, i), step) for i in range(run.samples)] if self.replayable else []
-        coefs, accepted = self.optimizer.step(self.problem, keys, step + 1)
+        return keys, *self.optimizer.step(self.problem, keys, step + 1)
+
+    def advance(self, step: int):
+        keys, coefs, accepted = self.move(step)
         if self.replayable:
-            with self.folder.writing(f"updates/{run.run_id}.bin"):
+            with self.folder.writing(f"updates/{self.run.run_id}.bin"):
                 self.updates.append(step, keys, coefs, accepted)
         self.state.steps_done = step + 1
 

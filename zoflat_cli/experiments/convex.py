@@ -3,6 +3,7 @@ the paper's Figures 2 and 5."""
 
 from zoflat_cli.data import libsvm_sets
 from zoflat_cli.engine.batched import run_batched
+from zoflat_cli.engine.points import batched_points
 from zoflat_cli.errors import ZoflatError
 from zoflat_cli.experiments.experiment import Experiment, table
 from zoflat_cli.experiments.settings import MAX_SEED, MAX_STEPS, Setting
@@ -57,7 +58,8 @@ def check(config: dict) -> dict:
     return config
 
 
-def run(config, runs, quiet: bool = False, resume=None):
+def problem_maker(config):
+    """make_problem(device, dtype) for the config's data (loaded once, here)."""
     train, test, description = libsvm_sets.load_splits(config.dataset, config.data_file, config.test_file,
                                                        config.train_size, config.split_seed)
 
@@ -65,9 +67,17 @@ def run(config, runs, quiet: bool = False, resume=None):
         return ConvexProblem(train, test, config.model, config.features, config.dense, dtype, device, description,
                              config.eig_every)
 
-    return run_batched(config, runs, make_problem, quiet, resume)
+    return make_problem
+
+
+def run(config, runs, quiet: bool = False, resume=None):
+    return run_batched(config, runs, problem_maker(config), quiet, resume)
+
+
+def points(config, runs, steps: dict, folder=None):
+    return batched_points(config, runs, problem_maker(config), steps)
 
 
 EXPERIMENT = Experiment(
     "convex", "SVM / logistic regression on random features of LIBSVM data (paper Figures 2 and 5).", SETTINGS, run,
-    check=check, defaults_for=defaults_for, position=2)
+    check=check, defaults_for=defaults_for, position=2, points=points)

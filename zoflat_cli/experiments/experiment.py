@@ -41,6 +41,9 @@ class Experiment:
     defaults_for  defaults_for(chosen) -> {key: default}: defaults that depend on what the recipe
               and flags chose (convex: the model sets λ and step sizes)
     position  where `zoflat --help` lists it (the paper's experiments first, in its order)
+    points    points(config, runs, steps, folder) -> iterator of (run, step, subject): the runs
+              of a run folder brought back to steps {run_id: [step, ...]} (engine/points.py), the
+              subjects of `zoflat flatness` (measures/subject.py)
     """
 
     name: str
@@ -50,6 +53,7 @@ class Experiment:
     check: Callable = None
     defaults_for: Callable = None
     position: int = 100
+    points: Callable = None
 
     @functools.cached_property
     def config_class(self):

@@ -14,6 +14,7 @@ from zoflat_cli.data import lmbff_tasks, mezo_tasks
 from zoflat_cli.engine import distributed
 from zoflat_cli.engine.live import say
 from zoflat_cli.engine.model import run_models
+from zoflat_cli.engine.points import model_points
 from zoflat_cli.env import DTYPES, resolve_device
 from zoflat_cli.errors import ZoflatError
 from zoflat_cli.experiments.experiment import Experiment, table
@@ -185,6 +186,12 @@ def run(config, runs, quiet: bool = False, resume: Path = None):
             return (None if group.rank else path), status
 
 
+def points(config, runs, steps: dict, folder: Path):
+    """The runs of a finetune run folder at the chosen steps (engine/points.py), one process."""
+    problem = make_problem(config, resolve_device(config.device), DTYPES[config.dtype])
+    return model_points(config, problem, runs, steps, folder)
+
+
 EXPERIMENT = Experiment(
     "finetune", "LM fine-tuning (encoders: LM-BFF few-shot; decoders: MeZO's tasks), tracking the Hessian trace.",
-    SETTINGS, run, check=check, defaults_for=defaults_for, position=3)
+    SETTINGS, run, check=check, defaults_for=defaults_for, position=3, points=points)

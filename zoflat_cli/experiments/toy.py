@@ -4,6 +4,7 @@ The paper's setting (Section 2, Figure 1): d = 100, T = 100,000, GD lr 0.01, ZO 
 """
 
 from zoflat_cli.engine.batched import run_batched
+from zoflat_cli.engine.points import batched_points
 from zoflat_cli.experiments.experiment import Experiment, table
 from zoflat_cli.experiments.settings import Setting
 from zoflat_cli.optim.presets import default_lrs
@@ -20,6 +21,10 @@ def run(config, runs, quiet: bool = False, resume=None):
     return run_batched(config, runs, lambda device, dtype: ToyProblem(config.dim), quiet, resume)
 
 
+def points(config, runs, steps: dict, folder=None):
+    return batched_points(config, runs, lambda device, dtype: ToyProblem(config.dim), steps)
+
+
 EXPERIMENT = Experiment(
     "toy", "Example 2.1: f(y, z) = (yᵀz - 1)²/2. ZO drifts to the flat minimum (Hessian trace 2).", SETTINGS, run,
-    position=1)
+    position=1, points=points)

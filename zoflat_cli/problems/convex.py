@@ -194,6 +194,7 @@ class ConvexProblem:
         self.model, self.phi = model, MODELS[model]
         self.n_features, self.dense, self.dtype, self.device = n_features, dense, dtype, device
         self.n_params = n_features + 1
+        self.blocks = {"bias": slice(0, 1), "weights": slice(1, n_features + 1)}
         self.eig_every = eig_every
         self._features = {}
 
@@ -267,6 +268,17 @@ class BoundConvex:
             _, data, _, dphi, _ = self._stats(feats, w, "train")
             return feats.backprop(dphi * data.y[:, None] / data.n, "train")
         return self._per_seed(x, fn)
+
+    def hvp(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """∇²f(x) v = Xᵀ diag(φ''(yᵢ xᵢᵀw)) X v / n (y² = 1) for x (runs, P), v (runs, P, k)."""
+        out = torch.empty_like(v)
+        for seed, rows in self.by_seed.items():
+            feats = self.features[seed]
+            for r in rows:
+                _, data, _, _, ddphi = self._stats(feats, x[r:r + 1], "train")
+                margins = feats.margins_raw(v[r].T, "train")  # X v: (n, k)
+                out[r] = feats.backprop(margins * ddphi / data.n, "train").T
+        return out
 
     def metrics(self, x: torch.Tensor, step: int = None) -> dict:
         """Train and test loss, accuracy, exact Hessian trace; λ_max (at steps that are multiples

@@ -27,6 +27,9 @@ class BoundProblem(Protocol):
     def grad(self, x: torch.Tensor) -> torch.Tensor:
         """∇f at x (runs, dim): (runs, dim)."""
 
+    def hvp(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """∇²f(x) v for x (runs, dim), v (runs, dim, k): (runs, dim, k) (the flatness measures')."""
+
     def metrics(self, x: torch.Tensor, step: int = None) -> dict:
         """{name: (runs,) tensor} at a logged step; "loss" among them."""
 
@@ -39,6 +42,7 @@ class BoundProblem(Protocol):
 
 
 class BatchedProblem(Described, Protocol):
+    blocks: dict  # name -> slice of the parameter vector: the "modules" of the flatness measures
     def memory_bytes(self, runs, itemsize: int) -> int:
         """About what training `runs` holds, checked against free memory before anything starts."""
 

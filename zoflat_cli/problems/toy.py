@@ -20,6 +20,7 @@ class ToyProblem:
     def __init__(self, dim: int):
         self.dim = dim
         self.n_params = 2 * dim
+        self.blocks = {"y": slice(0, dim), "z": slice(dim, 2 * dim)}
         self.description = {}
 
     def memory_bytes(self, runs, itemsize: int) -> int:

@@ -191,7 +191,37 @@ def versions() -> dict:
     }
 
 
-class RunFolder:
+class FolderReader:
+    """A run folder read, never written (the flatness measures'): its summary, rows and checkpoints."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.summary = read_summary(self.path)
+
+    def load_checkpoint(self, name: str, run_ids):
+        """checkpoints/<name> of these runs (None when there is none), its identity checked
+        against the folder's (its step is the runner's to check: identity.check_checkpoint_step)."""
+        import torch
+
+        path = self.path / "checkpoints" / name
+        if not path.exists():
+            return None
+        try:
+            saved = torch.load(path, map_location="cpu")
+        except Exception as err:  # torch raises several kinds on a damaged file (IsADirectoryError, ...)
+            raise ZoflatError(f"{path} is damaged ({type(err).__name__}); delete it to resume from the start of "
+                              f"its runs, or start a new run folder") from None
+        if not isinstance(saved, dict):
+            raise ZoflatError(f"{path} is damaged (not a zoflat checkpoint); delete it to start its runs over")
+        check_identity(saved.get("identity"), self.summary, run_ids, path)
+        return saved
+
+    def logged_rows(self) -> list:
+        """The whole rows of metrics.csv so far, as dicts of strings ([] before the first log)."""
+        return list(csv.DictReader(io.StringIO(complete_metrics(self.path))))
+
+
+class RunFolder(FolderReader):
     """The writer of one run folder. It holds the folder's lock for as long as it lives; every
     write goes through `writing`, which turns a failed write into RunFailed (the folder keeps
     every earlier byte; the final summary says failed and why)."""
@@ -283,28 +313,6 @@ class RunFolder:
                     raise OSError(errno.EIO, one_line(err)) from None
                 raise
             os.replace(tmp, path)
-
-    def load_checkpoint(self, name: str, run_ids):
-        """checkpoints/<name> of these runs (None when there is none), its identity checked
-        against the folder's (its step is the runner's to check: identity.check_checkpoint_step)."""
-        import torch
-
-        path = self.path / "checkpoints" / name
-        if not path.exists():
-            return None
-        try:
-            saved = torch.load(path, map_location="cpu")
-        except Exception as err:  # torch raises several kinds on a damaged file (IsADirectoryError, ...)
-            raise ZoflatError(f"{path} is damaged ({type(err).__name__}); delete it to resume from the start of "
-                              f"its runs, or start a new run folder") from None
-        if not isinstance(saved, dict):
-            raise ZoflatError(f"{path} is damaged (not a zoflat checkpoint); delete it to start its runs over")
-        check_identity(saved.get("identity"), self.summary, run_ids, path)
-        return saved
-
-    def logged_rows(self) -> list:
-        """The whole rows of metrics.csv so far, as dicts of strings ([] before the first log)."""
-        return list(csv.DictReader(io.StringIO(complete_metrics(self.path))))
 
     def keep_rows(self, keep):
         """Resuming: the logged rows for which keep(row) is false are dropped when the resumed runs
