@@ -422,6 +422,59 @@ def table(
     typer.echo(make_table(paths, split(metric), at, split(by), fmt), nl=False)
 
 
+def flatness_command():
+    """`zoflat flatness`: the folder, runs, steps and measures, then one option per measure setting
+    (generated from measures/registry.py's Settings)."""
+    import dataclasses
+
+    from zoflat_cli.measures.registry import MEASURES, Settings
+
+    def parameter(name, annotation, default=None):
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+
+    measure_help = "; ".join(f"{m.name}: {m.help}" for m in MEASURES.values())
+    params = [
+        inspect.Parameter("folder", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                          annotation=Annotated[Path, typer.Argument(help="A toy, convex or finetune run folder.")]),
+        parameter("runs", Annotated[Optional[str], typer.Option(
+            "--runs", help="Run ids or optimizers, comma-separated (default: every logged run).")]),
+        parameter("at", Annotated[str, typer.Option(
+            "--at", help="Steps, comma-separated: numbers, start, mid, end.")], "0,end"),
+        parameter("measures", Annotated[str, typer.Option(
+            "--measures", help=f"Comma-separated, or all. {measure_help}.")], "trace,eigenvalues,sharpness"),
+    ]
+    for f in dataclasses.fields(Settings):
+        kind = str if f.name == "trace_methods" else f.type
+        default = ",".join(f.default) if f.name == "trace_methods" else f.default
+        params.append(parameter(f.name, Annotated[kind, typer.Option(
+            "--" + f.name.replace("_", "-"), help=f.metadata["help"])], default))
+    params += [parameter("device", Annotated[Optional[str], typer.Option(
+                   "--device", help="Measure on this device (default: the run's).")]),
+               parameter("quiet", Annotated[bool, typer.Option("--quiet", "-q", help="Print only the file.")],
+                         False)]
+
+    def command(folder, runs, at, measures, device, quiet, **values):
+        from zoflat_cli.tools.flatness import measure_folder
+        from zoflat_cli.tools.plot import plot_flatness
+
+        values["trace_methods"] = tuple(t.strip() for t in values["trace_methods"].split(",") if t.strip())
+        path = measure_folder(folder, runs, at, measures, Settings(**values), device,
+                              None if quiet else (lambda text: say(text, err=True)))
+        figures = plot_flatness(Path(folder))
+        for written in [path] + ([] if quiet else figures):
+            typer.echo(str(written))
+
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = ("Flatness measures of a run folder's runs at any logged step, after the fact: each run is "
+                       "restored bit for bit (re-run, or its update log replayed) and measured; rows go to "
+                       "flatness.csv, figures beside it.")
+    return app.command("flatness")(command)
+
+
+flatness_command()
+
+
 @app.command()
 def plot(
     paths: Annotated[List[Path], typer.Argument(help="Run folders, or folders holding run folders.")],

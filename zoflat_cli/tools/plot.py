@@ -8,9 +8,11 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from zoflat_cli.errors import ZoflatError  # noqa: E402
+from zoflat_cli.measures.spectrum import density  # noqa: E402
 from zoflat_cli.runs.folder import complete_metrics, read_summary  # noqa: E402
 from zoflat_cli.runs.spec import NOT_METRICS  # noqa: E402
 from zoflat_cli.optim.presets import HYPERPARAMETERS, PRESETS  # noqa: E402
@@ -153,12 +155,7 @@ def plot_frame(df: pd.DataFrame, summary: dict, folder: Path, out_dir: Path = No
 
     target = out_dir if out_dir is not None else folder
     target.mkdir(parents=True, exist_ok=True)
-    stem = "figure" if out_dir is None else stem or folder.name
-    written = [target / f"{stem}.{fmt}" for fmt in FORMATS]
-    for path in written:
-        fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return written
+    return _save(fig, target, "figure" if out_dir is None else stem or folder.name)
 
 
 def find_sweep_folders(paths) -> list:
@@ -179,4 +176,137 @@ def plot_paths(paths, out: Path = None) -> list:
             stem, n = f"{base}-{n}", n + 1
         stems.add(stem)
         written.extend((plot_sweep if folder in sweeps else plot_run)(folder, out, stem))
+        if (folder / "flatness.csv").is_file():
+            written.extend(plot_flatness(folder, out, stem))
     return written
+
+
+# ---------------------------------------------------------------- flatness.csv (zoflat flatness)
+
+def read_flatness(folder: Path) -> pd.DataFrame:
+    """flatness.csv as a frame, with each run's method label (from metrics.csv)."""
+    df = pd.read_csv(folder / "flatness.csv")
+    for column in ("step", "index", "x", "y", "value", "stderr"):
+        df[column] = pd.to_numeric(df[column], errors="coerce")
+    runs, _ = read_frame(folder)
+    labels = runs.drop_duplicates("run_id").set_index("run_id").apply(method_label, axis=1)
+    df["label"] = df["run_id"].map(lambda r: f"{labels.get(r, r)} (seed {runs.loc[runs.run_id == r, 'seed'].iloc[0]})"
+                                   if r in labels else r)
+    return df
+
+
+def _scalar_panel(ax, df: pd.DataFrame, colours: dict):
+    """A measure's values against step: a line per run and method (per index for eigenvalues)."""
+    for (label, method, index), part in df.groupby(["label", "method", "index"], sort=False):
+        part = part.sort_values("step")
+        style = "-" if index == 0 else ":"
+        name = f"{label} · {method}" + (f" #{int(index)}" if index else "")
+        ax.errorbar(part["step"], part["value"], yerr=part["stderr"].fillna(0), color=colours[label], ls=style,
+                    marker="o", ms=3, capsize=2, lw=1.2, label=name if index == 0 else None)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+
+
+def plot_flatness(folder: Path, out_dir: Path = None, stem: str = None) -> list:
+    """flatness.png/pdf: trace, eigenvalues, sharpness against step; the per-module traces and the
+    spectral density at the measured steps; the 1d landscapes. landscape.png/pdf: the 2d and plane
+    slices as contour plots, a row per run, a column per step and slice."""
+    df = read_flatness(folder)
+    labels = list(dict.fromkeys(df["label"]))
+    colours = {lab: f"C{i % 10}" for i, lab in enumerate(labels)}
+    panels = [m for m in ("trace", "eigenvalues", "sharpness", "modules", "density") if m in set(df["measure"])]
+    one_d = df[(df["measure"] == "landscape") & (df["method"] == "1d")]
+    if not one_d.empty:
+        panels.append("landscape")
+    written = []
+    target = out_dir if out_dir is not None else folder
+    target.mkdir(parents=True, exist_ok=True)
+    name = "flatness" if out_dir is None else f"{stem or folder.name}-flatness"
+    if panels:
+        n_cols = min(len(panels), PANELS_PER_ROW)
+        n_rows = -(-len(panels) // PANELS_PER_ROW)
+        fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.8 * n_cols, 3.6 * n_rows + 1.0), squeeze=False)
+        for ax in axes.flat[len(panels):]:
+            ax.set_visible(False)
+        for ax, panel in zip(axes.flat, panels):
+            part = df[df["measure"] == panel]
+            if panel in ("trace", "eigenvalues", "sharpness"):
+                _scalar_panel(ax, part, colours)
+                ax.set_title({"trace": "Hessian trace (± stderr)", "eigenvalues": "top eigenvalues (#0 solid)",
+                              "sharpness": "worst-case loss rise in the ρ-ball"}[panel])
+            elif panel == "modules":
+                last = part[part["step"] == part.groupby("run_id")["step"].transform("max")]
+                modules = list(dict.fromkeys(last["module"]))
+                width = 0.8 / max(1, len(labels))
+                for k, label in enumerate(labels):
+                    mine = last[last["label"] == label].set_index("module").reindex(modules)
+                    ax.bar([i + k * width for i in range(len(modules))], mine["value"], width,
+                           yerr=mine["stderr"].fillna(0), color=colours[label], capsize=2)
+                ax.set_xticks([i + 0.4 - width / 2 for i in range(len(modules))])
+                ax.set_xticklabels([m.split(".")[-2] + "." + m.split(".")[-1] if m.count(".") else m
+                                    for m in modules], rotation=60, ha="right", fontsize=7)
+                ax.set_title("trace per module (last measured step)")
+                ax.grid(alpha=0.3, axis="y")
+            elif panel == "density":
+                low, high = part["x"].min(), part["x"].max()
+                pad = 0.05 * (high - low or 1.0)
+                grid = np.linspace(low - pad, high + pad, 400)
+                sigma = 0.01 * (high - low or 1.0)
+                for (label, step), mine in part.groupby(["label", "step"], sort=False):
+                    values = density([(mine["x"].to_numpy(), mine["value"].to_numpy())], grid, sigma)
+                    ax.semilogy(grid, np.maximum(values, 1e-12), color=colours[label], lw=1,
+                                alpha=0.4 + 0.6 * step / max(1, part["step"].max()))
+                ax.set_ylim(bottom=1e-6)
+                ax.set_title("spectral density (SLQ; darker: later)")
+                ax.set_xlabel("eigenvalue")
+                ax.grid(alpha=0.3)
+            else:
+                for (label, step), mine in one_d.groupby(["label", "step"], sort=False):
+                    ax.plot(mine["x"], mine["value"], color=colours[label],
+                            alpha=0.4 + 0.6 * step / max(1, one_d["step"].max()), lw=1.2)
+                ax.set_title("loss along a filter-normalised direction (darker: later)")
+                ax.set_xlabel("α")
+                ax.grid(alpha=0.3)
+        handles = {}
+        for ax in axes.flat:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(lab, h)
+        for label in labels:  # the panels without lines of their own still say whose colour is whose
+            handles.setdefault(label, plt.Line2D([], [], color=colours[label]))
+        fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(3, len(handles)), fontsize=7,
+                   frameon=False)
+        fig.suptitle(f"zoflat flatness: {folder.name}", fontsize=10)
+        fig.tight_layout(rect=(0, min(0.45, 0.035 * (-(-len(handles) // 3)) / n_rows + 0.03), 1, 1))
+        written += _save(fig, target, name)
+    slices = df[(df["measure"] == "landscape") & df["method"].isin(["2d", "plane"])]
+    if not slices.empty:
+        cells = list(dict.fromkeys(zip(slices["step"], slices["method"])))
+        fig, axes = plt.subplots(len(labels), len(cells), figsize=(3.6 * len(cells), 3.2 * len(labels) + 0.5),
+                                 squeeze=False)
+        for r, label in enumerate(labels):
+            for c, (step, method) in enumerate(cells):
+                ax = axes[r][c]
+                mine = slices[(slices["label"] == label) & (slices["step"] == step) & (slices["method"] == method)]
+                if mine.empty:
+                    ax.set_visible(False)
+                    continue
+                grid = mine.pivot_table(index="y", columns="x", values="value")
+                levels = ax.contour(grid.columns, grid.index, grid.to_numpy(), levels=15, cmap="viridis")
+                ax.clabel(levels, fontsize=6)
+                if method == "plane":
+                    ax.plot([0, 1], [0, 0], "o-", color="C3", ms=4)
+                    ax.annotate("start", (0, 0), fontsize=7)
+                    ax.annotate(f"step {int(step)}", (1, 0), fontsize=7)
+                ax.set_title(f"{label}\n{method}, step {int(step)}", fontsize=8)
+        fig.suptitle(f"zoflat flatness: loss landscapes, {folder.name}", fontsize=10)
+        fig.tight_layout()
+        written += _save(fig, target, name.replace("flatness", "landscape"))
+    return written
+
+
+def _save(fig, target: Path, stem: str) -> list:
+    paths = [target / f"{stem}.{fmt}" for fmt in FORMATS]
+    for path in paths:
+        fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return paths
