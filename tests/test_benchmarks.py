@@ -45,3 +45,11 @@ def test_zest_overhead_benchmark_runs():
 def test_seed_study_benchmark_runs():
     out = run("benchmarks/seed_study.py", "--seeds", "3", "--steps", "5")
     assert out.splitlines()[-1].split()[0] == "3" and "this tree MiB" in out
+
+
+def test_flatness_benchmark_runs():
+    out = run("benchmarks/flatness_cost.py", "--model", "tiny", "--trainable", "all", "--probes", "1", "--hutchpp", "3",
+              "--top-k", "1", "--slq-steps", "3", "--points", "3", "--ascent-steps", "1")
+    rows = [line.split()[0] for line in out.splitlines() if line.startswith("  ") and "forward eq." not in line]
+    assert rows == ["forward", "gradient", "Hessian-vector", "trace", "eigenvalues", "density", "modules", "sharpness",
+                    "landscape"]

@@ -324,3 +324,30 @@ def test_flatness_cli_on_a_finetune_folder_and_bad_input(tiny_mlm, tmp_path):
     assert [r for r in after if r["run_id"].startswith("gd")] == [r for r in rows if r["run_id"].startswith("gd")]
     plotted = runner.invoke(app, ["plot", str(path)])
     assert plotted.exit_code == 0 and "flatness.png" in plotted.output
+
+
+def test_measures_logged_during_training_equal_those_taken_afterwards(tiny_mlm, tmp_path):
+    made = runner.invoke(app, ["toy", "--dim", "4", "--steps", "200", "--log-every", "50", "-o", "gd,zo",
+                               "--measure-every", "100", "--measures", "eigenvalues,sharpness", "--out", str(tmp_path),
+                               "--quiet"])
+    assert made.exit_code == 0, made.output
+    path = Path(made.output.strip())
+    during = _flatness_rows(path)
+    assert {(r["run_id"], r["step"]) for r in during} == {(run, s) for run in ("gd-lr0.01-s13", "zo-lam0.1-lr0.001-s13")
+                                                           for s in ("0", "100", "200")}
+    (path / "flatness.csv").unlink()
+    after = runner.invoke(app, ["flatness", str(path), "--measures", "eigenvalues,sharpness", "--at", "0,100,200",
+                                "--quiet"])
+    assert after.exit_code == 0, after.output
+    def key(r):
+        return r["run_id"], int(r["step"]), r["measure"], r["method"], int(r["index"])
+
+    assert sorted(_flatness_rows(path), key=key) == sorted(during, key=key)  # the same numbers, restored bit for bit and drawn from the same streams
+    tuned = runner.invoke(app, ["finetune", "--model", tiny_mlm, "--task", "sst2", "--k", "8", "-o", "zo",
+                                "--steps", "4", "--log-every", "2", "--eval-every", "4", "--trace", "none",
+                                "--measure-every", "2", "--measures", "trace", "--out", str(tmp_path), "--quiet"])
+    assert tuned.exit_code == 0, tuned.output
+    rows = _flatness_rows(Path(tuned.output.strip()))
+    assert [(r["step"], r["method"]) for r in rows] == [(s, m) for s in ("0", "2", "4") for m in ("hutchinson", "hutchpp")]
+    bad = runner.invoke(app, ["toy", "--steps", "10", "--log-every", "5", "--measure-every", "3"])
+    assert bad.exit_code != 0 and "must be a multiple of log_every" in bad.output

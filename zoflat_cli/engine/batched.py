@@ -16,7 +16,7 @@ import time
 import torch
 
 from zoflat_cli.engine.live import LiveView
-from zoflat_cli.engine.loop import NUMERICAL_ERRORS, RunState, carried_over, drive, judge, session
+from zoflat_cli.engine.loop import NUMERICAL_ERRORS, RunState, carried_over, drive, judge, measure_if_due, session
 from zoflat_cli.env import DTYPES, check_memory, resolve_device
 from zoflat_cli.errors import ZoflatError, describe
 from zoflat_cli.optim.directions import DirectionStream, stream_bytes
@@ -72,6 +72,34 @@ def estimate(estimator: Estimator, problem, x, u, hyper) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- groups of runs as tensors
+
+class BatchedSubject:
+    """One run of a batched problem at a point x (its own copy), its blocks as the tensors."""
+
+    def __init__(self, bound, x: torch.Tensor, blocks: dict):
+        self.bound, self.x = bound, x
+        self.names, self.slices = list(blocks), list(blocks.values())
+        self.params = [x[s] for s in self.slices]  # views: moving them moves x
+
+    def loss(self) -> float:
+        return float(self.bound.loss(self.x[None])[0])
+
+    def gradient(self) -> list:
+        g = self.bound.grad(self.x[None])[0]
+        return [g[s] for s in self.slices]
+
+    def hvp(self, v: list) -> list:
+        hv = self.bound.hvp(self.x[None], torch.cat([t.reshape(-1) for t in v])[None, :, None])[0, :, 0]
+        return [hv[s] for s in self.slices]
+
+    @staticmethod
+    def examples():
+        return None  # the batched problems' losses are not measured batch by batch
+
+    def restricted(self, indices):
+        raise NotImplementedError("batched problems have no m-sharpness")
+
+
 
 class BatchedGroup:
     """Runs that share one preset, update rule, direction law and sample count, as batched tensors."""
@@ -165,8 +193,9 @@ class Trainer:
     """Steps every group from `start` to `steps`, logging every `log_every` steps."""
 
     def __init__(self, problem, groups, steps: int, log_every: int, on_log=(), states=None, folder=None,
-                 checkpoint_every: int = 0):
+                 checkpoint_every: int = 0, config=None):
         self.problem, self.groups, self.steps, self.log_every = problem, groups, steps, log_every
+        self.config = config  # with folder: its --measure-every measures go to flatness.csv
         self.on_log = list(on_log)  # callables(step, rows, states)
         self.states = states or {r.run_id: RunState() for g in groups for r in g.runs}
         self.folder, self.checkpoint_every = folder, checkpoint_every
@@ -248,6 +277,9 @@ class Trainer:
                 row.update(step=step, wall_s=round(wall_s, 3), n_evals=step * group.evals_per_step)
                 row.update({n: table[k][i] for k, n in enumerate(names)})
                 rows.append(row)
+                if self.config is not None and state.status != "diverged":
+                    measure_if_due(self.folder, self.config, run, step, lambda group=group, i=i, run=run: BatchedSubject(
+                        group.source.bind([run]), group.x[i].clone(), group.source.blocks))
         for callback in self.on_log:
             callback(step, rows, states)
 
@@ -271,7 +303,7 @@ def run_batched(config, runs, make_problem, quiet: bool = False, resume=None, co
     states = {r.run_id: RunState() for r in runs}
     view = LiveView(f"zoflat {config.command} · {path}", config.steps, quiet, console)
     trainer = Trainer(problem, groups, config.steps, config.log_every, [folder.on_log, view.on_log], states,
-                      folder, config.checkpoint_every)
+                      folder, config.checkpoint_every, config)
     result = {}
     with session(folder, view, states, result) as stop:
         start = 0

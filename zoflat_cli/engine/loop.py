@@ -20,6 +20,8 @@ from typing import Protocol
 import torch
 
 from zoflat_cli.errors import describe
+from zoflat_cli.measures.registry import Settings, measure_names, take
+from zoflat_cli.runs.flatness import write_rows
 from zoflat_cli.runs.spec import due
 from zoflat_cli.signals import GracefulStop
 
@@ -117,3 +119,13 @@ def session(folder, view, states: dict, result: dict):
         raise
     finally:
         result["status"] = folder.finish(states, error)
+
+
+def measure_if_due(folder, config, run, step: int, subject):
+    """--measure-every: the run's --measures at this step into flatness.csv, when due (every N
+    steps and at the last). subject() makes the run's Subject (measures/subject.py). The landscape's
+    plane, which needs the run's start, is `zoflat flatness`'s only."""
+    if config.measure_every and due(step, config.measure_every, config.steps):
+        rows = take(subject(), measure_names(config.measures), Settings(), run, step)
+        with folder.writing("flatness.csv"):
+            write_rows(folder.path, rows)

@@ -11,11 +11,12 @@ the run folder holds
 `--resume DIR` continues every unfinished run from its checkpoint and log.
 """
 
+import contextlib
 import time
 from pathlib import Path
 
 from zoflat_cli.engine.live import LiveView
-from zoflat_cli.engine.loop import NUMERICAL_ERRORS, RunState, carried_over, drive, finite, judge, session
+from zoflat_cli.engine.loop import NUMERICAL_ERRORS, RunState, carried_over, drive, finite, judge, measure_if_due, session
 from zoflat_cli.errors import ZoflatError, describe
 from zoflat_cli.optim.inplace import InPlaceOptimizer
 from zoflat_cli.optim.parameters import ParameterDirections
@@ -37,6 +38,37 @@ def update_log(folder: RunFolder, run) -> UpdateLog:
 def run_hyper(run) -> dict:
     """A run's hyperparameters as python floats (0 where unused), with its lr."""
     return {**{name: float(run.value(name) or 0.0) for name in HYPERPARAMETERS}, "lr": run.lr}
+
+
+class ModelSubject:
+    """A model problem at its current weights: the training loss over the whole training set."""
+
+    def __init__(self, problem):
+        self.problem = problem
+        self.params = problem.params
+        self.names = [n for n, p in problem.model.named_parameters() if p.requires_grad]
+
+    def loss(self) -> float:
+        return self.problem.cross_entropy("train")
+
+    def gradient(self) -> list:
+        return self.problem.gradient("train")
+
+    def hvp(self, v: list) -> list:
+        return self.problem.hvp(v)
+
+    def examples(self) -> int:
+        return self.problem.splits["train"].size
+
+    @contextlib.contextmanager
+    def restricted(self, indices):
+        splits = self.problem.splits
+        whole = splits["train"]
+        splits["train"] = self.problem._batches([self.problem.encoded["train"][i] for i in indices])
+        try:
+            yield
+        finally:
+            splits["train"] = whole
 
 
 class ModelRunner:
@@ -146,6 +178,8 @@ class ModelRunner:
         row["forward_passes"] = round(self.passes_offset + self.problem.forward_passes, 3)
         row["wall_s"] = round(self.wall_offset + time.perf_counter() - self._began, 3)
         judge(self.state, step, finite(row["loss"]), self.config.steps)
+        if self.state.status != "diverged":
+            measure_if_due(self.folder, self.config, self.run, step, lambda: ModelSubject(self.problem))
         self.on_log(step, [row])
         return self.state.status == "running"
 

@@ -8,43 +8,15 @@ Either way the parameters are the trained ones bit for bit (on the device kind a
 recomputed runs, the thread count they were trained with; tested against runs stopped there).
 """
 
-import contextlib
 from pathlib import Path
 
 import torch
 
-from zoflat_cli.engine.batched import make_groups
+from zoflat_cli.engine.batched import BatchedSubject, make_groups
 from zoflat_cli.engine.loop import RunState
-from zoflat_cli.engine.model import ModelRunner
+from zoflat_cli.engine.model import ModelRunner, ModelSubject
 from zoflat_cli.env import DTYPES, resolve_device
 from zoflat_cli.runs.folder import FolderReader
-
-
-class BatchedSubject:
-    """One run of a batched problem at a point x (its own copy), its blocks as the tensors."""
-
-    def __init__(self, bound, x: torch.Tensor, blocks: dict):
-        self.bound, self.x = bound, x
-        self.names, self.slices = list(blocks), list(blocks.values())
-        self.params = [x[s] for s in self.slices]  # views: moving them moves x
-
-    def loss(self) -> float:
-        return float(self.bound.loss(self.x[None])[0])
-
-    def gradient(self) -> list:
-        g = self.bound.grad(self.x[None])[0]
-        return [g[s] for s in self.slices]
-
-    def hvp(self, v: list) -> list:
-        hv = self.bound.hvp(self.x[None], torch.cat([t.reshape(-1) for t in v])[None, :, None])[0, :, 0]
-        return [hv[s] for s in self.slices]
-
-    @staticmethod
-    def examples():
-        return None  # the batched problems' losses are not measured batch by batch
-
-    def restricted(self, indices):
-        raise NotImplementedError("batched problems have no m-sharpness")
 
 
 def batched_points(config, runs, make_problem, steps: dict):
@@ -61,37 +33,6 @@ def batched_points(config, runs, make_problem, steps: dict):
             if step < end:
                 with torch.inference_mode():
                     group.step(step)
-
-
-class ModelSubject:
-    """A model problem at its current weights: the training loss over the whole training set."""
-
-    def __init__(self, problem):
-        self.problem = problem
-        self.params = problem.params
-        self.names = [n for n, p in problem.model.named_parameters() if p.requires_grad]
-
-    def loss(self) -> float:
-        return self.problem.cross_entropy("train")
-
-    def gradient(self) -> list:
-        return self.problem.gradient("train")
-
-    def hvp(self, v: list) -> list:
-        return self.problem.hvp(v)
-
-    def examples(self) -> int:
-        return self.problem.splits["train"].size
-
-    @contextlib.contextmanager
-    def restricted(self, indices):
-        splits = self.problem.splits
-        whole = splits["train"]
-        splits["train"] = self.problem._batches([self.problem.encoded["train"][i] for i in indices])
-        try:
-            yield
-        finally:
-            splits["train"] = whole
 
 
 def model_points(config, problem, runs, steps: dict, path: Path):

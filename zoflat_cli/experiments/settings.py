@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from zoflat_cli.errors import ZoflatError
+from zoflat_cli.measures.registry import measure_names
 from zoflat_cli.optim.directions import LAWS
 from zoflat_cli.optim.presets import HYPERPARAMETERS, PRESETS, SAMPLES, get_preset, hyper_names
 from zoflat_cli.optim.updates import UPDATES, get_update
@@ -118,6 +119,10 @@ SHARED = {
     "log_every": Setting("int", 1, MAX_STEPS, help="Log metrics every N steps."),
     "checkpoint_every": Setting("int", 0, MAX_STEPS, default=0,
                                 help="Save a checkpoint every N steps (0: only when a run stops or ends)."),
+    "measure_every": Setting("int", 0, MAX_STEPS, default=0, help="Take --measures every N steps and at the last, "
+                             "into flatness.csv (0: never; `zoflat flatness` takes them afterwards, at any step)."),
+    "measures": Setting("text", default="trace", help="Flatness measures for --measure-every, comma-separated or "
+                        "all: trace, eigenvalues, density, modules, sharpness, landscape (default settings)."),
     "device": Setting("text", choices=("auto", "cpu", "cuda"), default="auto", help="auto, cpu or cuda."),
     "dtype": Setting("text", choices=("float32", "float64"), help="float32 or float64; finetune also bfloat16, "
                      "float16."),
@@ -331,6 +336,10 @@ def validate(config: dict, settings: dict) -> dict:
             config[key] = setting.check(key, config[key])
     if config.get("logger"):
         require_tracker(config["logger"])
+    measure_names(config["measures"], "measures")
+    if config["measure_every"] and config["measure_every"] % config["log_every"]:
+        raise ZoflatError(f"measure_every ({config['measure_every']}) must be a multiple of log_every "
+                          f"({config['log_every']}): the measures are taken at logged steps")
     if not isinstance(config["name"], str) or not NAME_PATTERN.match(config["name"]):
         raise ZoflatError(f"name may hold 1 to 100 letters, digits, '.', '_' and '-', got {config['name']!r}")
     names = config["optimizer"] if isinstance(config["optimizer"], list) else [config["optimizer"]]

@@ -15,6 +15,8 @@ Every measure draws from its own generator (the run's seed, step and the measure
 numbers do not depend on which others are taken beside it.
 """
 
+import time
+import zlib
 from dataclasses import dataclass, field, fields
 from typing import Callable
 
@@ -23,6 +25,7 @@ import numpy as np
 from zoflat_cli.errors import ZoflatError
 from zoflat_cli.measures import hessian, landscape, sharpness, spectrum
 from zoflat_cli.measures.subject import gaussian, module_of, shifted
+from zoflat_cli.streams import generator
 
 TRACE_METHODS = ("hutchinson", "hutchpp", "fd", "slq")
 
@@ -176,3 +179,32 @@ MEASURES = {m.name: m for m in (
     Measure("landscape", "loss slices: 1d and 2d filter-normalised directions, and the plane through start and point",
             landscape_rows, "points + 2·(points//2+1)² losses"),
 )}
+
+
+def measure_names(text: str, flag: str = "--measures") -> list:
+    """`trace,eigenvalues` or `all` as the measures' names, each checked."""
+    names = list(MEASURES) if text == "all" else [t.strip() for t in str(text).split(",") if t.strip()]
+    unknown = [m for m in names if m not in MEASURES]
+    if unknown or not names:
+        raise ZoflatError(f"{flag}: unknown {', '.join(unknown) or 'empty'}; choose from {', '.join(MEASURES)} or all")
+    return names
+
+
+def take(subject, names: list, settings: Settings, run, step: int, start=None, report=None) -> list:
+    """The rows of measures `names` of `run` at `step` (flatness.csv's, run_id and step first);
+    each measure draws from the run's "flatness" stream at this step, keyed by its name.
+    start: the run's step-0 tensors (the landscape's plane; None: no plane). report(text) hears
+    of each measure taken, with its time."""
+    device = subject.params[0].device
+
+    def generators(name):
+        return generator(run.seed, "flatness", device, step, zlib.crc32(name.encode()))
+
+    rows = []
+    for name in names:
+        began = time.perf_counter()
+        rows += [{"run_id": run.run_id, "step": step, **r}
+                 for r in MEASURES[name].compute(subject, settings, generators, start)]
+        if report:
+            report(f"{run.run_id} step {step}: {name} ({time.perf_counter() - began:.1f} s)")
+    return rows

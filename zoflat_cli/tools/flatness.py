@@ -8,21 +8,13 @@ measurement keeps what it finished). Rows of the same run, step and measure meas
 the old ones; everything else in the file is kept. The folder's other files are never written.
 """
 
-import csv
-import io
-import time
-import zlib
 from pathlib import Path
 
 from zoflat_cli.errors import ZoflatError
 from zoflat_cli.experiments import registry
-from zoflat_cli.measures.registry import MEASURES, Settings
-from zoflat_cli.runs.folder import FolderReader, atomic_write, read_summary
-from zoflat_cli.streams import generator
-
-FILE = "flatness.csv"
-COLUMNS = ["run_id", "step", "measure", "method", "index", "module", "x", "y", "value", "stderr"]
-
+from zoflat_cli.measures.registry import Settings, measure_names, take
+from zoflat_cli.runs.flatness import FILE, write_rows
+from zoflat_cli.runs.folder import FolderReader, read_summary
 
 def split_list(text: str) -> list:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
@@ -57,11 +49,7 @@ def plan(folder: Path, runs: str = None, at: str = "0,end", measures: str = "tra
     experiment = registry().get(summary.get("command"))
     if experiment is None or experiment.points is None:
         raise ZoflatError(f"{folder}: `zoflat {summary.get('command')}` runs have no flatness measures")
-    names = list(MEASURES) if measures == "all" else split_list(measures)
-    unknown = [m for m in names if m not in MEASURES]
-    if unknown or not names:
-        raise ZoflatError(f"--measures: unknown {', '.join(unknown) or 'empty'}; choose from {', '.join(MEASURES)} "
-                          f"or all")
+    names = measure_names(measures)
     config = experiment.resolve({"device": device} if device else {}, folder / "config.yaml")
     rows = FolderReader(folder).logged_rows()
     logged = {}
@@ -91,36 +79,6 @@ def measure_folder(folder: Path, runs: str = None, at: str = "0,end", measures: 
             starts[run.run_id] = [p.detach().clone() for p in subject.params]
         if step not in steps[run.run_id]:
             continue
-        device_of = subject.params[0].device
-
-        def generators(name, run=run, step=step, device_of=device_of):
-            return generator(run.seed, "flatness", device_of, step, zlib.crc32(name.encode()))
-
-        rows = []
-        for name in names:
-            began = time.perf_counter()
-            taken = MEASURES[name].compute(subject, settings, generators, starts.get(run.run_id))
-            rows += [{"run_id": run.run_id, "step": step, **r} for r in taken]
-            if report:
-                report(f"{run.run_id} step {step}: {name} ({time.perf_counter() - began:.1f} s)")
+        rows = take(subject, names, settings, run, step, starts.get(run.run_id), report)
         write_rows(folder, rows)
     return folder / FILE
-
-
-def read_rows(folder: Path) -> list:
-    path = Path(folder) / FILE
-    if not path.is_file():
-        return []
-    return list(csv.DictReader(io.StringIO(path.read_text())))
-
-
-def write_rows(folder: Path, rows: list):
-    """Merge rows into flatness.csv: the same (run, step, measure) replaced, the rest kept."""
-    replaced = {(r["run_id"], str(r["step"]), r["measure"]) for r in rows}
-    kept = [r for r in read_rows(folder) if (r["run_id"], r["step"], r["measure"]) not in replaced]
-    out = io.StringIO()
-    writer = csv.DictWriter(out, COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for r in kept + rows:
-        writer.writerow({k: ("" if r.get(k) is None else r[k]) for k in COLUMNS})
-    atomic_write(Path(folder) / FILE, out.getvalue())
