@@ -195,14 +195,18 @@ def read_flatness(folder: Path) -> pd.DataFrame:
     return df
 
 
-def _scalar_panel(ax, df: pd.DataFrame, colours: dict):
-    """A measure's values against step: a line per run and method (per index for eigenvalues)."""
+STYLES = ("-", "--", ":", "-.")  # a measure's methods (hutchinson, hutchpp, ...), in order
+
+
+def _scalar_panel(ax, df: pd.DataFrame, colours: dict, styles: dict):
+    """A measure's values against step: a line per run (colour) and method (style); eigenvalues
+    past the first are thinner."""
     for (label, method, index), part in df.groupby(["label", "method", "index"], sort=False):
         part = part.sort_values("step")
-        style = "-" if index == 0 else ":"
-        name = f"{label} · {method}" + (f" #{int(index)}" if index else "")
-        ax.errorbar(part["step"], part["value"], yerr=part["stderr"].fillna(0), color=colours[label], ls=style,
-                    marker="o", ms=3, capsize=2, lw=1.2, label=name if index == 0 else None)
+        ax.errorbar(part["step"], part["value"], yerr=part["stderr"].fillna(0), color=colours[label],
+                    ls=styles[method], marker="o", ms=3 if index == 0 else 1.5, capsize=2, lw=1.3 if index == 0 else 0.7)
+    if _wants_log(df["value"]):
+        ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
 
@@ -231,9 +235,13 @@ def plot_flatness(folder: Path, out_dir: Path = None, stem: str = None) -> list:
         for ax, panel in zip(axes.flat, panels):
             part = df[df["measure"] == panel]
             if panel in ("trace", "eigenvalues", "sharpness"):
-                _scalar_panel(ax, part, colours)
-                ax.set_title({"trace": "Hessian trace (± stderr)", "eigenvalues": "top eigenvalues (#0 solid)",
-                              "sharpness": "worst-case loss rise in the ρ-ball"}[panel])
+                methods = list(dict.fromkeys(part["method"]))
+                styles = {m: STYLES[i % len(STYLES)] for i, m in enumerate(methods)}
+                _scalar_panel(ax, part, colours, styles)
+                title = {"trace": "Hessian trace (± stderr)", "eigenvalues": "top eigenvalues (thin: #1, #2, ...)",
+                         "sharpness": "worst-case loss rise in the ρ-ball"}[panel]
+                ax.set_title(title + ("\n" + ", ".join(f"{m} {styles[m]}" for m in methods) if len(methods) > 1
+                                      else ""), fontsize=9)
             elif panel == "modules":
                 last = part[part["step"] == part.groupby("run_id")["step"].transform("max")]
                 modules = list(dict.fromkeys(last["module"]))
@@ -267,12 +275,7 @@ def plot_flatness(folder: Path, out_dir: Path = None, stem: str = None) -> list:
                 ax.set_title("loss along a filter-normalised direction (darker: later)")
                 ax.set_xlabel("α")
                 ax.grid(alpha=0.3)
-        handles = {}
-        for ax in axes.flat:
-            for h, lab in zip(*ax.get_legend_handles_labels()):
-                handles.setdefault(lab, h)
-        for label in labels:  # the panels without lines of their own still say whose colour is whose
-            handles.setdefault(label, plt.Line2D([], [], color=colours[label]))
+        handles = {label: plt.Line2D([], [], color=colours[label]) for label in labels}  # a colour per run
         fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(3, len(handles)), fontsize=7,
                    frameon=False)
         fig.suptitle(f"zoflat flatness: {folder.name}", fontsize=10)
