@@ -351,3 +351,15 @@ def test_measures_logged_during_training_equal_those_taken_afterwards(tiny_mlm, 
     assert [(r["step"], r["method"]) for r in rows] == [(s, m) for s in ("0", "2", "4") for m in ("hutchinson", "hutchpp")]
     bad = runner.invoke(app, ["toy", "--steps", "10", "--log-every", "5", "--measure-every", "3"])
     assert bad.exit_code != 0 and "must be a multiple of log_every" in bad.output
+
+
+def test_a_folder_written_before_measure_every_still_resumes(tmp_path):
+    made = runner.invoke(app, ["toy", "--dim", "3", "--steps", "20", "--log-every", "10", "-o", "zo", "--out",
+                               str(tmp_path), "--quiet"])
+    path = Path(made.output.strip())
+    config = (path / "config.yaml").read_text()
+    lines = [line for line in config.splitlines() if not line.startswith(("measures:", "measure_every:"))]
+    (path / "config.yaml").write_text("\n".join(lines) + "\n")
+    resumed = runner.invoke(app, ["toy", "--resume", str(path), "--steps", "30", "--quiet"])
+    assert resumed.exit_code == 0, resumed.output
+    assert _last_metrics(path)["zo-lam0.1-lr0.001-s13"]["step"] == "30"

@@ -15,7 +15,9 @@ from zoflat_cli.errors import ZoflatError
 from zoflat_cli.runs.spec import due
 
 RESUMABLE = ("steps", "device")  # what --resume may change in a run folder's config
-NOT_IDENTITY = (*RESUMABLE, "out")  # nor where the folder is
+# nor where the folder is, nor which flatness measures are logged (they never move the weights; folders
+# written before --measure-every have no such keys)
+NOT_IDENTITY = (*RESUMABLE, "out", "measures", "measure_every")
 STATUSES = ("queued", "running", "completed", "diverged", "interrupted", "failed")
 
 
