@@ -184,8 +184,8 @@ def test_m_sharpness_is_the_mean_of_each_batchs_own_worst_case():
     replica = torch.Generator()
     replica.set_state(g.get_state())
     value, _ = sharpness.m_sharpness(subject, 4, 0.1, 3, g, adaptive=False)
-    order = torch.randperm(12, generator=torch.Generator().manual_seed(int(torch.randint(
-        0, 2**62, (1,), generator=replica)))).tolist()
+    seed = int(torch.randint(0, 2**62, (1,), generator=replica))
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(seed)).tolist()
     expected = []
     for start in (0, 4, 8):
         with subject.restricted(order[start:start + 4]):

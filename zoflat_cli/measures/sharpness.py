@@ -51,8 +51,8 @@ def m_sharpness(subject, m: int, rho: float, steps: int, generator: torch.Genera
     """(mean, standard error) of the worst-case rise over disjoint batches of m examples (a seeded
     shuffle of the training set; a last partial batch is left out)."""
     n = subject.examples()
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(int(torch.randint(
-        0, 2**62, (1,), generator=generator)))).tolist()
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     values = []
     for start in range(0, n - m + 1, m):
         with subject.restricted(order[start:start + m]):

@@ -16,6 +16,7 @@ from zoflat_cli.measures.registry import Settings, measure_names, take
 from zoflat_cli.runs.flatness import FILE, write_rows
 from zoflat_cli.runs.folder import FolderReader, read_summary
 
+
 def split_list(text: str) -> list:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
