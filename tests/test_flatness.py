@@ -363,3 +363,21 @@ def test_a_folder_written_before_measure_every_still_resumes(tmp_path):
     resumed = runner.invoke(app, ["toy", "--resume", str(path), "--steps", "30", "--quiet"])
     assert resumed.exit_code == 0, resumed.output
     assert _last_metrics(path)["zo-lam0.1-lr0.001-s13"]["step"] == "30"
+
+
+def test_a_gd_run_is_measured_from_its_checkpoint_not_recomputed(tiny_mlm, tmp_path, monkeypatch):
+    from zoflat_cli.engine import model
+
+    config = finetune.EXPERIMENT.resolve({"model": tiny_mlm, "task": "sst2", "k": 8, "optimizer": ["gd"], "lr": 0.05,
+                                          "steps": 6, "log_every": 3, "eval_every": 100, "trace": "none",
+                                          "checkpoint_every": 6, "out": str(tmp_path)})
+    path, _ = finetune.EXPERIMENT.start(config, quiet=True)
+    saved = torch.load(path / "checkpoints" / "gd-lr0.05-s0.pt")["state"]
+    moved = []
+    monkeypatch.setattr(model.ModelRunner, "move", lambda self, step: moved.append(step))
+    runs = finetune.EXPERIMENT.runs(config)
+    for run, step, subject in finetune.EXPERIMENT.points(config, runs, {runs[0].run_id: [0, 6]}, path):
+        if step == 6:
+            state = subject.problem.state()
+            assert all(torch.equal(state[k], saved[k]) for k in saved)
+    assert moved == []  # step 0 is the base weights; step 6 the checkpoint's

@@ -93,19 +93,8 @@ class ModelRunner:
         `until` (the flatness measures'), to exactly that step, read-only: a checkpoint past it is
         passed over, the log replayed up to it, and a run that cannot be replayed (gd, sam) is
         recomputed from there, as it was trained."""
-        name = checkpoint_name(self.run.run_id)
-        saved = self.folder.load_checkpoint(name, [self.run.run_id])
-        step = 0
-        if saved is not None and (until is None or saved.get("step", until + 1) <= until):
-            path = self.folder.path / "checkpoints" / name
-            check_checkpoint_step(path, saved.get("step"), logged_rows, [self.run.run_id], self.config.log_every,
-                                  self.config.steps)
-            try:
-                self.problem.load_state(saved["state"])
-                self.optimizer.load_state_dict(saved.get("optimizer"))
-            except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as err:
-                raise ZoflatError(f"{path} is damaged ({describe(err)}); delete it to start the run over") from None
-            step = saved["step"]
+        self.logged_rows = logged_rows
+        step = self.load_checkpoint(until=until)
         if until is not None:
             return self.go_to(step, until)
         if self.replayable:
@@ -120,6 +109,25 @@ class ModelRunner:
                 self.problem.batch_fraction(self.config.batch_size))
         return step
 
+    def load_checkpoint(self, after: int = -1, until: int = None) -> int:
+        """Load the run's checkpoint if its step is past `after` (and at most `until`); returns the
+        step the model is at then (`after`, or 0, without one)."""
+        name = checkpoint_name(self.run.run_id)
+        saved = self.folder.load_checkpoint(name, [self.run.run_id])
+        if saved is None:
+            return max(after, 0)
+        at = saved.get("step")
+        if isinstance(at, int) and not isinstance(at, bool) and not (after < at and (until is None or at <= until)):
+            return max(after, 0)  # outside the range: passed over (a malformed step is damage, said below)
+        path = self.folder.path / "checkpoints" / name
+        check_checkpoint_step(path, at, self.logged_rows, [self.run.run_id], self.config.log_every, self.config.steps)
+        try:
+            self.problem.load_state(saved["state"])
+            self.optimizer.load_state_dict(saved.get("optimizer"))
+        except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as err:
+            raise ZoflatError(f"{path} is damaged ({describe(err)}); delete it to start the run over") from None
+        return at
+
     def replay(self, records: list, step: int, until: int = None) -> int:
         """Apply the logged steps from `step` on (up to `until`); returns the step reached."""
         for rec_step, keys, coefs, accepted in records:
@@ -132,13 +140,14 @@ class ModelRunner:
         return step
 
     def go_to(self, step: int, until: int) -> int:
-        """From `step` to exactly `until`: the log replayed, or the steps recomputed (gd, sam)."""
+        """From `step` to exactly `until`: the log replayed, or the steps recomputed (gd, sam) from
+        the run's checkpoint where it lies between."""
         if self.replayable:
             reached = self.replay(self.updates.read(), step, until)
             if reached < until:
                 raise ZoflatError(f"run {self.run.run_id}: its update log reaches step {reached}, not {until}")
             return until
-        for at in range(step, until):
+        for at in range(self.load_checkpoint(after=step, until=until), until):
             self.move(at)
         return until
 
