@@ -16,3 +16,6 @@ SETTINGS=(--measures all --probes 6 --hutchpp 18 --top-k 2 --slq-vectors 1 --slq
 zoflat flatness "$zo" --runs zo --at 0 "${SETTINGS[@]}"
 zoflat flatness "$zo" --at 1000,end "${SETTINGS[@]}"
 zoflat flatness "$gd" --at end "${SETTINGS[@]}"
+# dd where its training loss brackets ZO's at step 1000 (the comparison at equal loss)
+zoflat flatness "$zo" --runs dd --at 500,600 --measures trace,eigenvalues,sharpness --probes 6 --hutchpp 18 --top-k 2
+python recipes/flatness/lm_claim_table.py "$zo" "$gd"
