@@ -381,3 +381,20 @@ def test_a_gd_run_is_measured_from_its_checkpoint_not_recomputed(tiny_mlm, tmp_p
             state = subject.problem.state()
             assert all(torch.equal(state[k], saved[k]) for k in saved)
     assert moved == []  # step 0 is the base weights; step 6 the checkpoint's
+
+
+def test_flatness_cli_on_a_decoder_lm_folder_with_lora(tiny_causal, tmp_path):
+    made = runner.invoke(app, ["finetune", "--model", tiny_causal("gpt2"), "--task", "copa", "--num-train", "8",
+                               "--num-dev", "2", "--num-eval", "4", "-o", "zo", "--trainable", "lora", "--steps", "3",
+                               "--log-every", "3", "--trace", "none", "--out", str(tmp_path), "--quiet"])
+    assert made.exit_code == 0, made.output
+    path = Path(made.output.strip())
+    result = runner.invoke(app, ["flatness", str(path), "--measures", "all", "--at", "end", "--m", "4",
+                                 "--probes", "2", "--hutchpp", "3", "--top-k", "1", "--slq-steps", "3",
+                                 "--points", "3", "--ascent-steps", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    rows = _flatness_rows(path)
+    assert {r["measure"] for r in rows} == set(MEASURES) and {r["step"] for r in rows} == {"3"}
+    assert {"plain-m4", "adaptive-m4"} <= {r["method"] for r in rows if r["measure"] == "sharpness"}
+    # the LoRA subspace: its adapters sit in the two transformer blocks, and nothing else is measured
+    assert {r["module"] for r in rows if r["measure"] == "modules"} == {"lm.transformer.h.0", "lm.transformer.h.1"}
