@@ -149,8 +149,8 @@ def test_slq_moments_are_the_exact_quadratic_forms_and_average_to_the_traces():
 def test_module_traces_sum_to_the_total_and_estimate_the_exact_blocks():
     subject = TinySubject()
     H = subject.exact_hessian()
-    rows = MEASURES["modules"].compute(subject, Settings(probes=4000), lambda name: gen(7))
-    total = MEASURES["trace"].compute(subject, Settings(probes=4000, trace_methods=("hutchinson",)),
+    rows = MEASURES["modules"].compute(subject, Settings(probes=1500), lambda name: gen(7))
+    total = MEASURES["trace"].compute(subject, Settings(probes=1500, trace_methods=("hutchinson",)),
                                       lambda name: gen(7))
     assert [r["module"] for r in rows] == ["net.layers.0", "head"]
     assert sum(r["value"] for r in rows) == pytest.approx(total[0]["value"], rel=1e-12)
@@ -276,7 +276,7 @@ def test_flatness_cli_on_toy_and_convex_agrees_with_their_exact_metrics(tmp_path
         path = Path(made.output.strip())
         result = runner.invoke(app, ["flatness", str(path), "--measures", "all", "--at", "0,mid,end",
                                      "--trace-methods", "hutchpp,slq", "--hutchpp", "63", "--top-k", "2",
-                                     "--slq-steps", "21", "--points", "5", "--quiet"])
+                                     "--slq-steps", "5", "--points", "3", "--ascent-steps", "2", "--quiet"])
         assert result.exit_code == 0, result.output
         rows = _flatness_rows(path)
         assert {r["measure"] for r in rows} == set(MEASURES)
@@ -305,7 +305,8 @@ def test_flatness_cli_on_a_finetune_folder_and_bad_input(tiny_mlm, tmp_path):
         assert result.exit_code != 0 and says in result.output and result.output.startswith("error:"), result.output
         assert not (path / "flatness.csv").exists()
     result = runner.invoke(app, ["flatness", str(path), "--measures", "trace,modules,sharpness,landscape",
-                                 "--m", "8", "--points", "3", "--probes", "2", "--hutchpp", "3", "--quiet"])
+                                 "--m", "8", "--points", "3", "--probes", "2", "--hutchpp", "3", "--ascent-steps", "1",
+                                 "--quiet"])
     assert result.exit_code == 0, result.output
     rows = _flatness_rows(path)
     assert {(r["run_id"], r["step"]) for r in rows} == {(run, s) for run in ("gd-lr0.05-s0", "zo-lam0.002-lr0.01-s0")
