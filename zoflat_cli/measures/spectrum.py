@@ -14,7 +14,6 @@ slq:              stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017; Ghorba
 
 import numpy as np
 import torch
-from scipy.sparse.linalg import LinearOperator, eigsh
 
 from zoflat_cli.measures.subject import flatten, gaussian, rademacher, unflatten
 
@@ -32,6 +31,8 @@ def flat_product(params, hessian_vector):
 
 def top_eigenvalues(params, hessian_vector, k: int, generator: torch.Generator, tol: float = 1e-4) -> list:
     """The k largest eigenvalues, largest first."""
+    from scipy.sparse.linalg import LinearOperator, eigsh  # here: scipy is not paid for at every start
+
     n = sum(p.numel() for p in params)
     if k >= n:
         raise ValueError(f"{k} eigenvalues of a {n}-parameter Hessian: ask for fewer than {n}")
