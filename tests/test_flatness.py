@@ -14,7 +14,7 @@ from zoflat_cli.cli import app
 from zoflat_cli.experiments import convex, finetune, toy
 from zoflat_cli.measures import hessian, landscape, sharpness, spectrum
 from zoflat_cli.measures.registry import MEASURES, Settings
-from zoflat_cli.measures.subject import module_of, rademacher, shifted
+from zoflat_cli.measures.subject import gaussian, module_of, rademacher, shifted
 
 runner = CliRunner()
 
@@ -399,3 +399,14 @@ def test_flatness_cli_on_a_decoder_lm_folder_with_lora(tiny_causal, tmp_path):
     assert {"plain-m4", "adaptive-m4"} <= {r["method"] for r in rows if r["measure"] == "sharpness"}
     # the LoRA subspace: its adapters sit in the two transformer blocks, and nothing else is measured
     assert {r["module"] for r in rows if r["measure"] == "modules"} == {"lm.transformer.h.0", "lm.transformer.h.1"}
+
+
+def test_the_fd_trace_of_a_subject_is_the_quadratic_form_of_its_gaussian_probe():
+    subject = TinySubject()
+    H = subject.exact_hessian()
+    before = [p.clone() for p in subject.params]
+    rows = MEASURES["trace"].compute(subject, Settings(probes=1, fd_delta=1e-4, trace_methods=("fd",)),
+                                     lambda name: gen(9))
+    u = torch.cat([t.reshape(-1) for t in gaussian(subject.params, gen(9))])
+    assert rows[0]["value"] == pytest.approx(float(u @ H @ u), rel=1e-5)
+    assert all(torch.equal(p, q) for p, q in zip(subject.params, before))

@@ -100,7 +100,6 @@ class BatchedSubject:
         raise NotImplementedError("batched problems have no m-sharpness")
 
 
-
 class BatchedGroup:
     """Runs that share one preset, update rule, direction law and sample count, as batched tensors."""
 

@@ -92,17 +92,24 @@ def top_eigenvalue(params, hessian_vector, iters: int, generator: torch.Generato
     return value
 
 
+def second_differences(loss, moves, delta: float) -> tuple:
+    """(f(x+δu) + f(x-δu) - 2f(x)) / δ² per probe: moves yields, per probe u, move(scale), a context
+    manager in which loss() is evaluated at x + scale·u."""
+    f0 = float(loss())
+    values = []
+    for move in moves:
+        with move(delta):
+            f_plus = float(loss())
+        with move(-delta):
+            f_minus = float(loss())
+        values.append((f_plus + f_minus - 2 * f0) / delta**2)  # python floats: float64
+    return mean_stderr(values)
+
+
 @torch.no_grad()
 def finite_difference(directions, loss, keys, delta: float) -> tuple:
     """directions: a ParameterDirections over the parameters and the module that uses them, keys
     its probe directions; loss() evaluates the module. The probes are formed on the fly
     (directions.perturbed), so estimating never writes, let alone moves, the parameters."""
-    f0 = float(loss())
-    values = []
-    for key in keys:
-        with directions.perturbed([(key, delta)]):
-            f_plus = float(loss())
-        with directions.perturbed([(key, -delta)]):
-            f_minus = float(loss())
-        values.append((f_plus + f_minus - 2 * f0) / delta**2)  # python floats: float64
-    return mean_stderr(values)
+    return second_differences(loss, (lambda scale, key=key: directions.perturbed([(key, scale)]) for key in keys),
+                              delta)

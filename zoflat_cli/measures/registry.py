@@ -91,17 +91,14 @@ def trace(subject, settings: Settings, generators, start=None) -> list:
 
 
 def forward_difference_trace(subject, probes: int, delta: float, generator) -> tuple:
-    """(f(x+δu) + f(x−δu) − 2f(x)) / δ², u ~ N(0, I): the forward-only estimator on any subject."""
-    f0 = subject.loss()
-    values = []
-    for _ in range(probes):
-        u = gaussian(subject.params, generator)
-        sides = []
-        for sign in (1.0, -1.0):
-            with shifted(subject.params, [sign * delta * x for x in u]):
-                sides.append(subject.loss())
-        values.append((sides[0] + sides[1] - 2 * f0) / delta**2)
-    return hessian.mean_stderr(values)
+    """The forward-only estimator (hessian.second_differences) on any subject, u ~ N(0, I), each
+    probe drawn when it is taken."""
+    def moves():
+        for _ in range(probes):
+            u = gaussian(subject.params, generator)
+            yield lambda scale, u=u: shifted(subject.params, [scale * x for x in u])
+
+    return hessian.second_differences(subject.loss, moves(), delta)
 
 
 def eigenvalues(subject, settings: Settings, generators, start=None) -> list:
