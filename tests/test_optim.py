@@ -12,6 +12,7 @@ from zoflat_cli.engine.model import run_hyper
 from zoflat_cli.optim import directions as laws
 from zoflat_cli.optim.directions import DirectionStream
 from zoflat_cli.optim.parameters import ParameterDirections
+from zoflat_cli.optim.structured import Structure, matrix_view
 from zoflat_cli.engine.batched import estimate
 from zoflat_cli.optim.estimators import ESTIMATORS
 from zoflat_cli.optim.inplace import InPlaceOptimizer
@@ -118,14 +119,19 @@ def test_in_place_chunked_draws_equal_the_batched_draws(law, unit, monkeypatch):
     shapes = [(3, 4), (5,), (2, 3, 2)]
     params = [torch.zeros(s) for s in shapes]
     dim = sum(p.numel() for p in params)
-    stream = DirectionStream([11, 12], 2, dim, law, torch.float64, CPU, start_step=5)
-    stream.next()
-    u = stream.next()  # step 6
-    d = ParameterDirections(params, law)
+    structure = Structure(law, tuple(matrix_view(s) for s in shapes), 2, 4) if law in laws.STRUCTURED else None
+    stream = DirectionStream([11, 12], 2, dim, law, torch.float64, CPU, start_step=3, structure=structure)
+    for _ in range(3):
+        stream.next()
+    u = stream.next()  # step 6, its lowrank V or subspace drawn for steps 4..7 (period 4)
+    d = ParameterDirections(params, law, rank=2, period=4)
     for sample in range(2):
         z = torch.cat([t.reshape(-1) for t in d.draw((direction_base(12, sample), 6), torch.float64)])
-        torch.testing.assert_close(z, u[sample, 1], rtol=1e-6, atol=1e-6)  # float32 draws, scaled in float64
-    again = ParameterDirections(params, law)
+        if structure is None:
+            torch.testing.assert_close(z, u[sample, 1], rtol=1e-6, atol=1e-6)  # float32 draws, scaled in float64
+        else:  # a matrix's rows cut by chunks of 7 are made alone: still bit for bit the whole's
+            assert torch.equal(z, u[sample, 1])
+    again = ParameterDirections(params, law, rank=2, period=4)
     assert torch.equal(torch.cat([t.reshape(-1) for t in again.draw((123, 0))]),
                        torch.cat([t.reshape(-1) for t in d.draw((123, 0))]))
 
@@ -156,8 +162,8 @@ def test_fwd_grad_equals_the_directional_derivative_from_autograd():
     # in place, on a model: the JVP of the model's loss
     model = BatchedAsModel(problem, x[0])
     d = ParameterDirections(model.params, module=model)
-    z = d.draw((5, 0))[0]
-    assert model.jvp([z]) == pytest.approx(float(z @ grad), rel=1e-12)
+    z = d.draw((5, 0))
+    assert model.jvp(z) == pytest.approx(float(torch.cat([t.reshape(-1) for t in z]) @ grad), rel=1e-12)
 
 
 def test_one_sided_error_is_first_order_and_two_point_second_order():
@@ -176,25 +182,29 @@ def test_one_sided_error_is_first_order_and_two_point_second_order():
 
 # ---------------------------------------------------------------- one core, two paths
 
-def run_spec(preset: str, law="gaussian", samples=1) -> RunSpec:
-    values = {"lambda": 0.05, "rho": 0.05, "tilt": 1.0, **UPDATE_DEFAULTS}
-    lr = {"zo-sign": 1e-3, "zo-adam": 1e-3, "zo-momentum": 1e-3}.get(preset, 0.01)
-    hyper = tuple((h, values[h]) for h in hyper_names(preset, PRESETS[preset].update))
+def run_spec(preset: str, law=None, samples=1) -> RunSpec:
+    law = law or PRESETS[preset].law
+    values = {"lambda": 0.05, "rho": 0.05, "tilt": 1.0, **UPDATE_DEFAULTS, "rank": 2, "period": 7, "sparsity": 0.5,
+              "hessian_smooth": 0.01}
+    lr = {"zo-sign": 1e-3, "zo-adam": 1e-3, "zo-momentum": 1e-3, "fzoo": 1e-3}.get(preset, 0.01)
+    hyper = tuple((h, values[h]) for h in hyper_names(preset, PRESETS[preset].update, law))
     return RunSpec(preset, lr, 7, samples, hyper, law)
 
 
-@pytest.mark.parametrize("law", ["gaussian", "sphere"])
+@pytest.mark.parametrize("law", ["own", "sphere"])
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_every_preset_follows_the_same_trajectory_batched_and_in_place(preset, law):
-    if law != "gaussian" and not PRESETS[preset].uses_directions:
-        pytest.skip("no directions")
+    """60 steps of the toy (blocks y, z seen as 2×3 matrices) batched and in place agree to 1e-9."""
+    if law != "own" and (not PRESETS[preset].uses_directions or PRESETS[preset].law != "gaussian"):
+        pytest.skip("no directions, or a law of its own")
     problem, steps = ToyProblem(6), 60
-    run = run_spec(preset, law, samples=PRESETS[preset].samples if preset == "zest" else 2)
+    run = run_spec(preset, None if law == "own" else law, samples=PRESETS[preset].samples if preset in ("zest", "fzoo") else 2)
     (group,) = make_groups(problem, [run], torch.float64, CPU)
     model = BatchedAsModel(problem, group.x[0])
     start = model.loss()
-    optimizer = InPlaceOptimizer(ParameterDirections(model.params, law, model), estimator_of(preset),
-                                 get_update(run.rule), run_hyper(run))
+    optimizer = InPlaceOptimizer(ParameterDirections(model.params, run.directions, model, run.value("rank") or 1,
+                                                     run.value("period") or 1),
+                                 estimator_of(preset), get_update(run.rule), run_hyper(run))
     with torch.inference_mode():
         for step in range(steps):
             group.step(step)
@@ -203,6 +213,11 @@ def test_every_preset_follows_the_same_trajectory_batched_and_in_place(preset, l
         optimizer.step(model, keys, step + 1)
     assert torch.isfinite(group.x).all() and float(problem.loss(group.x)[0]) < start  # it trained
     torch.testing.assert_close(model.x.detach(), group.x[0], rtol=1e-9, atol=1e-10)
+    if group.memory:  # and what the stateful estimators keep
+        if optimizer.curvature is not None:
+            torch.testing.assert_close(torch.cat(optimizer.curvature), group.memory[0][0], rtol=1e-9, atol=1e-12)
+        if optimizer.anchor is not None:
+            torch.testing.assert_close(torch.cat([a.reshape(-1) for a in optimizer.anchor]), group.memory[0][0])
 
 
 def test_every_update_rule_and_estimator_has_a_preset_or_a_flag():

@@ -19,9 +19,11 @@ from zoflat_cli.engine.live import LiveView
 from zoflat_cli.engine.loop import NUMERICAL_ERRORS, RunState, carried_over, drive, judge, measure_if_due, session
 from zoflat_cli.env import DTYPES, check_memory, resolve_device
 from zoflat_cli.errors import ZoflatError, describe
-from zoflat_cli.optim.directions import DirectionStream, stream_bytes
-from zoflat_cli.optim.estimators import Estimator, ascent_scale
-from zoflat_cli.optim.presets import HYPERPARAMETERS, estimator_of, evals_per_step
+from zoflat_cli.optim.directions import STRUCTURED, DirectionStream, stream_bytes
+from zoflat_cli.optim.estimators import (Estimator, ascent_scale, curvature_weights, hessian_informed, mask_thresholds,
+                                         sparse_mask)
+from zoflat_cli.optim.presets import HYPERPARAMETERS, estimator_of, evals_until
+from zoflat_cli.optim.structured import Structure, balanced
 from zoflat_cli.optim.updates import apply, get_update, state_to
 from zoflat_cli.runs.folder import RunFolder, create_run_dir, open_for_resume
 from zoflat_cli.runs.identity import check_checkpoint_step
@@ -64,11 +66,50 @@ def estimate(estimator: Estimator, problem, x, u, hyper) -> torch.Tensor:
     if estimator.query == "directional":
         values = directional_derivatives(problem, x, u, estimator.jvp)[None, ..., None]
         return _combine(estimator.coefficients(values, None, hyper), u)
+    return _combine(loss_coefficients(estimator, problem, x, u, hyper)[0], u)
+
+
+def loss_coefficients(estimator: Estimator, problem, x, u, hyper) -> tuple:
+    """(coefficients (samples, runs, 1), loss values (offsets, samples, runs, 1), f(x) or None) of a
+    "loss" estimator at x along u."""
     offsets = _offsets(estimator.offsets, x.dtype, x.device)
     points = torch.addcmul(x, offsets * hyper["lambda"], u)  # (offsets, samples, runs, dim): one call
     values = problem.loss(points).unsqueeze(-1)
     center = problem.loss(x).unsqueeze(-1) if estimator.center else None
-    return _combine(estimator.coefficients(values, center, hyper), u)
+    return estimator.coefficients(values, center, hyper), values, center
+
+
+def stateful_estimate(estimator: Estimator, problem, x, u, hyper, memory: tuple, step: int, period: int) -> tuple:
+    """(ĝ, new memory) of an estimator that keeps something between steps (optim/estimators.py):
+    Sparse MeZO its thresholds h, HiZOO its curvature D, MeZO-SVRG its anchor, the anchor's
+    directions and their coefficients."""
+    if estimator.scaling == "mask":
+        return estimate(estimator, problem, x, u * sparse_mask(x, memory[0]), hyper), memory
+    if estimator.scaling == "curvature":
+        c, values, center = loss_coefficients(estimator, problem, x, u * memory[0].rsqrt(), hyper)
+        g, curvature = hessian_informed(memory[0], u, c, curvature_weights(values, center, hyper),
+                                        hyper["hessian_smooth"])
+        return g, (curvature,)
+    c = loss_coefficients(estimator, problem, x, u, hyper)[0]
+    if step % period == 0:  # a new anchor: its estimate is the step (x̄ = x)
+        return _combine(c, u), (x.clone(), u.clone(), c)
+    anchor, anchor_u, anchor_c = memory
+    return _combine(c - loss_coefficients(estimator, problem, anchor, u, hyper)[0], u) + _combine(anchor_c, anchor_u), memory
+
+
+def initial_memory(estimator: Estimator, x, hyper, blocks: list, samples: int) -> tuple:
+    """What a stateful estimator keeps, at the runs' starting points x (runs, dim)."""
+    if estimator.scaling == "mask":  # per run and block, from its starting weights
+        h = torch.empty_like(x)
+        for r in range(x.shape[0]):
+            for block in blocks:
+                h[r, block] = mask_thresholds(x[r, block], float(hyper["sparsity"][r]))
+        return (h,)
+    if estimator.scaling == "curvature":
+        return (torch.ones_like(x),)
+    if estimator.anchored:  # filled at step 0 (an anchor step)
+        return (torch.zeros_like(x), x.new_zeros(samples, *x.shape), x.new_zeros(samples, x.shape[0], 1))
+    return ()
 
 
 # ---------------------------------------------------------------- groups of runs as tensors
@@ -109,6 +150,11 @@ class BatchedGroup:
         self.problem = problem.bind(runs)  # the problem as seen by these runs (e.g. their seeds' features)
         self.runs = runs
         self.estimator, self.rule = estimator_of(first.optimizer), get_update(first.rule)
+        self.period = int(first.value("period") or 1)
+        # a structured law sees each block of the parameter vector as its most nearly square matrix
+        self.structure = None if first.directions not in STRUCTURED else Structure(
+            first.directions, tuple(balanced(s.stop - s.start) for s in problem.blocks.values()), int(first.value("rank")),
+            self.period)
         # initial points are drawn on the CPU so every device starts from the same place
         cpu = torch.device("cpu")
         self.x = torch.stack([problem.init(generator(r.seed, "init", cpu), dtype, cpu) for r in runs]).to(device)
@@ -123,9 +169,9 @@ class BatchedGroup:
         self.transform = self.rule.build(weight_decay=decay)
         self.plain_sgd = self.rule.name == "sgd" and not decay  # the fast path: one addcmul
         self.state = self.transform.init(self.x)
+        self.memory = initial_memory(self.estimator, self.x, self.hyper, list(problem.blocks.values()), first.samples)
         self.dtype, self.device = dtype, device
         self.directions, self.steps = None, steps  # directions are drawn up to `steps` (None: on and on)
-        self.evals_per_step = evals_per_step(first.optimizer, first.rule, first.samples)
         # the theory predicts from the initial point (also when the group resumes later on)
         self.initial_metrics = self.problem.metrics(self.x, 0) if self.problem.theory is not None else None
 
@@ -134,9 +180,14 @@ class BatchedGroup:
         if self.estimator.uses_directions and self.directions is None:
             first = self.runs[0]
             self.directions = DirectionStream([r.seed for r in self.runs], first.samples, self.x.shape[-1], first.directions,
-                                              self.dtype, self.device, start_step=step, end_step=self.steps)
+                                              self.dtype, self.device, start_step=step, end_step=self.steps,
+                                              structure=self.structure)
         u = self.directions.next() if self.directions else None
-        g = estimate(self.estimator, self.problem, self.x, u, self.hyper)
+        if self.memory:
+            g, self.memory = stateful_estimate(self.estimator, self.problem, self.x, u, self.hyper, self.memory, step,
+                                               self.period)
+        else:
+            g = estimate(self.estimator, self.problem, self.x, u, self.hyper)
         if self.plain_sgd:
             self.x.addcmul_(self.hyper["lr"], g, value=-1.0)
             return
@@ -177,8 +228,10 @@ class BatchedGroup:
 
 
 def group_kind(run) -> tuple:
-    """What the runs of one group share: (optimizer, update rule, direction law, samples)."""
-    return run.optimizer, run.rule, run.directions, run.samples
+    """What the runs of one group share: (optimizer, update rule, direction law, samples, and the
+    hyperparameters that shape the directions or the anchors' schedule)."""
+    return (run.optimizer, run.rule, run.directions, run.samples,
+            tuple((k, v) for k, v in run.hyper if HYPERPARAMETERS[k].structural))
 
 
 def make_groups(problem, runs, dtype, device, steps: int = None) -> list:
@@ -230,7 +283,8 @@ class Trainer:
         if self.folder is None:
             return
         self.folder.save_checkpoint(CHECKPOINT, {
-            "step": step, "groups": {g.key(): {"x": g.x.cpu(), "state": state_to(g.state, "cpu")} for g in self.groups}},
+            "step": step, "groups": {g.key(): {"x": g.x.cpu(), "state": state_to(g.state, "cpu"),
+                                               "memory": state_to(g.memory, "cpu")} for g in self.groups}},
             self.run_ids())
 
     def restore(self, logged_rows: list, live) -> int:
@@ -247,11 +301,12 @@ class Trainer:
                 entry = saved["groups"][group.key()]
                 if entry["x"].shape != group.x.shape:
                     raise ValueError(f"parameters of shape {tuple(entry['x'].shape)}, not {tuple(group.x.shape)}")
-                restored.append((entry["x"].to(group.device), state_to(entry["state"], group.device)))
+                restored.append((entry["x"].to(group.device), state_to(entry["state"], group.device),
+                                 state_to(entry.get("memory", ()), group.device)))
         except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as err:
             raise ZoflatError(f"{path} is damaged ({describe(err)}); delete it to start its runs over") from None
-        for group, (x, state) in zip(self.groups, restored):
-            group.x, group.state = x, state
+        for group, (x, state, memory) in zip(self.groups, restored):
+            group.x, group.state, group.memory = x, state, memory
         step = saved["step"]
         earlier = [float(r["wall_s"]) for r in logged_rows if int(r["step"]) <= step]
         self.wall_offset = max(earlier, default=0.0)
@@ -273,7 +328,7 @@ class Trainer:
                     continue
                 judge(state, step, ok[i], self.steps)
                 row = run.columns()
-                row.update(step=step, wall_s=round(wall_s, 3), n_evals=step * group.evals_per_step)
+                row.update(step=step, wall_s=round(wall_s, 3), n_evals=evals_until(run, step))
                 row.update({n: table[k][i] for k, n in enumerate(names)})
                 rows.append(row)
                 if self.config is not None and state.status != "diverged":

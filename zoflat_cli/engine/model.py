@@ -20,7 +20,7 @@ from zoflat_cli.engine.loop import NUMERICAL_ERRORS, RunState, carried_over, dri
 from zoflat_cli.errors import ZoflatError, describe
 from zoflat_cli.optim.inplace import InPlaceOptimizer
 from zoflat_cli.optim.parameters import ParameterDirections
-from zoflat_cli.optim.presets import HYPERPARAMETERS, estimator_of, evals_per_step, get_preset
+from zoflat_cli.optim.presets import HYPERPARAMETERS, estimator_of, evals_until, get_preset
 from zoflat_cli.optim.updates import get_update
 from zoflat_cli.runs.folder import RunFolder, create_run_dir
 from zoflat_cli.runs.identity import check_checkpoint_step, identity
@@ -32,7 +32,8 @@ def checkpoint_name(run_id: str) -> str:
 
 
 def update_log(folder: RunFolder, run) -> UpdateLog:
-    return UpdateLog(update_log_path(folder.path, run.run_id), run.samples, identity(folder.summary, [run.run_id]))
+    return UpdateLog(update_log_path(folder.path, run.run_id), run.samples, identity(folder.summary, [run.run_id]),
+                     estimator_of(run.optimizer).extra)
 
 
 def run_hyper(run) -> dict:
@@ -77,12 +78,12 @@ class ModelRunner:
     def __init__(self, problem, run, config, folder: RunFolder, state: RunState, on_log):
         self.problem, self.run, self.config, self.folder = problem, run, config, folder
         self.state, self.on_log = state, on_log
-        self.directions = ParameterDirections(problem.params, run.directions, problem.model)
+        self.directions = ParameterDirections(problem.params, run.directions, problem.model, run.value("rank") or 1,
+                                              run.value("period") or 1)
         self.optimizer = InPlaceOptimizer(self.directions, estimator_of(run.optimizer), get_update(run.rule),
                                           run_hyper(run))
         self.replayable = get_preset(run.optimizer).uses_directions  # its steps are a few logged numbers
         self.updates = update_log(folder, run)
-        self.evals_per_step = evals_per_step(run.optimizer, run.rule, run.samples)
         self.wall_offset = 0.0
         self.passes_offset = 0.0
 
@@ -105,8 +106,9 @@ class ModelRunner:
         if previous:  # carry the counters on, counting the replayed steps' forward passes
             last = previous[-1]
             self.wall_offset = float(last["wall_s"])
-            self.passes_offset = float(last["forward_passes"]) + (step - int(last["step"])) * self.evals_per_step * (
-                self.problem.batch_fraction(self.config.batch_size))
+            fraction = self.problem.batch_fraction(self.config.batch_size)
+            self.passes_offset = float(last["forward_passes"]) + evals_until(self.run, step, fraction) - evals_until(
+                self.run, int(last["step"]), fraction)
         return step
 
     def load_checkpoint(self, after: int = -1, until: int = None) -> int:
@@ -182,7 +184,7 @@ class ModelRunner:
 
     def log(self, step: int) -> bool:
         row = self.run.columns()
-        row.update(step=step, wall_s=None, n_evals=step * self.evals_per_step)
+        row.update(step=step, wall_s=None, n_evals=evals_until(self.run, step))
         row.update(self.problem.metrics(self.run.seed, step))
         row["forward_passes"] = round(self.passes_offset + self.problem.forward_passes, 3)
         row["wall_s"] = round(self.wall_offset + time.perf_counter() - self._began, 3)

@@ -27,7 +27,7 @@ import yaml
 from zoflat_cli.errors import ZoflatError
 from zoflat_cli.measures.registry import measure_names
 from zoflat_cli.optim.directions import LAWS
-from zoflat_cli.optim.presets import HYPERPARAMETERS, PRESETS, SAMPLES, get_preset, hyper_names
+from zoflat_cli.optim.presets import DIRECTIONS, HYPERPARAMETERS, PRESETS, SAMPLES, get_preset, hyper_names
 from zoflat_cli.optim.updates import UPDATES, get_update
 from zoflat_cli.runs.spec import RunSpec
 from zoflat_cli.runs.trackers import LOGGERS
@@ -111,7 +111,7 @@ SHARED = {
     "lr": per_optimizer("number", "Step size: 0.01, a sweep 0.01,0.001, or per optimizer gd=0.01 (repeatable)."),
     "samples": per_optimizer("int", "Directions averaged per step by ZO-type optimizers (n independent estimates).",
                              SAMPLES),
-    "directions": per_optimizer("text", "Direction law: " + ", ".join(LAWS) + " (a sweep, or zo=sphere).", "gaussian"),
+    "directions": per_optimizer("text", "Direction law: " + ", ".join(LAWS) + " (a sweep, or zo=sphere).", DIRECTIONS),
     "update": per_optimizer("text", "Update rule instead of the optimizer's own: " + ", ".join(UPDATES)
                             + " (or zo=adam).", None),  # None: each optimizer's own rule
     **{name: per_optimizer("number", hyper.help, hyper.default) for name, hyper in HYPERPARAMETERS.items()},
@@ -321,7 +321,8 @@ def _check_value(key: str, value):
         return
     hyper = HYPERPARAMETERS.get(key)
     # lr = 0 is a drift check: the weights must not move (in any dtype)
-    _check_positive(key, value, integer=(key == "samples"), zero_ok=key == "lr" or bool(hyper and hyper.zero_ok))
+    _check_positive(key, value, integer=key == "samples" or bool(hyper and hyper.integer),
+                    zero_ok=key == "lr" or bool(hyper and hyper.zero_ok))
     if hyper and hyper.below_one and value >= 1:
         raise ZoflatError(f"{key} must be < 1, got {value!r}")
     if key == "samples" and value > MAX_SAMPLES:
@@ -371,6 +372,10 @@ def validate(config: dict, settings: dict) -> dict:
     for run in runs_from(config):
         if get_update(run.rule).conservative and run.value("weight_decay"):
             raise ZoflatError(f"{run.run_id}: the conservative update takes no weight decay")
+        estimator = get_preset(run.optimizer).estimator
+        if get_update(run.rule).conservative and estimator in ("hessian", "svrg"):
+            raise ZoflatError(f"{run.run_id}: the conservative update cannot undo {run.optimizer}'s own state; "
+                              f"choose another update")
     return config
 
 
@@ -383,7 +388,8 @@ def _uses(config: dict, preset, key: str) -> bool:
         return preset.uses_directions
     if key in ("lr", "update"):
         return True
-    return any(key in hyper_names(preset.name, u) for u in _updates(config, preset))
+    laws = values_for(config, "directions", preset.name) if preset.uses_directions else ["gaussian"]
+    return any(key in hyper_names(preset.name, u, law) for u in _updates(config, preset) for law in laws)
 
 
 def runs_from(config: dict) -> list:
@@ -392,10 +398,10 @@ def runs_from(config: dict) -> list:
         preset = get_preset(name)
         samples = values_for(config, "samples", name) if preset.uses_directions else [1]
         laws = values_for(config, "directions", name) if preset.uses_directions else ["gaussian"]
-        for update in _updates(config, preset):
-            grids = [values_for(config, "lr", name), config["seeds"], samples, laws]
-            grids += [[(h, float(v)) for v in values_for(config, h, name)] for h in hyper_names(name, update)]
-            for lr, seed, n, law, *hyper in itertools.product(*grids):
+        for update, law in itertools.product(_updates(config, preset), laws):
+            grids = [values_for(config, "lr", name), config["seeds"], samples]
+            grids += [[(h, float(v)) for v in values_for(config, h, name)] for h in hyper_names(name, update, law)]
+            for lr, seed, n, *hyper in itertools.product(*grids):
                 runs.append(RunSpec(name, float(lr), seed, int(n), tuple(hyper), law,
                                     None if update == preset.update else update))
     # settings vary slowest, seeds fastest: runs of one setting sit together

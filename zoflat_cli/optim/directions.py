@@ -16,6 +16,8 @@ Laws (each with E[u] = 0 and E[uuᵀ] = I):
   rademacher  u_j = ±1 with probability 1/2 each
   sphere      u uniform on the sphere of radius √d: a Gaussian draw times √d/‖g‖; in place the norm
               needs every chunk, so it is one extra draw-only pass per direction, computed once and cached.
+  lowrank, subspace   a low-rank or subspace matrix per weight matrix (LOZO, SubZero): structured.py,
+              assembled from Gaussian factors drawn by this same convention.
 """
 
 import functools
@@ -27,7 +29,8 @@ import torch
 
 from zoflat_cli.streams import direction_base, mix_array
 
-LAWS = ("gaussian", "rademacher", "sphere")
+STRUCTURED = ("lowrank", "subspace")  # laws over matrices (structured.py)
+LAWS = ("gaussian", "rademacher", "sphere", *STRUCTURED)
 UNIT = 1 << 14  # vectors up to this length are packed several to a seeding
 CHUNK = 1 << 19  # numbers per seeding of longer ones: 2 MiB of float32 scratch per thread in place
 # Bumped whenever the numbers drawn for a direction change: run folders record it, --resume checks it.
@@ -94,14 +97,18 @@ class DirectionStream:
     directions (common random numbers), whatever else is in the group."""
 
     def __init__(self, seeds, samples: int, dim: int, law: str, dtype, device, start_step: int = 0,
-                 end_step: int = None):
+                 end_step: int = None, structure=None):
         self.unique = list(dict.fromkeys(seeds))
         index = {s: i for i, s in enumerate(self.unique)}
         self.rows = torch.tensor([index[s] for s in seeds], device=device)
         self.shared = len(self.unique) == len(seeds)  # no index_select needed
         self.bases = [[direction_base(s, i) for s in self.unique] for i in range(samples)]
         self.samples, self.dim, self.law, self.dtype, self.device = samples, dim, law, dtype, device
-        self.units, self.per_unit = layout(dim)
+        # a structured law (structured.Structure) draws its step's Gaussian factors here, then assembles them
+        self.structure = structure
+        self.drawn = dim if structure is None else sum(structure.fast_sizes())
+        self.fill = "gaussian" if structure is not None else law
+        self.units, self.per_unit = layout(self.drawn)
         self.block = block_steps(len(self.unique), samples, dim)
         self.end = end_step  # None: no last step (the stream draws on)
         self.gen = torch.Generator(device=device)
@@ -113,19 +120,19 @@ class DirectionStream:
 
     def _draw(self, first: int) -> torch.Tensor:
         """Steps first .. first + count - 1 as (steps, samples, runs, dim) in the run's dtype."""
-        count, per = self._count(first), self.per_unit
-        g = torch.empty(count, self.samples, len(self.unique), self.dim, dtype=torch.float32, device=self.device)
-        if self.dim <= UNIT:  # whole units of `per` steps, sliced to [first, first + count)
+        count, per, dim = self._count(first), self.per_unit, self.drawn
+        g = torch.empty(count, self.samples, len(self.unique), dim, dtype=torch.float32, device=self.device)
+        if dim <= UNIT:  # whole units of `per` steps, sliced to [first, first + count)
             u0, u1 = first // per, (first + count - 1) // per
-            scratch = torch.empty(u1 - u0 + 1, per * self.dim, dtype=torch.float32, device=self.device)
+            scratch = torch.empty(u1 - u0 + 1, per * dim, dtype=torch.float32, device=self.device)
             skip = first - u0 * per
             for i, bases in enumerate(self.bases):
                 for r, base in enumerate(bases):
                     seeds = mix_array(np.uint64(base), np.arange(u0, u1 + 1, dtype=np.uint64)).tolist()
                     for unit, seed in zip(scratch, seeds):
                         self.gen.manual_seed(seed)
-                        fill(unit, self.law, self.gen)
-                    g[:, i, r] = scratch.view(-1, self.dim)[skip:skip + count]
+                        fill(unit, self.fill, self.gen)
+                    g[:, i, r] = scratch.view(-1, dim)[skip:skip + count]
         else:  # each step its own units
             units = np.arange(first * self.units, (first + count) * self.units, dtype=np.uint64)
             for i, bases in enumerate(self.bases):
@@ -133,7 +140,9 @@ class DirectionStream:
                     for k, seed in enumerate(mix_array(np.uint64(base), units).tolist()):
                         step, part = divmod(k, self.units)
                         self.gen.manual_seed(seed)
-                        fill(g[step, i, r, part * CHUNK:(part + 1) * CHUNK], self.law, self.gen)
+                        fill(g[step, i, r, part * CHUNK:(part + 1) * CHUNK], self.fill, self.gen)
+        if self.structure is not None:
+            g = self.structure.assemble_steps(g, first, self.bases, self.device)
         u = g.to(self.dtype)  # (steps, samples, runs, dim): one contiguous block per step
         if self.law == "sphere":  # √d/‖g‖ per direction, from the float32 draw's norm in float64
             u *= (self.dim / g.double().square().sum(-1, keepdim=True)).sqrt().to(self.dtype)

@@ -15,7 +15,8 @@ the rule's state come out bit-identical.
 import torch
 
 from zoflat_cli.optim.directions import work_dtype
-from zoflat_cli.optim.estimators import Estimator, ascent_scale
+from zoflat_cli.optim.estimators import (Estimator, anchor_step, ascent_scale, curvature_weights, hessian_informed,
+                                         mask_thresholds, sparse_mask)
 from zoflat_cli.optim.parameters import copy_into, dot
 from zoflat_cli.optim.updates import UpdateRule, apply, state_to
 
@@ -28,12 +29,26 @@ class InPlaceOptimizer:
         self.directions, self.estimator, self.rule, self.hyper = directions, estimator, rule, hyper
         self.params = directions.params
         self.transform = rule.build(weight_decay=bool(hyper.get("weight_decay")))
-        self.fused = rule.name in ("sgd", "conservative") and not hyper.get("weight_decay")
+        self.fused = (rule.name in ("sgd", "conservative") and not hyper.get("weight_decay")
+                      and estimator.scaling != "curvature")
         self.work_dtype = work_dtype(self.params[0].dtype)
         self.state = None if self.fused else [
             self.transform.init(torch.zeros(pieces[-1][3], dtype=self.work_dtype, device=device))
             for pieces, device in zip(directions.chunks, directions.chunk_devices)]
         self._coef_hyper = {k: torch.tensor(float(v), dtype=torch.float64) for k, v in hyper.items()}
+        # what a stateful estimator keeps (optim/estimators.py): Sparse MeZO's thresholds (per tensor, from the
+        # starting weights), HiZOO's curvature D (per chunk), MeZO-SVRG's anchor (a copy of the weights)
+        self.period = int(hyper.get("period") or 1)
+        self.curvature, self.anchor, self.anchor_coefs = None, None, None
+        if estimator.scaling == "mask":
+            thresholds = [mask_thresholds(p, hyper["sparsity"]) for p in self.params]
+            directions.multiplier = lambda index: torch.cat([
+                sparse_mask(v.to(self.work_dtype), thresholds[i])
+                for v, (i, *_) in zip(directions.param_views[index], directions.chunks[index])])
+        elif estimator.scaling == "curvature":
+            self.curvature = [torch.ones(pieces[-1][3], dtype=self.work_dtype, device=device)
+                              for pieces, device in zip(directions.chunks, directions.chunk_devices)]
+            directions.multiplier = lambda index: self.curvature[index].rsqrt()
 
     # -- one step
 
@@ -46,12 +61,19 @@ class InPlaceOptimizer:
         replay = logged is not None
         before = model.loss() if self.rule.conservative and not replay else None
         grads, coefs = None, None
+        if est.anchored and keys[0][1] % self.period == 0:  # a new anchor x̄ = x (also when replaying)
+            self.anchor = [p.detach().clone() for p in self.params]
         if replay:
             coefs = logged[0]
+        elif est.anchored:
+            coefs = self._anchored(model, keys)
         elif est.query == "loss":
             center = (before if before is not None else model.loss()) if est.center else None
             at = [[self._loss_at(model, [(key, offset * lam)]) for offset in est.offsets] for key in keys]
             coefs = self._coefficients([list(v) for v in zip(*at)], center)  # [offsets][keys]
+            if est.scaling == "curvature":  # then each direction's curvature weight
+                coefs += curvature_weights(torch.tensor([list(v) for v in zip(*at)], dtype=torch.float64),
+                                           torch.tensor(center, dtype=torch.float64), self._coef_hyper).tolist()
         elif est.query == "directional":
             with torch.enable_grad():
                 gradient = None if est.jvp else [g.detach() for g in model.gradient()]
@@ -61,23 +83,54 @@ class InPlaceOptimizer:
         if est.query == "gradient":
             with torch.enable_grad():
                 grads = self._gradient(model)
+        terms = []
+        if coefs is not None:
+            if est.anchored:
+                self.anchor_coefs = coefs[len(keys):]
+            self._weights = coefs[len(keys):]  # HiZOO's curvature weights
+            terms = self._terms(keys, coefs)
         virtual = grads is None and self.fused  # a candidate x − lr·ĝ can be judged without writing it
         if self.rule.conservative and not virtual:  # move, judge, and undo a rejected move
-            self._update(keys, coefs, grads, count)
+            self._update(terms, grads, count)
             accepted = logged[1] if replay else model.loss() < before
             if not accepted:
-                self._move(keys, coefs, grads, lr)
+                self._move(terms, grads, lr)
             return coefs, accepted
         accepted = True
         if self.rule.conservative:  # the move is kept only if it lowers the loss
-            accepted = logged[1] if replay else self._loss_at(model, [(k, -lr * c) for k, c in zip(keys, coefs)]) < before
+            accepted = logged[1] if replay else self._loss_at(model, [(k, -lr * c) for k, c in terms]) < before
         if accepted:
-            self._update(keys, coefs, grads, count)
+            self._update(terms, grads, count)
         return coefs, accepted
 
-    def _loss_at(self, model, terms) -> float:
-        with self.directions.perturbed(terms):
-            return model.loss()
+    def _terms(self, keys, coefs) -> list:
+        """[(key, c)]: the move is x − lr·Σ c·z(key) (before a rule's transform). An anchored step's also
+        holds the anchor's directions with their coefficients, kept after the step's own."""
+        n = len(keys)
+        if not self.estimator.anchored:
+            return list(zip(keys, coefs[:n]))
+        at = anchor_step(keys[0][1], self.period)
+        own = [] if keys[0][1] == at else list(zip(keys, coefs[:n]))
+        return own + [((base, at), c) for (base, _), c in zip(keys, coefs[n:])]
+
+    def _anchored(self, model, keys) -> list:
+        """MeZO-SVRG's coefficients: at an anchor step (0, c̃) with c̃ the two-point estimate on the whole
+        training set; after it (c - c̄, c̃) with c and c̄ two-point estimates at x and at the anchor x̄
+        on the step's batch, same directions."""
+        lam, n = self.hyper["lambda"], len(keys)
+        if keys[0][1] % self.period == 0:
+            at = [[self._loss_at(model, [(key, o * lam)], split="train") for o in (1, -1)] for key in keys]
+            self.anchor_coefs = self._coefficients([list(v) for v in zip(*at)], None)
+            return [0.0] * n + self.anchor_coefs
+        here = [[self._loss_at(model, [(key, o * lam)]) for o in (1, -1)] for key in keys]
+        there = [[self._loss_at(model, [(key, o * lam)], base=self.anchor) for o in (1, -1)] for key in keys]
+        c, c_anchor = self._coefficients([list(v) for v in zip(*here)], None), self._coefficients(
+            [list(v) for v in zip(*there)], None)
+        return [a - b for a, b in zip(c, c_anchor)] + self.anchor_coefs
+
+    def _loss_at(self, model, terms, split: str = "batch", base=None) -> float:
+        with self.directions.perturbed(terms, base):
+            return model.loss(split)
 
     def _coefficients(self, values, center) -> list:
         v = torch.tensor(values, dtype=torch.float64)
@@ -96,30 +149,37 @@ class InPlaceOptimizer:
             grads = ascent
         return grads
 
-    def _move(self, keys, coefs, grads, alpha: float):
+    def _move(self, terms, grads, alpha: float):
         """params += alpha · ĝ (the plain SGD move, or its undoing)."""
         if grads is not None:
             torch._foreach_add_(self.params, grads, alpha=alpha)
         else:
-            self.directions.add([(k, alpha * c) for k, c in zip(keys, coefs)])
+            self.directions.add([(k, alpha * c) for k, c in terms])
 
-    def _update(self, keys, coefs, grads, count: int):
+    def _update(self, terms, grads, count: int):
         lr = self.hyper["lr"]
         if self.fused:  # SGD: one pass
-            self._move(keys, coefs, grads, -lr)
+            self._move(terms, grads, -lr)
             return
         directions = self.directions
-        scaled = [] if grads is not None else [(k, c * directions.scale(k)) for k, c in zip(keys, coefs)]
+        scaled = [] if grads is not None else [(k, c * directions.scale(k)) for k, c in terms]
 
         def update_chunk(index):
             targets, device = directions.param_views[index], directions.chunk_devices[index]
             x = torch.cat([t.to(device, self.work_dtype) for t in targets])
             if grads is not None:
                 g = torch.cat([t.to(device, self.work_dtype) for t in directions.views(grads, index)])
+            elif self.curvature is not None:  # HiZOO: D and the step together, from the drawn z
+                g, self.curvature[index] = hessian_informed(
+                    self.curvature[index], (directions.chunk(k, index).to(self.work_dtype) * directions.scale(k)
+                                            for k, _ in terms), [c for _, c in terms], self._weights,
+                    self.hyper["hessian_smooth"])
             else:
                 g = torch.zeros_like(x)
                 for key, c in scaled:
                     g.add_(directions.chunk(key, index), alpha=c)
+                if directions.multiplier is not None:
+                    g *= directions.multiplier(index)
             x, new_state = apply(self.transform, x, g, self.state[index], self.hyper, count)
             self.state[index] = new_state
             copy_into(targets, list(x.split([t.numel() for t in targets])))
@@ -129,8 +189,21 @@ class InPlaceOptimizer:
     # -- checkpoints
 
     def state_dict(self):
-        return None if self.state is None else [state_to(s, "cpu") for s in self.state]
+        rule = None if self.state is None else [state_to(s, "cpu") for s in self.state]
+        if self.curvature is None and self.anchor is None:
+            return rule  # as before stateful estimators
+        return {"rule": rule, "curvature": None if self.curvature is None else state_to(tuple(self.curvature), "cpu"),
+                "anchor": None if self.anchor is None else state_to(tuple(self.anchor), "cpu"),
+                "anchor_coefs": self.anchor_coefs}
 
     def load_state_dict(self, state):
+        if isinstance(state, dict):
+            devices = self.directions.chunk_devices
+            if state["curvature"] is not None:
+                self.curvature = [c.to(device) for c, device in zip(state["curvature"], devices)]
+            if state["anchor"] is not None:
+                self.anchor = [a.to(p.device) for a, p in zip(state["anchor"], self.params)]
+            self.anchor_coefs = state["anchor_coefs"]
+            state = state["rule"]
         if state is not None:
             self.state = [state_to(s, device) for s, device in zip(state, self.directions.chunk_devices)]

@@ -10,9 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from zoflat_cli.optim import directions as laws  # laws.UNIT and laws.CHUNK read at use (tests shrink them)
-from zoflat_cli.optim.directions import check_law, fill, layout, sphere_scale, work_dtype
-from zoflat_cli.streams import mix
+from zoflat_cli.optim.directions import STRUCTURED, check_law, fill, layout, sphere_scale, work_dtype
 from zoflat_cli.optim.probes import ForwardProbes
+from zoflat_cli.optim.structured import KeyFactors, Structure, matrix_view
+from zoflat_cli.streams import mix
 
 
 class ParameterDirections:
@@ -24,9 +25,15 @@ class ParameterDirections:
     A chunk spans many small tensors (biases, norms), so one draw and one fused multi-tensor add
     serve them all: on a GPU the pass costs a few kernel launches per chunk, not per tensor."""
 
-    def __init__(self, params, law: str = "gaussian", module=None):
+    def __init__(self, params, law: str = "gaussian", module=None, rank: int = 1, period: int = 1):
         self.params = list(params)
         self.law = check_law(law)
+        # lowrank, subspace: each matrix's numbers assembled from its factors (structured.py), kept per key
+        self.factors = None if law not in STRUCTURED else KeyFactors(
+            Structure(law, tuple(matrix_view(p.shape) for p in self.params), int(rank), int(period)), self.params[0].device)
+        # optional: chunk index -> the factors d of u = d ⊙ z over the chunk (a mask, a preconditioner), in the
+        # work dtype; the probes and add() apply it, set by the optimizer (inplace.py)
+        self.multiplier = None
         self.device = self.params[0].device
         self.numel = sum(p.numel() for p in self.params)
         # chunk = [(parameter index, start in the parameter, start, stop in the chunk)]: one cut for every
@@ -88,6 +95,10 @@ class ParameterDirections:
         (base, step), (units, per) = key, self.layout
         buffer, gen = self._scratch(self.chunk_devices[index])
         buffer = buffer if out is None else out
+        if self.factors is not None:
+            for i, start, offset, stop in self.chunks[index]:
+                buffer[offset:stop] = self.factors.numbers(key, i, start, start + stop - offset)
+            return buffer[:self.chunks[index][-1][3]]
         if self.numel <= laws.UNIT:  # a small model: the whole unit its step shares with others, then its slice
             gen.manual_seed(mix(base, step // per))
             offset = (step % per) * self.numel
@@ -123,8 +134,11 @@ class ParameterDirections:
             targets = self.param_views[index]
             exact = work_dtype(targets[0].dtype) == targets[0].dtype
             sums = targets if exact else [t.float() for t in targets]
+            multiplier = None if self.multiplier is None else self.multiplier(index)  # of the weights before the move
             for key, alpha in terms:
                 z = self.chunk(key, index)
+                if multiplier is not None:
+                    z = z.to(multiplier.dtype) * multiplier
                 torch._foreach_add_(sums, self.pieces(z, index, targets), alpha=alpha)
             if not exact:
                 copy_into(targets, sums)
@@ -132,12 +146,12 @@ class ParameterDirections:
         self.map_chunks(add_chunk)
 
     @contextlib.contextmanager
-    def perturbed(self, terms):
-        """Inside, `module`'s forward sees params + Σ scale · z(key) (rounded once to their dtype);
-        the stored parameters are never written (probes.py)."""
+    def perturbed(self, terms, base=None):
+        """Inside, `module`'s forward sees params (or `base`) + Σ scale · z(key) (rounded once to their
+        dtype); the stored parameters are never written (probes.py)."""
         if self.probes is None:
             raise RuntimeError("ParameterDirections.perturbed needs the module that uses the parameters")
-        with self.probes.perturbed([(k, float(a) * self.scale(k)) for k, a in terms]):
+        with self.probes.perturbed([(k, float(a) * self.scale(k)) for k, a in terms], base):
             yield
 
     @torch.no_grad()

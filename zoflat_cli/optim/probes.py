@@ -23,16 +23,17 @@ class ForwardProbes:
         self.directions, self.params = directions, directions.params
         self.pieces_of, self.chunks = directions.pieces_of, directions.chunks
         self.owners = owners(module, self.params)
-        self._terms, self._drawn = None, {}
+        self._terms, self._drawn, self._base, self._multipliers = None, {}, None, {}
 
     @contextlib.contextmanager
-    def perturbed(self, terms):
+    def perturbed(self, terms, base=None):
         """Inside, the module's forward sees params + Σ alpha · z(key) for the scaled (key, alpha)
-        in terms (each weight rounded once to its dtype); the stored parameters are never written."""
-        self._terms = terms
+        in terms (each weight rounded once to its dtype); the stored parameters are never written.
+        With `base` (tensors shaped like the parameters: MeZO-SVRG's anchor), base + Σ alpha · z."""
+        self._terms, self._base = terms, base
         handles = []
         for module, own in self.owners:
-            if is_lookup(module, own):  # only the rows looked up are perturbed: no table-sized scratch
+            if base is None and is_lookup(module, own):  # only the rows looked up are perturbed: no table-sized scratch
                 handles.append(module.register_forward_hook(functools.partial(self._perturb_rows, own[0][1])))
                 continue
             handles.append(module.register_forward_pre_hook(functools.partial(self._swap_in, own)))
@@ -44,7 +45,7 @@ class ForwardProbes:
                 handle.remove()
             for module, own in self.owners:  # even if a forward failed half-way
                 self._swap_out(own, module)
-            self._terms, self._drawn = None, {}
+            self._terms, self._drawn, self._base, self._multipliers = None, {}, None, {}
 
     def _swap_in(self, own, module, *_):
         for name, index in own:
@@ -57,12 +58,15 @@ class ForwardProbes:
     @torch.no_grad()
     def _perturbed(self, index: int) -> torch.Tensor:
         p = self.params[index]
-        stored = p.detach().view(-1)
+        stored = (p if self._base is None else self._base[index]).detach().view(-1)
         x = torch.empty(p.numel(), dtype=work_dtype(p.dtype), device=p.device)
         for chunk, start, offset, stop in self.pieces_of[index]:
             into, source = x[start:start + stop - offset], stored[start:start + stop - offset]
+            multiplier = self._multiplier(chunk)
             for k, (key, alpha) in enumerate(self._terms):
                 z = self._drawn_chunk(key, chunk)[offset:stop].to(p.device)
+                if multiplier is not None:
+                    z = z * multiplier[offset:stop].to(p.device)
                 torch.add(source if k == 0 else into, z, alpha=alpha, out=into)  # one pass: no copy first
         return x.to(p.dtype).view_as(p)
 
@@ -82,13 +86,24 @@ class ForwardProbes:
                    if r * width < end and (r + 1) * width > start and not first <= r < last]
             used, inverse = torch.unique(ids[whole], return_inverse=True)  # each table row gathered once
             rows = (used * width - start).unsqueeze(1) + torch.arange(width, device=p.device)
+            multiplier = self._multiplier(chunk)
             for key, alpha in self._terms:
                 z = self._drawn_chunk(key, chunk)[offset:stop].to(p.device, out.dtype)
+                if multiplier is not None:
+                    z = z * multiplier[offset:stop].to(p.device, out.dtype)
                 out.index_add_(0, whole, z[rows][inverse], alpha=alpha)
                 for r, at in cut:
                     lo, hi = max(start, r * width), min(end, (r + 1) * width)
                     out[at, lo - r * width:hi - r * width] += alpha * z[lo - start:hi - start]
         return out.to(output.dtype).view_as(output)
+
+    def _multiplier(self, chunk: int):
+        """The directions' multiplier over a chunk, made once per probe (the stored weights do not move)."""
+        if self.directions.multiplier is None:
+            return None
+        if chunk not in self._multipliers:
+            self._multipliers[chunk] = self.directions.multiplier(chunk)
+        return self._multipliers[chunk]
 
     def _drawn_chunk(self, key: tuple, index: int) -> torch.Tensor:
         """Chunk `index` of z(key), drawn with the next workers - 1 chunks on the pool's threads (the forward

@@ -12,12 +12,15 @@ import json
 from pathlib import Path
 
 from zoflat_cli.errors import ZoflatError
+from zoflat_cli.optim.presets import HYPERPARAMETERS
 from zoflat_cli.runs.spec import due
 
 RESUMABLE = ("steps", "device")  # what --resume may change in a run folder's config
 # nor where the folder is, nor which flatness measures are logged (they never move the weights; folders
 # written before --measure-every have no such keys)
 NOT_IDENTITY = (*RESUMABLE, "out", "measures", "measure_every")
+# settings added after folders had fingerprints: left out while at their default, so those folders still resume
+LATER = {name: HYPERPARAMETERS[name].default for name in ("rank", "period", "sparsity", "hessian_smooth")}
 STATUSES = ("queued", "running", "completed", "diverged", "interrupted", "failed")
 
 
@@ -27,8 +30,8 @@ def digest(mapping: dict) -> str:
 
 
 def fingerprint(config: dict) -> str:
-    """sha256 of the config's identity: its settings but NOT_IDENTITY."""
-    return digest({k: v for k, v in config.items() if k not in NOT_IDENTITY})
+    """sha256 of the config's identity: its settings but NOT_IDENTITY (and LATER ones at their default)."""
+    return digest({k: v for k, v in config.items() if k not in NOT_IDENTITY and not (k in LATER and v == LATER[k])})
 
 
 def data_hashes(config: dict) -> dict:

@@ -14,8 +14,12 @@ class RunSpec:
     seed: int
     samples: int = 1
     hyper: tuple = ()  # ((name, value), ...) for the hyperparameters it reads, in HYPERPARAMETERS order
-    directions: str = "gaussian"
+    directions: str = None  # None: the preset's own law
     update: str = None  # None: the preset's own rule
+
+    def __post_init__(self):
+        if self.directions is None:
+            object.__setattr__(self, "directions", get_preset(self.optimizer).law)
 
     @property
     def rule(self) -> str:
@@ -28,7 +32,7 @@ class RunSpec:
     def run_id(self) -> str:
         preset = get_preset(self.optimizer)
         parts = [self.optimizer]
-        if preset.uses_directions and self.directions != "gaussian":
+        if preset.uses_directions and self.directions != preset.law:
             parts.append(self.directions)
         if self.rule != preset.update:
             parts.append(self.rule)

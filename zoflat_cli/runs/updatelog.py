@@ -20,11 +20,13 @@ class UpdateLog:
     """A 40-byte header (MAGIC, then the sha256 of the run's identity: runs/identity.py), then
     fixed-size little-endian records: int64 step, float64 accepted (1 or 0: conservative rules),
     then (uint64 direction base, float64 coefficient) per direction: the step's directions are
-    (base, step)."""
+    (base, step); then, for an estimator that keeps `extra` numbers per direction (HiZOO, MeZO-SVRG),
+    those, float64."""
 
-    def __init__(self, path: Path, samples: int, identity: dict):
+    def __init__(self, path: Path, samples: int, identity: dict, extra: int = 0):
         self.path = path
-        self.record = struct.Struct("<qd" + "Qd" * samples)
+        self.samples = samples
+        self.record = struct.Struct("<qd" + "Qd" * samples + "d" * (extra * samples))
         self.header = MAGIC + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).digest()
 
     def read(self) -> list:
@@ -44,7 +46,8 @@ class UpdateLog:
                               f"delete it to start its run over")
         data = data[len(self.header):]
         usable = len(data) - len(data) % self.record.size
-        return [(step, [(base, step) for base in pairs[0::2]], list(pairs[1::2]), bool(accepted))
+        n = 2 * self.samples
+        return [(step, [(base, step) for base in pairs[:n:2]], list(pairs[1:n:2]) + list(pairs[n:]), bool(accepted))
                 for step, accepted, *pairs in self.record.iter_unpack(data[:usable])]
 
     def truncate(self, records: int):
@@ -62,7 +65,7 @@ class UpdateLog:
 
     def append(self, step: int, keys, coefs, accepted: bool):
         pairs = [v for (base, _), c in zip(keys, coefs) for v in (base, c)]
-        self._file.write(self.record.pack(step, float(accepted), *pairs))
+        self._file.write(self.record.pack(step, float(accepted), *pairs, *coefs[len(keys):]))
         self._file.flush()
 
     def close(self):

@@ -53,9 +53,9 @@ def _walk(root: Path) -> list:
 
 def method_label(row) -> str:
     parts = [row["optimizer"]]
-    if pd.notna(row.get("directions")) and row["directions"] != "gaussian":
-        parts.append(row["directions"])
     preset = PRESETS.get(row["optimizer"])
+    if pd.notna(row.get("directions")) and row["directions"] != (preset.law if preset else "gaussian"):
+        parts.append(row["directions"])
     if pd.notna(row.get("update")) and preset is not None and row["update"] != preset.update:
         parts.append(row["update"])
     for name, hyper in HYPERPARAMETERS.items():
