@@ -83,9 +83,9 @@ class Structure(NamedTuple):
         out, steps = [], torch.arange(first, first + fast.shape[0])
         for p in range(first // self.period, (first + fast.shape[0] - 1) // self.period + 1):
             at = (steps // self.period == p).nonzero().squeeze(1)
-            per_run = [[period_factors(self, base, p, device) for base in row] for row in bases]
-            stacked = [tuple(torch.stack([torch.stack([run[j][k] for run in row]) for row in per_run])
-                             for k in range(len(per_run[0][0][j]))) for j in range(len(self.views))]
+            per_sample = [period_factors(self, row, p, device) for row in bases]  # each (runs, ...)
+            stacked = [tuple(torch.stack([sample[j][k] for sample in per_sample]) for k in range(len(per_sample[0][j])))
+                       for j in range(len(self.views))]
             out.append(assemble(self, fast[at], stacked))
         return torch.cat(out)
 
@@ -113,26 +113,28 @@ def split(numbers: torch.Tensor, sizes: list) -> list:
 
 
 def slow_factors(structure: Structure, slow: torch.Tensor) -> list:
-    """Per tensor the period's factors from its flat numbers: lowrank (V,), subspace (U, V) orthonormal;
-    () for a vector."""
+    """Per tensor the period's factors from its flat numbers (..., slow total): lowrank (V,), subspace
+    (U, V) orthonormal (a batched QR: one LAPACK call per matrix, as for a single one); () for a vector."""
     out = []
     for view, numbers in zip(structure.views, split(slow, structure.slow_sizes())):
         if len(view) == 1:
             out.append(())
         elif structure.law == "lowrank":
-            out.append((numbers.view(view[1], structure.rank),))
+            out.append((numbers.unflatten(-1, (view[1], structure.rank)),))
         else:
             a, b = view
             r = structure.rank_of(view)
-            out.append((torch.linalg.qr(numbers[:a * r].view(a, r))[0], torch.linalg.qr(numbers[a * r:].view(b, r))[0]))
+            out.append((torch.linalg.qr(numbers[..., :a * r].unflatten(-1, (a, r)))[0],
+                        torch.linalg.qr(numbers[..., a * r:].unflatten(-1, (b, r)))[0]))
     return out
 
 
-def period_factors(structure: Structure, base: int, period: int, device) -> list:
-    """The factors of period `period` of the directions with this base."""
+def period_factors(structure: Structure, bases: list, period: int, device) -> list:
+    """The factors of period `period` of the directions with these bases, stacked (len(bases), ...)."""
     m = sum(structure.slow_sizes())
     gen = torch.Generator(device=device)
-    return slow_factors(structure, draw_flat(slow_base(base), period, m, gen, flat_buffer(m, device)).clone())
+    slow = torch.stack([draw_flat(slow_base(base), period, m, gen, flat_buffer(m, device)).clone() for base in bases])
+    return slow_factors(structure, slow)
 
 
 def outer_sum(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -197,7 +199,8 @@ class KeyFactors:
         if slow_key not in self._slow:
             if len(self._slow) > 16:
                 self._slow.clear()
-            self._slow[slow_key] = period_factors(self.structure, base, slow_key[1], self.device)
+            self._slow[slow_key] = [tuple(f[0] for f in factors)
+                                    for factors in period_factors(self.structure, [base], slow_key[1], self.device)]
         return self._fast[key], self._slow[slow_key]
 
     def numbers(self, key: tuple, tensor: int, start: int, stop: int) -> torch.Tensor:

@@ -85,13 +85,18 @@ class ToyProblem:
 
     def has_theory(self, run) -> bool:
         """Proposition 2.2 covers plain SGD steps of gd, dd (λ = 0), and two-point or one-sided ZO
-        (the toy's one-sided estimate has the same mean: its O(λ) term is odd in u)."""
-        return run.optimizer in ("gd", "dd", "zo", "zo-one-sided") and run.rule == "sgd"
+        (the toy's one-sided estimate has the same mean: its O(λ) term is odd in u); LOZO and
+        SubZero (their laws have E[uuᵀ] = I over the refreshes, y and z independent) and MeZO-SVRG
+        (its mean is ∇f_λ(x)) to first order in η. Not HiZOO, Sparse MeZO (their Σ follows x) nor
+        FZOO (its step is divided by a random spread)."""
+        return run.optimizer in ("gd", "dd", "zo", "zo-one-sided", "lozo", "subzero", "mezo-svrg") and run.rule == "sgd"
 
     def drift_factor(self, law: str) -> float:
-        """κ in E[ĝ] = ∇f + κλ²(y, z). The λ² term is E[u_p² u_q²] for coordinates p ≠ q of u:
-        1 for directions with independent coordinates (Gaussian, Rademacher), n/(n+2) for the
-        sphere of radius √n (n = 2d parameters), whose coordinates are dependent."""
+        """κ in E[ĝ] = ∇f + κλ²(y, z). With Σ_y, Σ_z the blocks' covariances and y, z independent,
+        the λ² term is (Σ_y Σ_z y, Σ_z Σ_y z); for E[uuᵀ] = I it is E[u_p² u_q²] for p in y, q in z:
+        1 for directions with independent coordinates (Gaussian, Rademacher) or independent blocks
+        (lowrank, subspace, averaged over their refreshes), n/(n+2) for the sphere of radius √n
+        (n = 2d parameters), whose coordinates are dependent."""
         n = self.n_params
         return n / (n + 2) if law == "sphere" else 1.0
 
