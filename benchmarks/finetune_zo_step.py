@@ -12,9 +12,12 @@ For each model (MiniLM, a small random RoBERTa with an MLM head) on the SST-2 K=
           backprop), for each --dtypes x --trainable (each in its own subprocess, so the high-water
           marks do not mix): resident memory on the CPU, allocated GPU memory on CUDA; then the
           largest model that fits a memory budget by the measured bytes per parameter
+  methods each --methods preset (the 2024–26 methods beside ZO-SGD) at its default settings: step
+          time / forward and / ZO-SGD (timed in turn), forwards per step, peak memory / inference
+          (a fresh process each, the first --dtypes and --trainable), and the state it keeps
 
     python benchmarks/finetune_zo_step.py [--repeats 5] [--models minilm,roberta-small] [--device cuda]
-        [--dtypes float32,bfloat16] [--trainable all,lora]
+        [--dtypes float32,bfloat16] [--trainable all,lora] [--methods zo,hizoo,lozo,...]
 """
 
 import argparse
@@ -34,7 +37,8 @@ from zoflat_cli.env import DTYPES
 from zoflat_cli.measures.hessian import finite_difference, hutchinson
 from zoflat_cli.optim.directions import LAWS
 from zoflat_cli.optim.parameters import ParameterDirections
-from zoflat_cli.optim.estimators import ESTIMATORS
+from zoflat_cli.optim.estimators import ESTIMATORS, n_evals
+from zoflat_cli.optim.presets import HYPERPARAMETERS, PRESETS
 from zoflat_cli.optim.inplace import InPlaceOptimizer
 from zoflat_cli.optim.updates import UPDATES
 from zoflat_cli.problems import encoder as lm
@@ -57,11 +61,68 @@ def zo_optimizer(problem, update="sgd", law="gaussian"):
     return InPlaceOptimizer(ParameterDirections(problem.params, law, problem.model), ESTIMATORS["two-point"], UPDATES[update], hyper)
 
 
-def child(model: str, mode: str, steps: int, device: torch.device, dtype: str, trainable: str):
+METHODS = "zo,hizoo,lozo,subzero,sparse-mezo,mezo-svrg,fzoo"
+# what each keeps besides the weights (in place: the directions are regenerated from their keys)
+STATE = {"zo": "nothing", "hizoo": "D: 1 number per parameter (float32)", "lozo": "V per matrix (b·r), from its key",
+         "subzero": "U, V per matrix ((a+b)·r), from its key", "sparse-mezo": "1 threshold per tensor",
+         "mezo-svrg": "the anchor x̄: 1 copy of the weights (g̃ regenerated from its key)", "fzoo": "nothing"}
+
+
+def preset_optimizer(problem, preset: str):
+    """A preset's in-place optimizer at its default settings (λ = LAM, lr = LR)."""
+    p = PRESETS[preset]
+    hyper = {"lr": LR, "lambda": LAM, **{h: HYPERPARAMETERS[h].default for h in
+                                         ("rank", "period", "sparsity", "hessian_smooth", "weight_decay")}}
+    directions = ParameterDirections(problem.params, p.law, problem.model, hyper["rank"], hyper["period"])
+    return InPlaceOptimizer(directions, ESTIMATORS[p.estimator], UPDATES[p.update], hyper)
+
+
+def child(model: str, mode: str, steps: int, device: torch.device, dtype: str, trainable: str, method: str = "zo"):
     """One mode in a fresh process; prints its peak memory."""
     problem = load(model, device, dtype, trainable)
-    print(json.dumps({**peak_memory_of_mode(problem, zo_optimizer(problem), mode, steps, LR, device),
+    print(json.dumps({**peak_memory_of_mode(problem, preset_optimizer(problem, method), mode, steps, LR, device,
+                                            PRESETS[method].samples),
                       "params": problem.n_params, "total": problem.n_total}))
+
+
+def methods(model: str, names: list, repeats: int, device: torch.device, dtype: str, trainable: str):
+    """Each method's step against a forward pass and ZO-SGD's (timed in turn), and its peak memory."""
+    problem = load(model, device, dtype, trainable)
+    keys = itertools.count(1)  # steps from 1: MeZO-SVRG's anchor (every --period steps) comes in as in training
+    optimizers = {name: preset_optimizer(problem, name) for name in names}
+    for name, opt in optimizers.items():  # step 0: MeZO-SVRG sets its anchor
+        opt.step(problem, [(i, 0) for i in range(PRESETS[name].samples)], 1)
+    times = {name: [] for name in names}
+    forward = []
+    for _ in range(repeats):
+        forward.append(timed(problem.loss, 1))
+        for name, opt in optimizers.items():
+            step = next(keys)
+            times[name].append(timed(lambda: opt.step(problem, [(i, step) for i in range(PRESETS[name].samples)],
+                                                      step + 1), 1))
+    forward = statistics.median(forward)
+    sgd = statistics.median(times["zo"]) if "zo" in times else None
+    inference = peak(model, "inference", device, dtype, trainable, "zo")
+    print(f"\n{model}: the methods at their defaults ({dtype}, trainable {trainable}, {problem.n_params / 1e6:.2f}M "
+          f"trained; memory: fresh process each)")
+    print("  method        step ms   / forward   / zo-sgd   forwards   peak / inference   state kept")
+    for name in names:
+        t = statistics.median(times[name])
+        p = PRESETS[name]
+        evals = n_evals(ESTIMATORS[p.estimator], p.samples)
+        mem = peak(model, "zo", device, dtype, trainable, name) / inference
+        print(f"  {name:12s} {t * 1e3:8.1f}   {t / forward:8.2f}x  " + (f"{t / sgd:8.2f}x" if sgd else "      - ")
+              + f"   {evals:6d}{'*' if ESTIMATORS[p.estimator].anchored else ' '}   {mem:10.2f}x        {STATE[name]}")
+    if "mezo-svrg" in names:
+        print("  * MeZO-SVRG: 4 forwards on the batch between anchors; at an anchor (every --period steps) 2 on the "
+              "whole training set")
+
+
+def peak(model: str, mode: str, device, dtype: str, trainable: str, method: str) -> float:
+    out = subprocess.run([sys.executable, __file__, "--child", mode, "--models", model, "--device", device.type,
+                          "--dtypes", dtype, "--trainable", trainable, "--methods", method],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
 
 
 def measure(model: str, repeats: int, device: torch.device):
@@ -98,7 +159,7 @@ def memory(model: str, device: torch.device, dtypes, trainables):
         peaks = {}
         for mode in ("inference", "zo", "gd"):
             out = subprocess.run([sys.executable, __file__, "--child", mode, "--models", model, "--device", device.type,
-                                  "--dtypes", dtype, "--trainable", trainable],
+                                  "--dtypes", dtype, "--trainable", trainable, "--methods", "zo"],
                                  capture_output=True, text=True, check=True).stdout
             peaks[mode] = json.loads(out.strip().splitlines()[-1])
         inf = peaks["inference"]["peak_mib"]
@@ -171,6 +232,7 @@ def main():
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--trainable", default="all,lora")
+    parser.add_argument("--methods", default=METHODS, help="presets for the methods table ('' : none)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -181,12 +243,15 @@ def main():
                 name = save_tiny_roberta(Path(tmp) / "roberta-small", hidden=256, layers=4, vocab_size=4000)
             models.append(name)
         if args.child:
-            child(models[0], args.child, 3, device, args.dtypes, args.trainable)
+            child(models[0], args.child, 3, device, args.dtypes, args.trainable, args.methods)
             return
         measured = {}
         for model in models:
             measure(model, args.repeats, device)
             measured[Path(model).name] = memory(model, device, args.dtypes.split(","), args.trainable.split(","))
+            if args.methods:
+                methods(model, args.methods.split(","), args.repeats, device, args.dtypes.split(",")[0],
+                        args.trainable.split(",")[0])
         if len(measured) == 2:
             capacity(measured)
 

@@ -26,10 +26,10 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def peak_memory_of_mode(problem, optimizer, mode: str, steps: int, lr: float, device) -> dict:
+def peak_memory_of_mode(problem, optimizer, mode: str, steps: int, lr: float, device, samples: int = 1) -> dict:
     """In a fresh process: the peak memory of `steps` steps of one mode (inference, zo, gd) on a
     model problem, from a high-water mark reset after a warm-up (allocator pools and thread
-    scratch exist in every mode), and the memory in use at the reset."""
+    scratch exist in every mode), and the memory in use at the reset. zo: `samples` directions a step."""
     from zoflat_cli.env import peak_memory_mib
 
     problem.loss()
@@ -43,7 +43,7 @@ def peak_memory_of_mode(problem, optimizer, mode: str, steps: int, lr: float, de
         if mode == "inference":
             problem.loss()
         elif mode == "zo":
-            optimizer.step(problem, [(0, step)], step + 1)
+            optimizer.step(problem, [(i, step) for i in range(samples)], step + 1)
         else:
             gd_step(problem, lr)
     return {"loaded_mib": loaded, "peak_mib": peak_memory_mib(device)}

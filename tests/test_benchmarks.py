@@ -25,8 +25,10 @@ def test_convex_benchmark_runs(tmp_path):
 
 def test_finetune_benchmark_runs():
     out = run("benchmarks/finetune_zo_step.py", "--models", "roberta-small", "--repeats", "1", "--dtypes", "float32",
-              "--trainable", "all,lora")
+              "--trainable", "all,lora", "--methods", "zo,mezo-svrg")
     assert "zoflat ZO step" in out and "update pass" in out and "(target zo <= 1.1x)" in out
+    assert [line.split()[0] for line in out.splitlines() if line.startswith(("  zo ", "  mezo-svrg "))] == \
+        ["zo", "mezo-svrg"]
 
 
 def test_causal_benchmark_runs():

@@ -293,3 +293,20 @@ def test_finetune_runs_every_new_method_and_resumes_bit_exactly(tiny_mlm, tmp_pa
     assert moved == set(NEW)
     summary = json.loads((straight / "summary.json").read_text())
     assert summary["status"] == "completed"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lr_zero_leaves_half_precision_weights_bit_identical_for_every_new_method(tiny_mlm, dtype):
+    """Probes formed on the fly, the masks, D and the anchor never write the weights: at lr = 0 a
+    half-precision model is bit-identical after 12 steps of each method (anchors at 0, 3, 6, 9)."""
+    from test_finetune import flat, make_problem
+    problem = make_problem(tiny_mlm, dtype=dtype)
+    before = flat(problem.params).clone()
+    for preset in NEW:
+        run = spec(preset, lr=0.0, period=3)
+        directions = ParameterDirections(problem.params, run.directions, problem.model, run.value("rank") or 1,
+                                         run.value("period") or 1)
+        optimizer = InPlaceOptimizer(directions, estimator_of(preset), get_update(run.rule), run_hyper(run))
+        for step in range(12):
+            optimizer.step(problem, [(direction_base(run.seed, i), step) for i in range(run.samples)], step + 1)
+        assert torch.equal(flat(problem.params), before), preset

@@ -108,6 +108,7 @@ class DirectionStream:
         self.structure = structure
         self.drawn = dim if structure is None else sum(structure.fast_sizes())
         self.fill = "gaussian" if structure is not None else law
+        self.units_kept = {}  # (base, unit) -> its numbers, for a structured law whose units span many blocks
         self.units, self.per_unit = layout(self.drawn)
         self.block = block_steps(len(self.unique), samples, dim)
         self.end = end_step  # None: no last step (the stream draws on)
@@ -125,13 +126,19 @@ class DirectionStream:
         if dim <= UNIT:  # whole units of `per` steps, sliced to [first, first + count)
             u0, u1 = first // per, (first + count - 1) // per
             scratch = torch.empty(u1 - u0 + 1, per * dim, dtype=torch.float32, device=self.device)
+            self.units_kept = {key: unit for key, unit in self.units_kept.items() if key[1] >= u0}
             skip = first - u0 * per
             for i, bases in enumerate(self.bases):
                 for r, base in enumerate(bases):
                     seeds = mix_array(np.uint64(base), np.arange(u0, u1 + 1, dtype=np.uint64)).tolist()
-                    for unit, seed in zip(scratch, seeds):
+                    for k, (unit, seed) in enumerate(zip(scratch, seeds)):
+                        if (base, u0 + k) in self.units_kept:  # a structured law's few numbers: one unit, many blocks
+                            unit.copy_(self.units_kept[base, u0 + k])
+                            continue
                         self.gen.manual_seed(seed)
                         fill(unit, self.fill, self.gen)
+                        if self.structure is not None:
+                            self.units_kept[base, u0 + k] = unit.clone()
                     g[:, i, r] = scratch.view(-1, dim)[skip:skip + count]
         else:  # each step its own units
             units = np.arange(first * self.units, (first + count) * self.units, dtype=np.uint64)

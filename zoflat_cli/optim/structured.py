@@ -90,14 +90,26 @@ class Structure(NamedTuple):
         return torch.cat(out)
 
 
+_UNITS, _UNITS_LOCK = {}, threading.Lock()  # (base, unit, m, per) -> a drawn unit of short vectors, kept a while
+
+
 def draw_flat(base: int, step: int, m: int, gen: torch.Generator, out: torch.Tensor) -> torch.Tensor:
     """The m Gaussian numbers of key (base, step) by the seed convention of directions.py, in out[:m]
-    (out holds at least max(m, UNIT) numbers when m <= UNIT)."""
+    (out holds at least max(m, UNIT) numbers when m <= UNIT). A unit of short vectors (per = UNIT // m
+    keys) is kept after its first draw: the periods of one run use it in turn."""
     units, per = layout(m)
     if m <= laws.UNIT:
-        gen.manual_seed(mix(base, step // per))
-        offset = (step % per) * m
-        return fill(out[:per * m], "gaussian", gen)[offset:offset + m]
+        offset, unit = (step % per) * m, (base, step // per, m, per)
+        with _UNITS_LOCK:
+            kept = _UNITS.get(unit)
+        if kept is None:
+            gen.manual_seed(mix(base, step // per))
+            kept = fill(out[:per * m], "gaussian", gen).clone()
+            with _UNITS_LOCK:
+                if len(_UNITS) >= 512:
+                    _UNITS.clear()
+                _UNITS[unit] = kept
+        return out[:m].copy_(kept[offset:offset + m])
     for k in range(units):
         gen.manual_seed(mix(base, step * units + k))
         fill(out[k * laws.CHUNK:min((k + 1) * laws.CHUNK, m)], "gaussian", gen)
