@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -31,6 +33,7 @@ def test_finetune_benchmark_runs():
         ["zo", "mezo-svrg"]
 
 
+@pytest.mark.slow  # 2–3 min: three fresh processes per dtype × trainable
 def test_causal_benchmark_runs():
     out = run("benchmarks/causal_zo_step.py", "--models", "tiny", "--repeats", "1")
     assert all(f"{name} " in out for name in ("in-place ZO step", "MeZO-style step", "GD step", "Hutchinson probe",
@@ -49,6 +52,7 @@ def test_seed_study_benchmark_runs():
     assert out.splitlines()[-1].split()[0] == "3" and "this tree MiB" in out
 
 
+@pytest.mark.slow  # 1.5 min: one fresh process per measure
 def test_flatness_benchmark_runs():
     out = run("benchmarks/flatness_cost.py", "--model", "tiny", "--trainable", "all", "--probes", "1", "--hutchpp", "3",
               "--top-k", "1", "--slq-steps", "3", "--points", "3", "--ascent-steps", "1")

@@ -382,7 +382,7 @@ def test_resume_on_another_device_kind_is_refused_before_replaying(tiny_mlm, tmp
     (["--data-dir", "/nonexistent"], "is not a directory"),
     (["-o", "zoo"], "unknown optimizer 'zoo'"),
     (["--directions", "uniform"], "unknown directions 'uniform'"),
-    (["--lr", "zoo=0.5"], "lr names an unknown optimizer 'zoo' (did you mean 'zo'?)"),
+    (["--lr", "zoo=0.5"], "lr names an unknown optimizer 'zoo' (did you mean 'fzoo' or 'zo'?)"),
     (["--model", "roberta-large"], "not in the Hugging Face cache"),
     (["--model", "/nonexistent/model"], "no config.json"),
 ])

@@ -310,3 +310,15 @@ def test_lr_zero_leaves_half_precision_weights_bit_identical_for_every_new_metho
         for step in range(12):
             optimizer.step(problem, [(direction_base(run.seed, i), step) for i in range(run.samples)], step + 1)
         assert torch.equal(flat(problem.params), before), preset
+
+
+def test_a_decoder_lm_with_tied_embeddings_trains_under_every_new_method_in_bfloat16(tiny_causal, tmp_path):
+    """GPT-2's tied embedding table is perturbed row by row where it is looked up and as a whole
+    where it is the output layer, with the same numbers, under the structured laws and the mask too."""
+    path = zoflat("finetune", "--model", tiny_causal("gpt2"), "--task", "copa", "--num-train", "8", "--num-dev", "2",
+                  "--num-eval", "4", "-o", ",".join(NEW), "--steps", "4", "--period", "2", "--log-every", "2",
+                  "--lr", "1e-3", "--dtype", "bfloat16", "--trace", "none", "--out", tmp_path, "--quiet")
+    rows = table(path)
+    ends = {r["optimizer"]: float(r["loss"]) for r in rows.values() if r["step"] == "4"}
+    assert set(ends) == set(NEW) and all(math.isfinite(v) for v in ends.values())
+    assert json.loads((path / "summary.json").read_text())["status"] == "completed"

@@ -83,8 +83,7 @@ class Setting:
         if self.kind == "path":
             value = str(value)
         if self.choices and value not in self.choices:
-            close = difflib.get_close_matches(value, self.choices, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = suggestion(value, self.choices)
             raise ZoflatError(f"{key} must be one of {', '.join(self.choices)}, got {value!r}{hint}")
         if self.low is not None and (value <= self.low if self.above else value < self.low):
             raise ZoflatError(f"{key} must be {'>' if self.above else '>='} {self.low}, got {value!r}")
@@ -96,6 +95,12 @@ class Setting:
     def checked_alone(self) -> bool:
         """Whether check() types it (the others have their own parsers in validate())."""
         return self.kind in KINDS and not self.per_optimizer
+
+
+def suggestion(name: str, choices) -> str:
+    """' (did you mean 'a'?)' or ' (did you mean 'a' or 'b'?)' for the closest choices, or ''."""
+    close = difflib.get_close_matches(name, choices, n=2)
+    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
 
 
 def per_optimizer(kind: str, help: str, default=None) -> Setting:
@@ -260,14 +265,12 @@ def merge(base: dict, override: dict, source: str) -> dict:
         if not isinstance(key, str):
             raise ZoflatError(f"{source}: a key must be a setting's name, got {key!r}")
         if key not in base:
-            close = difflib.get_close_matches(key, base, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = suggestion(key, base)
             raise ZoflatError(f"{source}: unknown key {key!r}{hint}")
         if key in PER_OPTIMIZER and isinstance(value, dict):
             for name in value:  # a typo here would otherwise be silently ignored
                 if not isinstance(name, str) or name not in PRESETS:
-                    close = difflib.get_close_matches(str(name), PRESETS, n=1)
-                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    hint = suggestion(str(name), PRESETS)
                     raise ZoflatError(f"{source}: {key} names an unknown optimizer {name!r}{hint}")
             value = {**_as_mapping(base[key]), **value}
         merged[key] = value

@@ -130,7 +130,7 @@ class InPlaceOptimizer:
 
     def _loss_at(self, model, terms, split: str = "batch", base=None) -> float:
         with self.directions.perturbed(terms, base):
-            return model.loss(split)
+            return model.loss() if split == "batch" else model.loss(split)
 
     def _coefficients(self, values, center) -> list:
         v = torch.tensor(values, dtype=torch.float64)
