@@ -94,7 +94,8 @@ def stateful_estimate(estimator: Estimator, problem, x, u, hyper, memory: tuple,
     if step % period == 0:  # a new anchor: its estimate is the step (x̄ = x)
         return _combine(c, u), (x.clone(), u.clone(), c)
     anchor, anchor_u, anchor_c = memory
-    return _combine(c - loss_coefficients(estimator, problem, anchor, u, hyper)[0], u) + _combine(anchor_c, anchor_u), memory
+    at_anchor = loss_coefficients(estimator, problem, anchor, u, hyper)[0]
+    return _combine(c - at_anchor, u) + _combine(anchor_c, anchor_u), memory
 
 
 def initial_memory(estimator: Estimator, x, hyper, blocks: list, samples: int) -> tuple:
@@ -152,9 +153,9 @@ class BatchedGroup:
         self.estimator, self.rule = estimator_of(first.optimizer), get_update(first.rule)
         self.period = int(first.value("period") or 1)
         # a structured law sees each block of the parameter vector as its most nearly square matrix
+        views = tuple(balanced(s.stop - s.start) for s in problem.blocks.values())
         self.structure = None if first.directions not in STRUCTURED else Structure(
-            first.directions, tuple(balanced(s.stop - s.start) for s in problem.blocks.values()), int(first.value("rank")),
-            self.period)
+            first.directions, views, int(first.value("rank")), self.period)
         # initial points are drawn on the CPU so every device starts from the same place
         cpu = torch.device("cpu")
         self.x = torch.stack([problem.init(generator(r.seed, "init", cpu), dtype, cpu) for r in runs]).to(device)

@@ -29,8 +29,9 @@ class ParameterDirections:
         self.params = list(params)
         self.law = check_law(law)
         # lowrank, subspace: each matrix's numbers assembled from its factors (structured.py), kept per key
+        views = tuple(matrix_view(p.shape) for p in self.params)
         self.factors = None if law not in STRUCTURED else KeyFactors(
-            Structure(law, tuple(matrix_view(p.shape) for p in self.params), int(rank), int(period)), self.params[0].device)
+            Structure(law, views, int(rank), int(period)), self.params[0].device)
         # optional: chunk index -> the factors d of u = d ⊙ z over the chunk (a mask, a preconditioner), in the
         # work dtype; the probes and add() apply it, set by the optimizer (inplace.py)
         self.multiplier = None

@@ -80,14 +80,14 @@ HYPERPARAMETERS = {
     "weight_decay": Hyper("wd", "wd", "Decoupled weight decay (0: none), a sweep, or per optimizer.", zero_ok=True,
                           optional=True, default=0.0),
     # the 2024–26 methods' own
-    "rank": Hyper("r", "r", "Rank r of the lowrank and subspace laws (LOZO, SubZero).", default=2, integer=True,
+    "rank": Hyper("r", "r", "Rank r of the lowrank and subspace laws (LOZO, SubZero; 2).", default=2, integer=True,
                   structural=True),
-    "period": Hyper("T", "T", "Steps between refreshes: LOZO's V, SubZero's subspace, MeZO-SVRG's anchor.", default=50,
-                    integer=True, structural=True),
-    "sparsity": Hyper("sp", "s", "Sparse MeZO: the share of each tensor (its largest weights) never perturbed.",
+    "period": Hyper("T", "T", "Steps between refreshes: LOZO's V, SubZero's subspace, MeZO-SVRG's anchor (50).",
+                    default=50, integer=True, structural=True),
+    "sparsity": Hyper("sp", "s", "Sparse MeZO: the share of each tensor (its largest weights) never perturbed (0.75).",
                       zero_ok=True, below_one=True, default=0.75),
-    "hessian_smooth": Hyper("a", "α", "HiZOO's curvature averaging α (0: D stays 1).", zero_ok=True, below_one=True,
-                            default=1e-4),
+    "hessian_smooth": Hyper("a", "α", "HiZOO's curvature averaging α (1e-4; 0: D stays 1).", zero_ok=True,
+                            below_one=True, default=1e-4),
 }
 # Flags that set several hyperparameters at once: --betas 0.9,0.999 (or zo-adam=0.9,0.99).
 FLAG_GROUPS = {"betas": (("beta1", "beta2"), "Adam's β₁,β₂ (0.9,0.999), or zo-adam=0.9,0.99.")}

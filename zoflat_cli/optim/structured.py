@@ -61,13 +61,13 @@ class Structure(NamedTuple):
 
     def fast_sizes(self) -> list:
         """Numbers drawn per step, per tensor: U (a·r), S (r·r), or the vector's own."""
-        return [view[0] if len(view) == 1 else (view[0] * self.rank if self.law == "lowrank" else self.rank_of(view) ** 2)
-                for view in self.views]
+        return [view[0] if len(view) == 1 else
+                view[0] * self.rank if self.law == "lowrank" else self.rank_of(view) ** 2 for view in self.views]
 
     def slow_sizes(self) -> list:
         """Numbers drawn per period, per tensor: V (b·r), or the Gaussians behind U and V ((a + b)·r)."""
-        return [0 if len(view) == 1 else (view[1] * self.rank if self.law == "lowrank" else sum(view) * self.rank_of(view))
-                for view in self.views]
+        return [0 if len(view) == 1 else
+                view[1] * self.rank if self.law == "lowrank" else sum(view) * self.rank_of(view) for view in self.views]
 
     @property
     def numel(self) -> int:
