@@ -45,6 +45,20 @@ def interrupt_at(monkeypatch, step: int):
     return sent
 
 
+def straight_and_resumed(args, tmp_path, monkeypatch, at: int) -> tuple:
+    """The command `args` run straight, and again stopped by a Ctrl-C at step `at` and resumed; the
+    two folders (straight, stopped), whose metrics must be equal."""
+    straight = zoflat(*args, "--out", tmp_path / "a")
+    sent = interrupt_at(monkeypatch, at)
+    stopped = zoflat(*args, "--out", tmp_path / "b", code=130)
+    assert sent and json.loads((stopped / "summary.json").read_text())["status"] == "interrupted"
+    assert max(int(step) for _, step in table(stopped)) == at
+    monkeypatch.undo()
+    zoflat(args[0], "--resume", stopped, "--quiet")
+    assert table(stopped) == table(straight)
+    return straight, stopped
+
+
 COMMANDS = {
     "toy": ["toy", "--dim", 8, "--log-every", 10, "--seeds", 2, "--lr", "zo-adam=0.001", "--lr", "zo-momentum=1e-4"],
     "convex": ["convex", "--features", 300, "--log-every", 10, "--eig-every", 20, "--directions", "rademacher",
@@ -65,15 +79,7 @@ def test_batched_resume_past_the_old_steps_equals_a_straight_run(command, tmp_pa
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_batched_resume_after_ctrl_c_equals_a_straight_run(command, tmp_path, monkeypatch):
-    args = [*COMMANDS[command], "-o", FAMILY, "--steps", 60, "--quiet"]
-    straight = zoflat(*args, "--out", tmp_path / "a")
-    sent = interrupt_at(monkeypatch, 20)
-    stopped = zoflat(*args, "--out", tmp_path / "b", code=130)
-    assert sent and json.loads((stopped / "summary.json").read_text())["status"] == "interrupted"
-    assert max(int(step) for _, step in table(stopped)) == 20
-    monkeypatch.undo()
-    zoflat(command, "--resume", stopped, "--quiet")
-    assert table(stopped) == table(straight)
+    straight_and_resumed([*COMMANDS[command], "-o", FAMILY, "--steps", 60, "--quiet"], tmp_path, monkeypatch, 20)
 
 
 def test_finetune_resume_with_stateful_rules_is_bit_exact(tiny_mlm, tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import BatchedAsModel
-from test_resume import interrupt_at, table, zoflat
+from test_resume import straight_and_resumed, table, zoflat
 from zoflat_cli.engine.batched import estimate, make_groups, stateful_estimate
 from zoflat_cli.engine.model import run_hyper
 from zoflat_cli.optim.directions import DirectionStream
@@ -261,16 +261,10 @@ def test_balance_drifts_at_proposition_2_2_s_rate(method):
 def test_batched_commands_run_resume_bit_exactly_and_plot(command, tmp_path, monkeypatch):
     args = [command, "--log-every", 5, "--seeds", 2, "-o", ",".join(NEW), "--period", 3, "--steps", 24, "--quiet"]
     args += ["--dim", 6] if command == "toy" else ["--features", 60, "--eig-every", 10]
-    straight = zoflat(*args, "--out", tmp_path / "a")
+    straight, stopped = straight_and_resumed(args, tmp_path, monkeypatch, 10)
     rows = table(straight)
     assert {r["optimizer"] for r in rows.values()} == set(NEW)
     assert all(math.isfinite(float(r["loss"])) for r in rows.values())
-    sent = interrupt_at(monkeypatch, 10)
-    stopped = zoflat(*args, "--out", tmp_path / "b", code=130)
-    assert sent
-    monkeypatch.undo()
-    zoflat(command, "--resume", stopped, "--quiet")
-    assert table(stopped) == rows
     zoflat("plot", stopped)
     assert (stopped / "figure.png").stat().st_size > 10_000
 
@@ -280,14 +274,8 @@ def test_finetune_runs_every_new_method_and_resumes_bit_exactly(tiny_mlm, tmp_pa
     anchor, Sparse MeZO's thresholds from the base weights), then resumed from checkpoint + update log."""
     args = ["finetune", "--model", tiny_mlm, "--task", "sst2", "--k", 8, "--log-every", 2, "--eval-every", 4,
             "--trace", "none", "-o", ",".join(NEW), "--period", 3, "--lr", "1e-3", "--checkpoint-every", 3,
-            "--batch-size", 8, "--quiet"]
-    straight = zoflat(*args, "--steps", 10, "--out", tmp_path / "a")
-    sent = interrupt_at(monkeypatch, 4)
-    stopped = zoflat(*args, "--steps", 10, "--out", tmp_path / "b", code=130)
-    assert sent
-    monkeypatch.undo()
-    zoflat("finetune", "--resume", stopped, "--quiet")
-    assert table(stopped) == table(straight)
+            "--batch-size", 8, "--steps", 10, "--quiet"]
+    straight, _ = straight_and_resumed(args, tmp_path, monkeypatch, 4)
     rows = table(straight)
     moved = {r["optimizer"] for r in rows.values() if r["step"] == "10" and r["loss"] != rows[(r["run_id"], "0")]["loss"]}
     assert moved == set(NEW)

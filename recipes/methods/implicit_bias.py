@@ -34,7 +34,8 @@ PARTS = {
                 lrs={"fzoo": [1e-4, 3e-4, 1e-3], "mezo-svrg": [3e-5, 1e-4, 3e-4], "gd": [1e-2], "dd": [1e-3],
                      None: [3e-4, 1e-3, 3e-3]}, pick="fastest"),
     "convex": dict(budget=4_000, args=["convex", "--config", "recipes/convex/zo_family.yaml", "--lambda", 0.005],
-                   lrs={"fzoo": [3e-4, 1e-3], "mezo-svrg": [1e-5, 3e-5], "gd": [1e-3], "dd": [1e-4],
+                   lrs={"fzoo": [3e-4, 1e-3, 3e-3], "mezo-svrg": [3e-6, 1e-5, 3e-5], "subzero": [3e-5, 1e-4, 3e-4],
+                        "hizoo": [1e-4, 3e-4, 1e-3], "sparse-mezo": [1e-4, 3e-4, 1e-3], "gd": [1e-3], "dd": [1e-4],
                         None: [1e-4, 3e-4]}, pick="loss"),
     "minilm": dict(budget=1_000, args=["finetune", "--config", "recipes/flatness/lm_claim_zo.yaml",
                                        "--checkpoint-every", 0], lrs={"gd": [6e-3], "mezo-svrg": [1e-3], None: [3e-3]},
@@ -118,7 +119,7 @@ def table(part: str, folders: dict) -> pd.DataFrame:
     for method, folder in folders.items():
         runs = tuned(*final_rows(part, folder, method), PARTS[part]["pick"])
         if runs.empty:
-            out.append({"method": method, "lr": "all diverged"})
+            out.append({"method": method, "lr": "none halved the loss"})
             continue
         row = {"method": method, "lr": f"{runs.lr.iloc[0]:g}", "steps": int(runs.step.iloc[0]),
                "n_evals": int(runs.n_evals.iloc[0]), "loss": runs.loss.median()}
