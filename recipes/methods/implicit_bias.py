@@ -155,7 +155,7 @@ def figure(curves: dict, path: Path):
             else:
                 ax.plot(mean.index, mean.values, label=method, lw=2 if method in ("zo", "gd") else 1.2)
         ax.set_yscale("log")
-        ax.set_xlabel("oracle calls (n_evals; gd, dd: zo's steps)")
+        ax.set_xlabel("oracle calls (n_evals; gd, dd: at zo's for the same step)")
         ax.set_ylabel("Tr ∇²f (mean over seeds)")
         ax.set_title({"toy": "toy (flattest: 2)", "convex": "convex SVM", "minilm": "MiniLM LoRA, SST-2"}[part])
     handles, labels = axes[0][0].get_legend_handles_labels()
@@ -194,7 +194,10 @@ def main():
                 rows = rows.merge(flat[flat.method == "hutchpp"].groupby(["run_id", "step"]).value.mean()
                                   .rename("measured").reset_index(), on=["run_id", "step"])
                 rows["hessian_trace"] = rows.measured
-            curves[part][method] = rows[rows.run_id.isin(runs.run_id)]
+            rows = rows[rows.run_id.isin(runs.run_id)].copy()
+            if method in REFERENCES:  # drawn at zo's oracle calls for the same step
+                rows["n_evals"] = rows.step * evals_until(RunSpec("zo", 1e-3, 0), 1)
+            curves[part][method] = rows
     figure(curves, args.figure)
     print(f"\nfigure: {args.figure}")
 
