@@ -41,14 +41,12 @@ class InPlaceOptimizer:
         self.period = int(hyper.get("period") or 1)
         self.curvature, self.anchor, self.anchor_coefs = None, None, None
         if estimator.scaling == "mask":
-            thresholds = [mask_thresholds(p, hyper["sparsity"]) for p in self.params]
-            directions.multiplier = lambda index: torch.cat([
-                sparse_mask(v.to(self.work_dtype), thresholds[i])
-                for v, (i, *_) in zip(directions.param_views[index], directions.chunks[index])])
+            self.thresholds = [mask_thresholds(p, hyper["sparsity"]) for p in self.params]
+            directions.multiplier = self._mask
         elif estimator.scaling == "curvature":
             self.curvature = [torch.ones(pieces[-1][3], dtype=self.work_dtype, device=device)
                               for pieces, device in zip(directions.chunks, directions.chunk_devices)]
-            directions.multiplier = lambda index: self.curvature[index].rsqrt()
+            directions.multiplier = lambda index, start, stop: self.curvature[index][start:stop].rsqrt()
 
     # -- one step
 
@@ -102,6 +100,14 @@ class InPlaceOptimizer:
         if accepted:
             self._update(terms, grads, count)
         return coefs, accepted
+
+    def _mask(self, index: int, start: int, stop: int) -> torch.Tensor:
+        """Sparse MeZO's 1{|x| ≤ h} over positions start..stop-1 of a chunk, from the stored weights."""
+        parts = [sparse_mask(v[max(start, offset) - offset:min(stop, end) - offset].to(self.work_dtype),
+                             self.thresholds[i])
+                 for v, (i, _, offset, end) in zip(self.directions.param_views[index], self.directions.chunks[index])
+                 if offset < stop and end > start]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _terms(self, keys, coefs) -> list:
         """[(key, c)]: the move is x − lr·Σ c·z(key) (before a rule's transform). An anchored step's also
@@ -179,7 +185,7 @@ class InPlaceOptimizer:
                 for key, c in scaled:
                     g.add_(directions.chunk(key, index), alpha=c)
                 if directions.multiplier is not None:
-                    g *= directions.multiplier(index)
+                    g *= directions.multiplier(index, 0, len(g))
             x, new_state = apply(self.transform, x, g, self.state[index], self.hyper, count)
             self.state[index] = new_state
             copy_into(targets, list(x.split([t.numel() for t in targets])))

@@ -32,8 +32,9 @@ class ParameterDirections:
         views = tuple(matrix_view(p.shape) for p in self.params)
         self.factors = None if law not in STRUCTURED else KeyFactors(
             Structure(law, views, int(rank), int(period)), self.params[0].device)
-        # optional: chunk index -> the factors d of u = d ⊙ z over the chunk (a mask, a preconditioner), in the
-        # work dtype; the probes and add() apply it, set by the optimizer (inplace.py)
+        # optional: (chunk index, start, stop) -> the factors d of u = d ⊙ z over those positions of the chunk
+        # (a mask, a preconditioner), in the work dtype; the probes and add() apply it, set by the optimizer
+        # (inplace.py)
         self.multiplier = None
         self.device = self.params[0].device
         self.numel = sum(p.numel() for p in self.params)
@@ -135,7 +136,8 @@ class ParameterDirections:
             targets = self.param_views[index]
             exact = work_dtype(targets[0].dtype) == targets[0].dtype
             sums = targets if exact else [t.float() for t in targets]
-            multiplier = None if self.multiplier is None else self.multiplier(index)  # of the weights before the move
+            multiplier = None if self.multiplier is None else self.multiplier(  # of the weights before the move
+                index, 0, self.chunks[index][-1][3])
             for key, alpha in terms:
                 z = self.chunk(key, index)
                 if multiplier is not None:

@@ -23,7 +23,7 @@ class ForwardProbes:
         self.directions, self.params = directions, directions.params
         self.pieces_of, self.chunks = directions.pieces_of, directions.chunks
         self.owners = owners(module, self.params)
-        self._terms, self._drawn, self._base, self._multipliers = None, {}, None, {}
+        self._terms, self._drawn, self._base = None, {}, None
 
     @contextlib.contextmanager
     def perturbed(self, terms, base=None):
@@ -45,7 +45,7 @@ class ForwardProbes:
                 handle.remove()
             for module, own in self.owners:  # even if a forward failed half-way
                 self._swap_out(own, module)
-            self._terms, self._drawn, self._base, self._multipliers = None, {}, None, {}
+            self._terms, self._drawn, self._base = None, {}, None
 
     def _swap_in(self, own, module, *_):
         for name, index in own:
@@ -62,11 +62,11 @@ class ForwardProbes:
         x = torch.empty(p.numel(), dtype=work_dtype(p.dtype), device=p.device)
         for chunk, start, offset, stop in self.pieces_of[index]:
             into, source = x[start:start + stop - offset], stored[start:start + stop - offset]
-            multiplier = self._multiplier(chunk)
+            multiplier = self._multiplier(chunk, offset, stop)
             for k, (key, alpha) in enumerate(self._terms):
                 z = self._drawn_chunk(key, chunk)[offset:stop].to(p.device)
                 if multiplier is not None:
-                    z = z * multiplier[offset:stop].to(p.device)
+                    z = z * multiplier.to(p.device)
                 torch.add(source if k == 0 else into, z, alpha=alpha, out=into)  # one pass: no copy first
         return x.to(p.dtype).view_as(p)
 
@@ -86,24 +86,21 @@ class ForwardProbes:
                    if r * width < end and (r + 1) * width > start and not first <= r < last]
             used, inverse = torch.unique(ids[whole], return_inverse=True)  # each table row gathered once
             rows = (used * width - start).unsqueeze(1) + torch.arange(width, device=p.device)
-            multiplier = self._multiplier(chunk)
+            multiplier = self._multiplier(chunk, offset, stop)
             for key, alpha in self._terms:
                 z = self._drawn_chunk(key, chunk)[offset:stop].to(p.device, out.dtype)
                 if multiplier is not None:
-                    z = z * multiplier[offset:stop].to(p.device, out.dtype)
+                    z = z * multiplier.to(p.device, out.dtype)
                 out.index_add_(0, whole, z[rows][inverse], alpha=alpha)
                 for r, at in cut:
                     lo, hi = max(start, r * width), min(end, (r + 1) * width)
                     out[at, lo - r * width:hi - r * width] += alpha * z[lo - start:hi - start]
         return out.to(output.dtype).view_as(output)
 
-    def _multiplier(self, chunk: int):
-        """The directions' multiplier over a chunk, made once per probe (the stored weights do not move)."""
-        if self.directions.multiplier is None:
-            return None
-        if chunk not in self._multipliers:
-            self._multipliers[chunk] = self.directions.multiplier(chunk)
-        return self._multipliers[chunk]
+    def _multiplier(self, chunk: int, offset: int, stop: int):
+        """The directions' multiplier over positions offset..stop-1 of a chunk (one tensor's piece: no
+        chunk-sized scratch), or None."""
+        return None if self.directions.multiplier is None else self.directions.multiplier(chunk, offset, stop)
 
     def _drawn_chunk(self, key: tuple, index: int) -> torch.Tensor:
         """Chunk `index` of z(key), drawn with the next workers - 1 chunks on the pool's threads (the forward
