@@ -55,7 +55,7 @@ class InPlaceOptimizer:
         """One update (the count-th, from 1). Returns (coefficients or None, accepted). With
         `logged` = (coefficients, accepted) from an update log, nothing is evaluated and the same
         update pass is made (a replay)."""
-        est, lam, lr = self.estimator, self.hyper.get("lambda"), self.hyper["lr"]
+        est, lr = self.estimator, self.hyper["lr"]
         replay = logged is not None
         before = model.loss() if self.rule.conservative and not replay else None
         grads, coefs = None, None
@@ -67,10 +67,10 @@ class InPlaceOptimizer:
             coefs = self._anchored(model, keys)
         elif est.query == "loss":
             center = (before if before is not None else model.loss()) if est.center else None
-            at = [[self._loss_at(model, [(key, offset * lam)]) for offset in est.offsets] for key in keys]
-            coefs = self._coefficients([list(v) for v in zip(*at)], center)  # [offsets][keys]
+            values = self._values(model, keys, est.offsets)
+            coefs = self._coefficients(values, center)
             if est.scaling == "curvature":  # then each direction's curvature weight
-                coefs += curvature_weights(torch.tensor([list(v) for v in zip(*at)], dtype=torch.float64),
+                coefs += curvature_weights(torch.tensor(values, dtype=torch.float64),
                                            torch.tensor(center, dtype=torch.float64), self._coef_hyper).tolist()
         elif est.query == "directional":
             with torch.enable_grad():
@@ -123,16 +123,19 @@ class InPlaceOptimizer:
         """MeZO-SVRG's coefficients: at an anchor step (0, c̃) with c̃ the two-point estimate on the whole
         training set; after it (c - c̄, c̃) with c and c̄ two-point estimates at x and at the anchor x̄
         on the step's batch, same directions."""
-        lam, n = self.hyper["lambda"], len(keys)
+        offsets, n = self.estimator.offsets, len(keys)
         if keys[0][1] % self.period == 0:
-            at = [[self._loss_at(model, [(key, o * lam)], split="train") for o in (1, -1)] for key in keys]
-            self.anchor_coefs = self._coefficients([list(v) for v in zip(*at)], None)
+            self.anchor_coefs = self._coefficients(self._values(model, keys, offsets, split="train"), None)
             return [0.0] * n + self.anchor_coefs
-        here = [[self._loss_at(model, [(key, o * lam)]) for o in (1, -1)] for key in keys]
-        there = [[self._loss_at(model, [(key, o * lam)], base=self.anchor) for o in (1, -1)] for key in keys]
-        c, c_anchor = self._coefficients([list(v) for v in zip(*here)], None), self._coefficients(
-            [list(v) for v in zip(*there)], None)
+        c = self._coefficients(self._values(model, keys, offsets), None)
+        c_anchor = self._coefficients(self._values(model, keys, offsets, base=self.anchor), None)
         return [a - b for a, b in zip(c, c_anchor)] + self.anchor_coefs
+
+    def _values(self, model, keys, offsets, split: str = "batch", base=None) -> list:
+        """The losses at x + o·λ·z(key) (or at base + ...), [offsets][keys]."""
+        lam = self.hyper["lambda"]
+        at = [[self._loss_at(model, [(key, o * lam)], split, base) for o in offsets] for key in keys]
+        return [list(v) for v in zip(*at)]
 
     def _loss_at(self, model, terms, split: str = "batch", base=None) -> float:
         with self.directions.perturbed(terms, base):
