@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from timing import gd_step, mezo_step, peak_memory_of_mode, timed  # benchmarks/timing.py (this folder is on sys.path)
-from zoflat_cli.env import DTYPES
+from zoflat_cli.devices import DTYPES
 from zoflat_cli.experiments import finetune
 from zoflat_cli.measures.hessian import finite_difference, hutchinson
 from zoflat_cli.models.tiny import save_tiny_causal

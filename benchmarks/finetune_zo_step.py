@@ -33,7 +33,7 @@ import torch
 
 from timing import mezo_step, peak_memory_of_mode, timed  # benchmarks/timing.py (this folder is on sys.path)
 from zoflat_cli.experiments import finetune
-from zoflat_cli.env import DTYPES
+from zoflat_cli.devices import DTYPES
 from zoflat_cli.measures.hessian import finite_difference, hutchinson
 from zoflat_cli.optim.directions import LAWS
 from zoflat_cli.optim.parameters import ParameterDirections

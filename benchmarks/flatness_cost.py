@@ -24,7 +24,7 @@ import torch
 from timing import timed  # benchmarks/timing.py (this folder is on sys.path)
 from zoflat_cli.data.lmbff_tasks import TASKS, kshot
 from zoflat_cli.engine.points import ModelSubject
-from zoflat_cli.env import DTYPES, peak_memory_mib
+from zoflat_cli.devices import DTYPES, peak_memory_mib
 from zoflat_cli.experiments import finetune
 from zoflat_cli.measures.registry import MEASURES, Settings
 from zoflat_cli.measures.subject import rademacher

@@ -30,7 +30,7 @@ def peak_memory_of_mode(problem, optimizer, mode: str, steps: int, lr: float, de
     """In a fresh process: the peak memory of `steps` steps of one mode (inference, zo, gd) on a
     model problem, from a high-water mark reset after a warm-up (allocator pools and thread
     scratch exist in every mode), and the memory in use at the reset. zo: `samples` directions a step."""
-    from zoflat_cli.env import peak_memory_mib
+    from zoflat_cli.devices import peak_memory_mib
 
     problem.loss()
     if device.type == "cuda":

@@ -110,6 +110,23 @@ def test_version():
     assert "zoflat 0.1.0" in zoflat("--version").output
 
 
+HEAVY = ("torch", "transformers", "pandas", "matplotlib", "scipy", "numpy")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["toy", "--help"], ["convex", "--help"], ["finetune", "--help"],
+                                  ["flatness", "--help"], ["toy", "--optimizer", "zoo"], ["convex", "--model", "x"],
+                                  ["finetune", "--steps", "-1"], ["toy", "--measures", "nope"]])
+def test_help_and_bad_input_import_no_heavy_module(args):
+    """Start-up stays fast (README: under 0.5 s): the help and a refusal never import torch, numpy, pandas,
+    matplotlib or transformers (`python -X importtime -m zoflat_cli --help` shows the rest)."""
+    code = (f"import sys\nsys.argv = ['zoflat', *{args!r}]\nfrom zoflat_cli.__main__ import main\n"
+            f"try:\n    main()\nexcept SystemExit:\n    pass\n"
+            f"print('loaded:', *sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.stdout.splitlines()[-1] == "loaded:", result.stdout[-300:] + result.stderr
+    assert ("error:" in result.stderr) != ("--help" in args)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

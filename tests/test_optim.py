@@ -16,7 +16,7 @@ from zoflat_cli.optim.structured import Structure, matrix_view
 from zoflat_cli.engine.batched import estimate
 from zoflat_cli.optim.estimators import ESTIMATORS
 from zoflat_cli.optim.inplace import InPlaceOptimizer
-from zoflat_cli.optim.presets import PRESETS, UPDATE_DEFAULTS, estimator_of, hyper_names
+from zoflat_cli.optim.presets import PRESETS, STRUCTURED, UPDATE_DEFAULTS, estimator_of, hyper_names
 from zoflat_cli.optim.updates import UPDATES, apply, get_update
 from zoflat_cli.problems.toy import ToyProblem
 from zoflat_cli.streams import direction_base
@@ -119,7 +119,7 @@ def test_in_place_chunked_draws_equal_the_batched_draws(law, unit, monkeypatch):
     shapes = [(3, 4), (5,), (2, 3, 2)]
     params = [torch.zeros(s) for s in shapes]
     dim = sum(p.numel() for p in params)
-    structure = Structure(law, tuple(matrix_view(s) for s in shapes), 2, 4) if law in laws.STRUCTURED else None
+    structure = Structure(law, tuple(matrix_view(s) for s in shapes), 2, 4) if law in STRUCTURED else None
     stream = DirectionStream([11, 12], 2, dim, law, torch.float64, CPU, start_step=3, structure=structure)
     for _ in range(3):
         stream.next()

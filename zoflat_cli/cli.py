@@ -427,12 +427,12 @@ def flatness_command():
     (generated from measures/registry.py's Settings)."""
     import dataclasses
 
-    from zoflat_cli.measures.registry import MEASURES, Settings
+    from zoflat_cli.measures.catalog import ABOUT, Settings
 
     def parameter(name, annotation, default=None):
         return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
 
-    measure_help = "; ".join(f"{m.name}: {m.help}" for m in MEASURES.values())
+    measure_help = "; ".join(f"{name}: {about.help}" for name, about in ABOUT.items())
     params = [
         inspect.Parameter("folder", inspect.Parameter.POSITIONAL_OR_KEYWORD,
                           annotation=Annotated[Path, typer.Argument(help="A toy, convex or finetune run folder.")]),

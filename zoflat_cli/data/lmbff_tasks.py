@@ -12,8 +12,6 @@ import lzma
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from zoflat_cli.data.files import write_new_folder
 from zoflat_cli.errors import ZoflatError, one_line
 
@@ -159,6 +157,8 @@ def kshot(task: Task, k: int, seed: int, data_dir=None, test_mode: str = "1k"):
         raise ZoflatError(f"test mode must be one of {', '.join(TEST_MODES)}, got {test_mode!r}")
     train = read_original(task, data_dir)
     test = read_original(task, data_dir, task.test_file)
+    import numpy as np  # here, not at the top: the command line reads this module's tables at start-up
+
     rows = list(train.rows)
     np.random.seed(seed)  # LM-BFF's protocol uses numpy's legacy global RNG, on purpose
     np.random.shuffle(rows)

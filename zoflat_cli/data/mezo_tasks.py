@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
-
 from zoflat_cli.data.files import write_new_folder
 from zoflat_cli.errors import ZoflatError, one_line
 from zoflat_cli.data.lmbff_tasks import BUNDLED_DIR as TEXT_DIR
@@ -465,6 +463,8 @@ def availability(task: LMTask, pool: str) -> str:
 def permutation_head(n: int, seed: int, num: int) -> list:
     """MeZO's sample_subset: the first `num` of np.random.permutation(n) under the legacy RNG seeded
     with `seed` (a RandomState: the same stream as seeding the global one)."""
+    import numpy as np  # here, not at the top: the command line reads this module's tables at start-up
+
     return np.random.RandomState(seed).permutation(n).tolist()[:num]
 
 

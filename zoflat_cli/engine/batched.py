@@ -17,12 +17,12 @@ import torch
 
 from zoflat_cli.engine.live import LiveView
 from zoflat_cli.engine.loop import NUMERICAL_ERRORS, RunState, carried_over, drive, judge, measure_if_due, session
-from zoflat_cli.env import DTYPES, check_memory, resolve_device
+from zoflat_cli.devices import DTYPES, check_memory, resolve_device
 from zoflat_cli.errors import ZoflatError, describe
-from zoflat_cli.optim.directions import STRUCTURED, DirectionStream, stream_bytes
+from zoflat_cli.optim.directions import DirectionStream, stream_bytes
 from zoflat_cli.optim.estimators import (Estimator, ascent_scale, curvature_weights, hessian_informed, mask_thresholds,
                                          sparse_mask)
-from zoflat_cli.optim.presets import HYPERPARAMETERS, estimator_of, evals_until
+from zoflat_cli.optim.presets import HYPERPARAMETERS, STRUCTURED, estimator_of, evals_until
 from zoflat_cli.optim.structured import Structure, balanced
 from zoflat_cli.optim.updates import apply, get_update, state_to
 from zoflat_cli.runs.folder import RunFolder, create_run_dir, open_for_resume

@@ -20,7 +20,8 @@ from typing import Protocol
 import torch
 
 from zoflat_cli.errors import describe
-from zoflat_cli.measures.registry import Settings, measure_names, take
+from zoflat_cli.measures.catalog import Settings, measure_names
+from zoflat_cli.measures.registry import take
 from zoflat_cli.runs.flatness import write_rows
 from zoflat_cli.runs.spec import due
 from zoflat_cli.signals import GracefulStop

@@ -15,7 +15,7 @@ import torch
 from zoflat_cli.engine.batched import BatchedSubject, make_groups
 from zoflat_cli.engine.loop import RunState
 from zoflat_cli.engine.model import ModelRunner, ModelSubject
-from zoflat_cli.env import DTYPES, resolve_device
+from zoflat_cli.devices import DTYPES, resolve_device
 from zoflat_cli.runs.folder import FolderReader
 
 

@@ -1,14 +1,11 @@
 """`zoflat convex`: SVM / logistic regression on random features of LIBSVM data (problems/convex.py),
 the paper's Figures 2 and 5."""
 
-from zoflat_cli.data import libsvm_sets
-from zoflat_cli.engine.batched import run_batched
-from zoflat_cli.engine.points import batched_points
 from zoflat_cli.errors import ZoflatError
 from zoflat_cli.experiments.experiment import Experiment, table
 from zoflat_cli.experiments.settings import MAX_SEED, MAX_STEPS, Setting
 from zoflat_cli.optim.presets import default_lrs
-from zoflat_cli.problems.convex import MODELS, ConvexProblem
+from zoflat_cli.problems.names import CONVEX_MODELS
 
 SETTINGS = table(
     {
@@ -19,7 +16,7 @@ SETTINGS = table(
         "train_size": Setting("int", 1, 10**9, optional=True, default=9_888,  # w5a's sizes: 9,888 / 39,861 of 49,749
                               help="Re-split the training file: this many rows train, the rest test."),
         "split_seed": Setting("int", 0, MAX_SEED, default=0, help="Seed of that re-split."),
-        "model": Setting("text", choices=tuple(MODELS), default="svm", help="svm (squared hinge) or logreg."),
+        "model": Setting("text", choices=CONVEX_MODELS, default="svm", help="svm (squared hinge) or logreg."),
         "features": Setting("int", 1, 10**8, default=10_000, help="D, the random features."),  # memory: checked apart
         "dense": Setting("flag", default=False, help="Materialise the N x D features (reference path).",
                          flags=("--dense/--factored",)),
@@ -41,8 +38,8 @@ def defaults_for(chosen: dict) -> dict:
     """The defaults that depend on what the recipe and flags chose: the model sets λ and the step
     sizes; the w5a-like re-split of the bundled w8a applies only when no data set is chosen."""
     model = chosen.get("model", "svm")
-    if not isinstance(model, str) or model not in MODELS:
-        raise ZoflatError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
+    if not isinstance(model, str) or model not in CONVEX_MODELS:
+        raise ZoflatError(f"unknown model {model!r}; choose from {', '.join(CONVEX_MODELS)}")
     data_chosen = "dataset" in chosen or "data_file" in chosen
     return {"model": model, **MODEL_DEFAULTS[model],
             **({"dataset": None} if "data_file" in chosen else {}), **({"train_size": None} if data_chosen else {})}
@@ -59,7 +56,11 @@ def check(config: dict) -> dict:
 
 
 def problem_maker(config):
-    """make_problem(device, dtype) for the config's data (loaded once, here)."""
+    """make_problem(device, dtype) for the config's data (loaded once, here). The problem (torch) is
+    imported here, when a run starts, not with the command line."""
+    from zoflat_cli.data import libsvm_sets
+    from zoflat_cli.problems.convex import ConvexProblem
+
     train, test, description = libsvm_sets.load_splits(config.dataset, config.data_file, config.test_file,
                                                        config.train_size, config.split_seed)
 
@@ -71,10 +72,14 @@ def problem_maker(config):
 
 
 def run(config, runs, quiet: bool = False, resume=None):
+    from zoflat_cli.engine.batched import run_batched
+
     return run_batched(config, runs, problem_maker(config), quiet, resume)
 
 
 def points(config, runs, steps: dict, folder=None):
+    from zoflat_cli.engine.points import batched_points
+
     return batched_points(config, runs, problem_maker(config), steps)
 
 

@@ -5,25 +5,19 @@ Hessian trace (Hutchinson or forward-only fd), λ_max by power iteration and ‖
 
 Encoders (RoBERTa, BERT) run LM-BFF's K-shot tasks (data/lmbff_tasks.py, problems/encoder.py);
 decoder LMs run MeZO's tasks with MeZO's sampling (data/mezo_tasks.py, problems/decoder.py). The
-model's config decides which.
+model's config decides which. The settings need no torch; the model, the problems and the engine
+are imported when a run starts (the command line's start-up).
 """
 
 from pathlib import Path
 
 from zoflat_cli.data import lmbff_tasks, mezo_tasks
-from zoflat_cli.engine import distributed
-from zoflat_cli.engine.live import say
-from zoflat_cli.engine.model import run_models
-from zoflat_cli.engine.points import model_points
-from zoflat_cli.env import DTYPES, resolve_device
+from zoflat_cli.env import DTYPE_NAMES
 from zoflat_cli.errors import ZoflatError
 from zoflat_cli.experiments.experiment import Experiment, table
 from zoflat_cli.experiments.settings import MAX_SEED, MAX_STEPS, SHARED, Setting
-from zoflat_cli.models.loading import from_pretrained, model_location, quiet_transformers
 from zoflat_cli.optim.presets import default_lrs, estimator_of
-from zoflat_cli.problems import decoder, encoder
-from zoflat_cli.problems.pretrained import DEVICE_MAPS, TRAINABLE
-from zoflat_cli.runs.folder import open_for_resume
+from zoflat_cli.problems.names import DEVICE_MAPS, HEADS, SCORING, TRAINABLE
 
 TRACE_METHODS = ("hutchinson", "fd", "none")
 OBJECTIVES = ("loss", "accuracy", "f1")
@@ -52,7 +46,7 @@ SETTINGS = table(
                                    "eval sample (offline runs of tasks whose train split is not bundled)."),
         "demos": Setting("int", 0, 10**4, default=0,  # an evaluation baseline: --steps 0
                          help="In-context demonstrations from the training sample (with --steps 0)."),
-        "scoring": Setting("text", choices=decoder.SCORING, default="sum",
+        "scoring": Setting("text", choices=SCORING, default="sum",
                            help="Option score: sum of its tokens' log-probabilities, or mean (length-normalised)."),
         "max_new_tokens": Setting("int", 1, 10**5, default=50,
                                   help="Generation tasks: greedy decoding length limit (MeZO: 50)."),
@@ -64,7 +58,7 @@ SETTINGS = table(
         "model": Setting("text", default="roberta-large",
                          help="Hub id (roberta-large, facebook/opt-13b), a local model folder, minilm, or tiny-gpt2 / "
                               "tiny-opt / tiny-llama (random, offline)."),
-        "head": Setting("text", choices=encoder.HEADS, default="auto",
+        "head": Setting("text", choices=HEADS, default="auto",
                         help="Encoders: auto, prompt (MLM + label words) or linear."),
         "max_length": Setting("int", 2, 10**6, optional=True,  # None: encoders 128; decoders the model's, ≤ 2048
                               help="Tokens per example (encoders 128; decoders: the model's, at most 2048)."),
@@ -92,7 +86,7 @@ SETTINGS = table(
     name="finetune", log_every=100, seeds=[0], optimizer=["zo"], **{"lambda": 2e-3},
     steps=Setting("int", 0, MAX_STEPS, default=100_000, help=SHARED["steps"].help),  # 0: evaluate only (baselines)
     lr=default_lrs(gradient=5e-5, zo=1e-5, per_coordinate=1e-6),
-    dtype=Setting("text", choices=tuple(DTYPES), default="float32", help=SHARED["dtype"].help),
+    dtype=Setting("text", choices=DTYPE_NAMES, default="float32", help=SHARED["dtype"].help),
 )
 
 
@@ -128,6 +122,8 @@ def defaults_for(chosen: dict) -> dict:
 
 
 def encoder_problem(config, model_config, device, dtype, group=None):
+    from zoflat_cli.problems import encoder
+
     if config.task not in lmbff_tasks.TASKS:
         raise ZoflatError(f"task {config.task} needs a decoder LM (e.g. --model facebook/opt-1.3b); "
                           f"{config.model!r} is an encoder, which runs {', '.join(lmbff_tasks.TASKS)}")
@@ -138,6 +134,8 @@ def encoder_problem(config, model_config, device, dtype, group=None):
 
 
 def decoder_problem(config, model_config, device, dtype, group=None):
+    from zoflat_cli.problems import decoder
+
     if config.task not in mezo_tasks.TASKS:
         raise ZoflatError(f"task {config.task} is an encoder task (LM-BFF prompts with a mask); decoder LMs "
                           f"run {', '.join(mezo_tasks.TASKS)}")
@@ -157,6 +155,9 @@ def make_problem(config, device, dtype, group=None):
     config says; `group`: the data-parallel process group (None: a single process)."""
     from transformers import AutoConfig
 
+    from zoflat_cli.models.loading import from_pretrained, quiet_transformers
+    from zoflat_cli.problems import decoder
+
     quiet_transformers()
     model_config = from_pretrained(AutoConfig, config.model)
     build = decoder_problem if decoder.is_causal(model_config) else encoder_problem
@@ -166,6 +167,13 @@ def make_problem(config, device, dtype, group=None):
 def run(config, runs, quiet: bool = False, resume: Path = None):
     """Runs (or, with resume, continues) every run of the config; under torchrun, as one data-parallel
     run (engine/distributed.py). Returns (folder, status)."""
+    from zoflat_cli.devices import DTYPES, resolve_device
+    from zoflat_cli.engine import distributed
+    from zoflat_cli.engine.live import say
+    from zoflat_cli.engine.model import run_models
+    from zoflat_cli.models.loading import model_location
+    from zoflat_cli.runs.folder import open_for_resume
+
     device, dtype = resolve_device(config.device), DTYPES[config.dtype]
     if distributed.world_size() > 1 and config.device_map:
         raise ZoflatError("--device-map places one model across GPUs; under torchrun every process holds the whole "
@@ -188,6 +196,9 @@ def run(config, runs, quiet: bool = False, resume: Path = None):
 
 def points(config, runs, steps: dict, folder: Path):
     """The runs of a finetune run folder at the chosen steps (engine/points.py), one process."""
+    from zoflat_cli.devices import DTYPES, resolve_device
+    from zoflat_cli.engine.points import model_points
+
     problem = make_problem(config, resolve_device(config.device), DTYPES[config.dtype])
     return model_points(config, problem, runs, steps, folder)
 

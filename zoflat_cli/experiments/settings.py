@@ -25,9 +25,8 @@ from typing import Any
 import yaml
 
 from zoflat_cli.errors import ZoflatError
-from zoflat_cli.measures.registry import measure_names
-from zoflat_cli.optim.directions import LAWS
-from zoflat_cli.optim.presets import DIRECTIONS, HYPERPARAMETERS, PRESETS, SAMPLES, get_preset, hyper_names
+from zoflat_cli.measures.catalog import measure_names
+from zoflat_cli.optim.presets import DIRECTIONS, HYPERPARAMETERS, LAWS, PRESETS, SAMPLES, get_preset, hyper_names
 from zoflat_cli.optim.updates import UPDATES, get_update
 from zoflat_cli.runs.spec import RunSpec
 from zoflat_cli.runs.trackers import LOGGERS

@@ -3,12 +3,9 @@
 The paper's setting (Section 2, Figure 1): d = 100, T = 100,000, GD lr 0.01, ZO lr 0.001, λ = 0.1.
 """
 
-from zoflat_cli.engine.batched import run_batched
-from zoflat_cli.engine.points import batched_points
 from zoflat_cli.experiments.experiment import Experiment, table
 from zoflat_cli.experiments.settings import Setting
 from zoflat_cli.optim.presets import default_lrs
-from zoflat_cli.problems.toy import ToyProblem
 
 SETTINGS = table(
     {"dim": Setting("int", 1, 10**9, default=100, help="d: y, z in R^d.")},  # memory is checked separately
@@ -17,11 +14,18 @@ SETTINGS = table(
 )
 
 
+# The engine and the problem (torch) are imported when a run starts, not with the command line.
 def run(config, runs, quiet: bool = False, resume=None):
+    from zoflat_cli.engine.batched import run_batched
+    from zoflat_cli.problems.toy import ToyProblem
+
     return run_batched(config, runs, lambda device, dtype: ToyProblem(config.dim), quiet, resume)
 
 
 def points(config, runs, steps: dict, folder=None):
+    from zoflat_cli.engine.points import batched_points
+    from zoflat_cli.problems.toy import ToyProblem
+
     return batched_points(config, runs, lambda device, dtype: ToyProblem(config.dim), steps)
 
 

@@ -27,10 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from zoflat_cli.optim.presets import LAWS
 from zoflat_cli.streams import direction_base, mix_array
 
-STRUCTURED = ("lowrank", "subspace")  # laws over matrices (structured.py)
-LAWS = ("gaussian", "rademacher", "sphere", *STRUCTURED)
 UNIT = 1 << 14  # vectors up to this length are packed several to a seeding
 CHUNK = 1 << 19  # numbers per seeding of longer ones: 2 MiB of float32 scratch per thread in place
 # Bumped whenever the numbers drawn for a direction change: run folders record it, --resume checks it.

@@ -13,13 +13,11 @@ anchor point x̄ that it refreshes every --period steps (`svrg_terms`). Both kee
 direction (`extra`): HiZOO the weight of its curvature sample, SVRG the anchor's coefficient.
 How a path queries (a batched tensor call over (samples, runs, dim), or passes over one model's
 parameters in place) is the path's business; what the answers mean is decided here, once.
-The batched path's `estimate` is engine/batched.py's.
+The batched path's `estimate` is engine/batched.py's. The rules use tensor methods only, so the
+tables import without torch (the command line's start-up).
 """
 
 from typing import Callable, NamedTuple, Optional
-
-import torch
-
 
 
 class Estimator(NamedTuple):
@@ -62,7 +60,7 @@ def directional(values, center, hyper):
     return values[0] / len(values[0])
 
 
-def tilted_coefficients(losses: torch.Tensor, lam, tilt) -> torch.Tensor:
+def tilted_coefficients(losses, lam, tilt):
     """ZEST's ĝ = Σ_i c_i u_i over n antithetic pairs, from losses (2, n, ...) = f(x ± λu_i):
     c_i = (w_i⁺ - w_i⁻)/(tλ), w the softmax of a = t·f over all 2n values. Per pair,
     w_i⁺ - w_i⁻ = (w_i⁺ + w_i⁻) tanh(h_i) with h_i = tΔ_i/2, Δ = f⁺ - f⁻, so
@@ -73,7 +71,7 @@ def tilted_coefficients(losses: torch.Tensor, lam, tilt) -> torch.Tensor:
     w = a.flatten(0, 1).softmax(0).view_as(a)  # max-subtracted: exp(t·f) never overflows
     half_delta = (losses[0] - losses[1]) / 2
     h = tilt * half_delta
-    tanhc = torch.nan_to_num(torch.tanh(h) / h, nan=1.0)  # 0/0 only at h = 0; a NaN loss stays NaN in Δ
+    tanhc = (h.tanh() / h).nan_to_num(nan=1.0)  # 0/0 only at h = 0; a NaN loss stays NaN in Δ
     return half_delta * tanhc * (w[0] + w[1]) / lam
 
 
@@ -87,7 +85,7 @@ def normalised_one_sided(values, center, hyper):
     of the n probe losses: the step's length is set by how much the losses spread, not by 1/λ
     (0 where they do not spread)."""
     spread = values[0].std(0, correction=0, keepdim=True)
-    return torch.where(spread > 0, (values[0] - center) / (len(values[0]) * spread), torch.zeros_like(values[0]))
+    return ((values[0] - center) / (len(values[0]) * spread)).where(spread > 0, 0.0)
 
 
 def curvature_weights(values, center, hyper):
@@ -128,9 +126,9 @@ def anchor_step(step: int, period: int) -> int:
 
 def ascent_scale(grad_norm, rho):
     """SAM's step to the ascent point, x + s·∇f with s = ρ/‖∇f‖ (0 at ∇f = 0: plain GD)."""
-    if isinstance(grad_norm, torch.Tensor):
-        return torch.where(grad_norm > 0, rho / grad_norm, torch.zeros_like(grad_norm))
-    return rho / grad_norm if grad_norm > 0 else 0.0
+    if isinstance(grad_norm, (int, float)):
+        return rho / grad_norm if grad_norm > 0 else 0.0
+    return (rho / grad_norm).where(grad_norm > 0, 0.0)
 
 
 ESTIMATORS = {

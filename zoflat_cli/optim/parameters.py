@@ -10,7 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from zoflat_cli.optim import directions as laws  # laws.UNIT and laws.CHUNK read at use (tests shrink them)
-from zoflat_cli.optim.directions import STRUCTURED, check_law, fill, layout, sphere_scale, work_dtype
+from zoflat_cli.optim.directions import check_law, fill, layout, sphere_scale, work_dtype
+from zoflat_cli.optim.presets import STRUCTURED
 from zoflat_cli.optim.probes import ForwardProbes
 from zoflat_cli.optim.structured import KeyFactors, Structure, matrix_view
 from zoflat_cli.streams import mix

@@ -52,6 +52,8 @@ PRESETS = {
                "losses' spread", 8, "rademacher"),
     )
 }
+STRUCTURED = ("lowrank", "subspace")  # direction laws over matrices (structured.py)
+LAWS = ("gaussian", "rademacher", "sphere", *STRUCTURED)  # directions.py draws them
 # the direction laws' hyperparameters (the estimators' and rules' are theirs)
 LAW_HYPER = {"lowrank": ("rank", "period"), "subspace": ("rank", "period")}
 

@@ -6,12 +6,11 @@ A transform is a pair of pure functions over tensors of one shape, with explicit
 and the step is x - lr·d. The same functions serve the batched path (x: (runs, dim), hyper values
 (runs, 1)) and the in-place path (x: one flat chunk of a model's parameters, hyper values python
 floats), so a rule is written once. `count` is the number of this update, from 1 (Adam's bias
-correction). `chain(a, b)` feeds a's direction to b as its gradient.
+correction). `chain(a, b)` feeds a's direction to b as its gradient. Tensor methods only: no torch
+import (the command line's start-up).
 """
 
 from typing import Callable, NamedTuple
-
-import torch
 
 from zoflat_cli.errors import ZoflatError
 
@@ -44,7 +43,7 @@ def trace() -> Transform:
     def update(g, state, x, hyper, count):
         m = state[0] * hyper["momentum"] + g
         return m, (m,)
-    return Transform(lambda x: (torch.zeros_like(x),), update)
+    return Transform(lambda x: (x.new_zeros(x.shape),), update)
 
 
 def scale_by_adam(eps: float = 1e-8) -> Transform:
@@ -56,12 +55,12 @@ def scale_by_adam(eps: float = 1e-8) -> Transform:
         v = state[1] * b2 + g * g * (1 - b2)
         d = (m / (1 - b1**count)) / ((v / (1 - b2**count)).sqrt() + eps)
         return d, (m, v)
-    return Transform(lambda x: (torch.zeros_like(x), torch.zeros_like(x)), update)
+    return Transform(lambda x: (x.new_zeros(x.shape), x.new_zeros(x.shape)), update)
 
 
 def scale_by_sign() -> Transform:
     """signSGD: d = sign(g) (ZO-Bench's ZO-SGD-Sign)."""
-    return Transform(lambda x: (), lambda g, state, x, hyper, count: (torch.sign(g), state))
+    return Transform(lambda x: (), lambda g, state, x, hyper, count: (g.sign(), state))
 
 
 def add_decayed_weights() -> Transform:

@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import torch
 
+from zoflat_cli.problems.names import CONVEX_MODELS
 from zoflat_cli.streams import generator
 
 CPU = torch.device("cpu")
@@ -32,7 +33,7 @@ def _logreg(t):
     return torch.nn.functional.softplus(-t), -p_wrong, p_wrong * (1 - p_wrong)
 
 
-MODELS = {"svm": _svm, "logreg": _logreg}  # squared hinge; logistic (= cross-entropy on {0,1})
+MODELS = dict(zip(CONVEX_MODELS, (_svm, _logreg)))  # logistic = cross-entropy on {0,1}
 
 
 def _to_torch_csr(matrix, dtype, device):

@@ -25,7 +25,6 @@ from zoflat_cli.errors import ZoflatError, require
 from zoflat_cli.models.loading import from_pretrained, quiet_transformers
 from zoflat_cli.problems.pretrained import PretrainedProblem, at_least_float32, check_max_length
 
-SCORING = ("sum", "mean")
 DEMO_SEPARATOR = "\n\n"  # MeZO's train_sep between in-context demonstrations
 
 

@@ -21,7 +21,6 @@ from zoflat_cli.models.loading import from_pretrained, quiet_transformers
 from zoflat_cli.problems.pretrained import PretrainedProblem, at_least_float32, check_max_length
 from zoflat_cli.data.lmbff_tasks import Task
 
-HEADS = ("auto", "prompt", "linear")
 ENCODER_MAX_LENGTH = 128  # --max-length's default for encoders
 LINEAR_SCALE = 20.0  # cosine-similarity logit scale (sentence-transformers' usual 1/temperature)
 

@@ -14,7 +14,7 @@ import contextlib
 
 import torch
 
-from zoflat_cli.env import peak_memory_mib
+from zoflat_cli.devices import peak_memory_mib
 from zoflat_cli.errors import ZoflatError, require
 from zoflat_cli.measures.hessian import finite_difference, hutchinson, hvp, top_eigenvalue
 from zoflat_cli.models.loading import from_pretrained
@@ -37,8 +37,6 @@ def check_max_length(max_length: int, model_config, name: str):
 
 # ---------------------------------------------------------------- the shared problem
 
-TRAINABLE = ("all", "lora", "prefix", "bias", "head")  # --trainable: what the optimizer moves
-DEVICE_MAPS = ("auto", "balanced", "sequential")  # accelerate's placements of a model across devices
 
 
 class PretrainedProblem:

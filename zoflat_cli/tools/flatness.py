@@ -12,7 +12,8 @@ from pathlib import Path
 
 from zoflat_cli.errors import ZoflatError
 from zoflat_cli.experiments import registry
-from zoflat_cli.measures.registry import Settings, measure_names, take
+from zoflat_cli.measures.catalog import Settings, measure_names
+from zoflat_cli.measures.registry import take
 from zoflat_cli.runs.flatness import FILE, write_rows
 from zoflat_cli.runs.folder import FolderReader, read_summary
 
