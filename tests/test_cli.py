@@ -127,6 +127,35 @@ def test_help_and_bad_input_import_no_heavy_module(args):
     assert ("error:" in result.stderr) != ("--help" in args)
 
 
+def test_every_option_of_every_command_is_in_a_help_panel_and_shows_its_default():
+    from zoflat_cli.cli import EXPERIMENTS, INVOCATION, PANEL_OF
+
+    for experiment in EXPERIMENTS.values():
+        assert not set(experiment.settings) - set(PANEL_OF), experiment.name
+    assert not set(INVOCATION) - set(PANEL_OF)
+    text = runner.invoke(app, ["toy", "--help"], env={"COLUMNS": "200"}).output
+    for panel in ("Model", "Optimizer", "Run control", "Output", "Flatness measures"):
+        assert f"─ {panel} ─" in text
+    assert "[default: 100000]" in text and "[default: gd=0.01, zo=0.001, dd=0.001, ...]" in text
+    assert "<list[str]>" not in text and "[OPT=]NUMBER" in text
+
+
+def test_print_config_and_dry_run_write_nothing(tmp_path):
+    out = zoflat("toy", "--lr", "0.001", "--lr", "gd=0.01", "--optimizer", "gd,zo,lozo", "--seeds", 2,
+                 "--steps", 30, "--out", tmp_path, "--print-config").output
+    config = yaml.safe_load(out)
+    assert config["lr"] == {"gd": 0.01, "zo": 0.001, "lozo": 0.001}  # README: a plain value for the others
+    assert config["steps"] == 30 and config["seeds"] == [0, 1]
+    plan = zoflat("toy", "--optimizer", "gd,zo,mezo-svrg", "--steps", 100, "--period", 10, "--out", tmp_path,
+                  "--dry-run").output.splitlines()
+    assert [line.split()[0] for line in plan[:-1]] == ["gd-lr0.01-s13", "zo-lam0.1-lr0.001-s13",
+                                                        "mezo-svrg-lam0.1-T10-lr0.001-s13"]
+    # by hand: gd one gradient a step; zo two losses; SVRG 2 at each of 10 anchors, 4 at the 90 other steps
+    assert [line.split()[1] for line in plan[:-1]] == ["100", "200", "380"]
+    assert "680 oracle calls in all" in plan[-1]
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

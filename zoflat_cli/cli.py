@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+import yaml
 from typer.core import TyperGroup
 from typing_extensions import Annotated
 
@@ -18,7 +19,7 @@ from zoflat_cli.engine.live import say
 from zoflat_cli.errors import RunFailed, ZoflatError, one_line
 from zoflat_cli.experiments import registry
 from zoflat_cli.experiments.settings import PER_OPTIMIZER, Setting, field_name, load_recipe, parse_flag
-from zoflat_cli.optim.presets import FLAG_GROUPS, SAMPLES
+from zoflat_cli.optim.presets import FLAG_GROUPS, HYPERPARAMETERS, SAMPLES
 from zoflat_cli.runs.identity import RESUMABLE
 from zoflat_cli.signals import EXIT_INTERRUPTED
 
@@ -73,7 +74,6 @@ app = typer.Typer(
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
     no_args_is_help=True,
-    add_completion=False,
 )
 
 
@@ -94,48 +94,120 @@ def root(
 # Options of an invocation rather than settings of a config, and the setting each stands before
 # in a command's options (None: last); flag groups (--betas) set several hyperparameters at once.
 INVOCATION = {
-    "config": (Annotated[Optional[Path], typer.Option("--config", "-c", help="Recipe YAML; flags override it.")],
-               "optimizer"),
-    "pairs": (Annotated[Optional[int], typer.Option("--pairs", help="ZEST's antithetic pairs n per step.")], "samples"),
-    **{flag: (Annotated[Optional[List[str]], typer.Option("--" + flag.replace("_", "-"), help=text)], "seeds")
-       for flag, (_, text) in FLAG_GROUPS.items()},
+    "config": (Annotated[Optional[Path], typer.Option("--config", "-c", help="Recipe YAML; flags override it.",
+                                                      metavar="PATH", rich_help_panel="Run control")], "optimizer"),
+    "pairs": (Annotated[Optional[int], typer.Option("--pairs", help="ZEST's antithetic pairs n per step.",
+                                                    metavar="INT", rich_help_panel="Optimizer")], "samples"),
+    **{flag: (Annotated[Optional[List[str]], typer.Option(
+        "--" + flag.replace("_", "-"), help=text, metavar=f"[OPT=]{','.join(names).upper()}",
+        rich_help_panel="Optimizer")], "seeds") for flag, (names, text) in FLAG_GROUPS.items()},
     "resume": (Annotated[Optional[Path], typer.Option(
-        "--resume", help="Continue the unfinished runs of this run folder (--steps may extend it).")], "device"),
-    "quiet": (Annotated[bool, typer.Option("--quiet", "-q", help="Print only the run folder.")], None),
+        "--resume", help="Continue the unfinished runs of this run folder (--steps may extend it).",
+        metavar="RUN_FOLDER", rich_help_panel="Run control")], "device"),
+    "quiet": (Annotated[bool, typer.Option("--quiet", "-q", help="Print only the run folder.", metavar="",
+                                           rich_help_panel="Output")], None),
+    "print_config": (Annotated[bool, typer.Option(
+        "--print-config", help="Print the resolved config (config.yaml's YAML) and exit; no run folder.",
+        metavar="", rich_help_panel="Run control")], None),
+    "dry_run": (Annotated[bool, typer.Option(
+        "--dry-run", help="List the runs this would train and their cost in oracle calls, and exit; no run folder.",
+        metavar="", rich_help_panel="Run control")], None),
 }
 OPTION_TYPES = {"int": int, "number": float, "text": str, "name": str, "path": Path, "flag": bool, "seeds": str}
+# --help's panels, in this order; every setting and invocation option is in one (a test checks)
+PANELS = {
+    "Model": ("model", "head", "max_length", "micro_batch", "trainable", "lora_rank", "lora_alpha", "prefix_tokens",
+              "device_map", "dtype", "dim", "features", "dense"),
+    "Data and evaluation": ("dataset", "data_file", "test_file", "train_size", "split_seed", "task", "k", "test_mode",
+                            "num_train", "num_dev", "num_eval", "train_set_seed", "train_pool", "demos", "scoring",
+                            "max_new_tokens", "data_dir", "batch_size", "eval_every"),
+    "Optimizer": ("optimizer", "objective", "lr", "samples", "directions", "update", "pairs", "betas",
+                  *HYPERPARAMETERS),
+    "Flatness measures": ("trace", "trace_every", "trace_probes", "trace_delta", "eig_every", "eig_iters",
+                          "measure_every", "measures"),
+    "Run control": ("config", "steps", "seeds", "device", "resume", "checkpoint_every", "print_config", "dry_run"),
+    "Output": ("out", "name", "log_every", "logger", "quiet"),
+}
+PANEL_OF = {key: panel for panel, keys in PANELS.items() for key in keys}
+METAVARS = {"int": "INT", "number": "NUMBER", "text": "TEXT", "path": "PATH", "names": "NAME[,NAME...]",
+            "seeds": "N|SEED,SEED...", "name": "TEXT"}
 
 
-def option(key: str, setting: Setting):
+def shown(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return ",".join(map(shown, value)) if isinstance(value, list) else str(value)
+
+
+def shown_default(value, optimizers: list):
+    """A default as --help shows it (None: none): a per-optimizer one for the command's default optimizers."""
+    if isinstance(value, dict):
+        return ", ".join(f"{name}={shown(value[name])}" for name in optimizers if name in value) + ", ..."
+    return None if value is None or isinstance(value, bool) else shown(value)
+
+
+def metavar(setting: Setting) -> str:
+    if setting.per_optimizer:
+        return f"[OPT=]{METAVARS[setting.kind]}"
+    if setting.choices and len("|".join(setting.choices)) <= 30:
+        return "|".join(setting.choices)
+    return METAVARS.get(setting.kind, "")  # a flag: none
+
+
+def option(key: str, setting: Setting, default=None):
     """A setting's command-line option: repeatable text for a per-optimizer value or a list of
-    optimizers, else its kind's type; None when not given (the recipe or the default decides)."""
+    optimizers, else its kind's type; None when not given (the recipe or the default decides, shown
+    as `default`)."""
     repeatable = setting.per_optimizer or setting.kind == "names"
     kind = List[str] if repeatable else OPTION_TYPES[setting.kind]
     flags = setting.flags or ("--" + key.replace("_", "-"),)
-    return Annotated[Optional[kind], typer.Option(*flags, help=setting.help)]
+    text = setting.help + (f" [dim]\\[default: {default}][/dim]" if default else "")
+    return Annotated[Optional[kind], typer.Option(*flags, help=text, rich_help_panel=PANEL_OF[key],
+                                                  metavar=metavar(setting))]
 
 
 def experiment_command(experiment):
     """`zoflat <experiment>`: its options generated from its settings table and INVOCATION."""
     def parameter(name, annotation):
+        flag = name in ("quiet", "print_config", "dry_run")
         return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                                 default=False if name == "quiet" else None)
+                                 default=False if flag else None)
 
+    defaults = experiment.defaults()
     params = []
     for key, setting in experiment.settings.items():
         params += [parameter(name, a) for name, (a, before) in INVOCATION.items() if before == key]
-        params.append(parameter(field_name(key), option(key, setting)))
+        shown_as = shown_default(defaults[key], defaults["optimizer"])
+        params.append(parameter(field_name(key), option(key, setting, shown_as)))
     params += [parameter(name, a) for name, (a, before) in INVOCATION.items() if before is None]
 
     def command(**options):
         config, resume = resolve_invocation(experiment, options)
-        path, status = experiment.start(config, options["quiet"], resume)
-        _finish(experiment.name, path, status, options["quiet"])
+        if options["print_config"]:
+            typer.echo(yaml.safe_dump(config.to_dict(), sort_keys=False), nl=False)
+        elif options["dry_run"]:
+            typer.echo(plan(experiment, config))
+        else:
+            path, status = experiment.start(config, options["quiet"], resume)
+            _finish(experiment.name, path, status, options["quiet"])
 
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}
     command.__doc__ = experiment.help
     return app.command(experiment.name)(command)
+
+
+def plan(experiment, config) -> str:
+    """--dry-run: the runs in training order, each with its oracle calls (losses, gradients or JVPs,
+    each on a step's batch; MeZO-SVRG's anchors on the whole training set), and the total."""
+    from zoflat_cli.optim.presets import evals_until
+
+    runs = experiment.runs(config)
+    calls = [evals_until(run, config.steps) for run in runs]
+    width = max(len(run.run_id) for run in runs)
+    lines = [f"{run.run_id:<{width}}  {n:>14,.0f} oracle calls" for run, n in zip(runs, calls)]
+    return "\n".join([*lines, f"{len(runs)} runs of {config.steps:,} steps, {sum(calls):,.0f} oracle calls in all "
+                             f"(evaluations and measures not counted); nothing written"])
 
 
 def config_flags(options: dict) -> dict:

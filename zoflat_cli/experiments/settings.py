@@ -195,7 +195,8 @@ def _number(text: str, key: str):
 
 def parse_flag(key: str, occurrences: list):
     """`--lr 0.01`, `--lambda 0.1,0.05`, `--lr gd=0.01 --lr zo=0.001` (or `--lr gd=0.01,zo=0.001`:
-    a part with `=` starts the next optimizer's values) -> value, list or mapping."""
+    a part with `=` starts the next optimizer's values), `--lr 0.001 --lr gd=0.01` (0.001 for every
+    optimizer but gd) -> value, list or mapping."""
     flag = "--" + key.replace("_", "-")
     plain, per_opt = [], {}
     for text in occurrences:
@@ -215,13 +216,12 @@ def parse_flag(key: str, occurrences: list):
         if not numbers:
             raise ZoflatError(f"{flag}: give a value for {target}")
         per_opt[target] = numbers[0] if len(numbers) == 1 else numbers
-    if per_opt and plain:
-        raise ZoflatError(f"{flag}: give either plain values or optimizer=value pairs, not both")
     if not per_opt and not plain:
         raise ZoflatError(f"{flag}: give a value, got {occurrences!r}")
-    if per_opt:
-        return per_opt
-    return plain[0] if len(plain) == 1 else plain
+    value = plain[0] if len(plain) == 1 else plain
+    if per_opt:  # plain values, if any, are the other optimizers'
+        return {**({name: value for name in PRESETS} if plain else {}), **per_opt}
+    return value
 
 
 def parse_seeds(value):

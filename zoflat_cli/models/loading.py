@@ -113,7 +113,8 @@ def from_pretrained(loader, name: str, **kwargs):
     if not hub_reachable():
         raise ZoflatError(f"model {name!r} is not in the Hugging Face cache and the hub cannot be reached: "
                           f"download it once online (hf download {name}), pass a local directory to --model, "
-                          f"or use an offline model: --model minilm or smollm2-135m (zoflat data list)")
+                          f"or use an offline model: smollm2-135m or tiny-opt (decoder LMs, MeZO's tasks), minilm (an "
+                          f"encoder: sst2, sst5, trec); zoflat data list")
     try:
         return loader.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as err:
