@@ -226,7 +226,8 @@ def test_table_equals_pandas_on_the_csvs(toy_sweep):
     table = pd.read_csv(io.StringIO(result.output))
     rows = pd.concat([pd.read_csv(p) for p in toy_sweep.glob("jobs/*/toy/*/metrics.csv")])
     final = rows.sort_values("step").groupby("run_id").tail(1).fillna({"lambda": -1.0})  # gd has no λ
-    keys, metrics = ["optimizer", "lambda", "lr"], ["loss", "hessian_trace"]
+    keys, metrics = ["optimizer", "lambda"], ["loss", "hessian_trace"]  # lr is one value: not a column
+    assert "lr" not in table.columns
     expected = final.groupby(keys)[metrics].agg(["mean", "std", "count"])
     expected.columns = [f"pandas_{m}_{stat}" for m, stat in expected.columns]
     merged = table.fillna({"lambda": -1.0}).merge(expected.reset_index(), on=keys)
@@ -247,6 +248,34 @@ def test_table_markdown_and_latex_parse(toy_sweep):
     tex = runner.invoke(app, ["table", str(toy_sweep), "--format", "latex", "--at", "100"]).output
     assert tex.startswith("\\begin{tabular}") and tex.strip().endswith("\\end{tabular}") and "$\\pm$" in tex
     assert tex.count("\\textbf") == 2
+
+
+def test_table_keeps_runs_of_different_settings_apart_unless_folded(tmp_path):
+    for steps, law in ((20, "gaussian"), (40, "gaussian"), (20, "rademacher")):
+        args = ["toy", "--dim", "4", "--steps", steps, "--log-every", 10, "--seeds", 2, "-o", "gd,zo", "--lr", "1e-4",
+                "--directions", law, "--out", tmp_path, "-q"]
+        assert runner.invoke(app, [str(a) for a in args]).exit_code == 0
+    result = runner.invoke(app, ["table", str(tmp_path), "--format", "csv"])
+    table = pd.read_csv(io.StringIO(result.stdout))
+    assert list(table.columns[:3]) == ["optimizer", "directions", "steps"] and "note:" not in result.output
+    # gd at 20 and 40 steps (gd draws no directions: both 20-step folders are its replicates); zo at three settings
+    assert table["loss_n"].tolist() == [4, 2, 2, 2, 2] and len(set(zip(table["optimizer"], table["steps"]))) == 4
+    folded = runner.invoke(app, ["table", str(tmp_path), "--by", "optimizer"])
+    assert "note: pooled within a row: directions (gaussian, rademacher)" in folded.output
+    assert "note: pooled within a row: steps (20, 40)" in folded.output
+    assert "| zo | " in folded.stdout and "(6)" in folded.stdout
+    md = runner.invoke(app, ["table", str(tmp_path), "--by", "optimizer,steps,lr"]).stdout
+    assert "| 0.0001 |" in md and "e-05" not in md  # lr 1e-4 at 4 significant digits
+
+
+def test_best_is_marked_within_a_task_only():
+    from zoflat_cli.tools.table import render
+
+    table = pd.DataFrame({"task": ["rte", "rte", "copa", "copa"], "optimizer": ["zo", "gd", "zo", "gd"],
+                          "test_accuracy_mean": [0.6, 0.5, 0.7, 0.9], "test_accuracy_std": [0.1] * 4,
+                          "test_accuracy_n": [3] * 4})
+    md = render(table, ["test_accuracy"], ["task", "optimizer"], "markdown")
+    assert [line.split("|")[2].strip() for line in md.splitlines() if "**" in line] == ["zo", "gd"]
 
 
 def test_table_bad_input_is_one_line(toy_sweep, tmp_path):

@@ -481,17 +481,22 @@ def sweep(
 def table(
     paths: Annotated[List[Path], typer.Argument(help="Run folders or sweep folders (or folders holding them).")],
     metric: Annotated[Optional[str], typer.Option(
-        "--metric", help="Columns, comma-separated (default: loss, test accuracy or F1, Hessian trace).")] = None,
+        "--metric", help="Any logged columns, comma-separated (default: loss, test accuracy or F1, Hessian trace).")]
+        = None,
     at: Annotated[str, typer.Option("--at", help="final, best, or a step number.")] = "final",
     by: Annotated[Optional[str], typer.Option(
-        "--by", help="Group by these columns or config keys (default: optimizer,lambda,lr).")] = None,
+        "--by", help="Group by these settings (metrics.csv's or config keys: optimizer, lr, steps, task, ...); "
+                     "default: every setting that differs, so a row holds one setting's seeds.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="markdown, csv or latex.")] = "markdown",
 ):
     """The results table: mean ± std (n) over seeds per group, the best cell of each column marked."""
     from zoflat_cli.tools.table import make_table
 
     split = (lambda text: [t.strip() for t in text.split(",") if t.strip()] if text else None)
-    typer.echo(make_table(paths, split(metric), at, split(by), fmt), nl=False)
+    text, notes = make_table(paths, split(metric), at, split(by), fmt)
+    typer.echo(text, nl=False)
+    for note in notes:
+        say(f"note: {note}", err=True)
 
 
 def flatness_command():

@@ -2,9 +2,13 @@
 
 Each run contributes one value per metric: its last logged value (`--at final`), its best over
 the run (`--at best`: the lowest, or the highest for accuracy, F1 and EM), or its value at a step.
-Runs are grouped by `--by` (settings columns of metrics.csv, or config keys such as task, model,
-dataset); each cell is mean ± standard deviation over the group's runs (its seeds), with n. The
-best cell of each metric column is marked (bold in markdown and LaTeX, a `best` column in csv).
+Only like is compared with like: by default runs are grouped by every setting that differs among
+them (the run's columns of metrics.csv: optimizer, update, direction law, hyperparameters, lr,
+samples; and every config key: steps, task, model, dataset, dim, ...), so a group holds a setting's
+seeds only. `--by` picks the grouping instead (any of those columns or config keys); a setting that
+then differs within a group is pooled, and a note says which. Each cell is mean ± standard deviation
+over the group's runs, with n. The best cell of each metric column is marked (bold in markdown and
+LaTeX, a `best` column in csv) among the rows of the same task, model and data set only.
 """
 
 import io
@@ -16,11 +20,17 @@ import yaml
 
 from zoflat_cli.errors import ZoflatError
 from zoflat_cli.runs.folder import complete_metrics, read_summary
+from zoflat_cli.runs.spec import RUN_COLUMNS
 from zoflat_cli.tools.plot import find_run_folders
 
 FORMATS = ("markdown", "csv", "latex")
 HIGHER_IS_BETTER = ("accuracy", "f1", "em")  # metric names ending so; the rest: lower is better
-DEFAULT_BY = ("optimizer", "lambda", "lr")
+# config keys that do not change what a run computes (where it is written, how often it logs or is
+# measured, memory): never a reason to keep runs apart
+NOT_SETTINGS = ("command", "out", "name", "logger", "log_every", "checkpoint_every", "device", "device_map",
+                "measure_every", "measures", "eval_every", "trace_every", "trace_probes", "eig_every", "eig_iters",
+                "micro_batch")
+CONTEXT = ("task", "model", "dataset", "data_file")  # "best" is marked within each of these only
 
 
 def higher_is_better(metric: str) -> bool:
@@ -36,8 +46,9 @@ def _config(folder: Path) -> dict:
 
 
 def load_runs(paths) -> tuple:
-    """(command, one frame of every logged row of every run folder, with the config keys added)."""
-    frames, commands = [], set()
+    """(command, one frame of every logged row of every run folder with the config's single values
+    added, the settings: the run's columns of metrics.csv and those config keys)."""
+    frames, commands, config_keys = [], set(), {}
     for folder in find_run_folders(paths):
         text = complete_metrics(folder)
         if text.count("\n") < 2:
@@ -45,9 +56,10 @@ def load_runs(paths) -> tuple:
         frame = pd.read_csv(io.StringIO(text))
         config = _config(folder)
         commands.add(read_summary(folder).get("command") or config.get("command"))
-        for key in ("task", "model", "dataset", "k", "features"):
-            if key in config and key not in frame.columns:
-                frame[key] = config[key]
+        for key, value in config.items():  # the config's single values: steps, task, model, dim, ...
+            if key not in frame.columns and not isinstance(value, (dict, list)):
+                frame[key] = value
+                config_keys[key] = None
         frame["folder"] = str(folder)
         frames.append(frame)
     if not frames:
@@ -55,7 +67,10 @@ def load_runs(paths) -> tuple:
     if len(commands) > 1:
         raise ZoflatError(f"these folders mix commands ({', '.join(sorted(map(str, commands)))}): tabulate one "
                           f"command at a time")
-    return commands.pop(), pd.concat(frames, ignore_index=True)
+    rows = pd.concat(frames, ignore_index=True)
+    settings = [c for c in (*RUN_COLUMNS, *config_keys) if c in rows.columns and c not in ("run_id", "seed")
+                and c not in NOT_SETTINGS]
+    return commands.pop(), rows, settings
 
 
 def run_values(rows: pd.DataFrame, metrics: list, at: str) -> pd.DataFrame:
@@ -81,6 +96,22 @@ def run_values(rows: pd.DataFrame, metrics: list, at: str) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def differing(runs: pd.DataFrame, columns: list) -> list:
+    return [c for c in columns if runs[c].astype(str).nunique() > 1]
+
+
+def pooled(runs: pd.DataFrame, by: list, settings: list) -> dict:
+    """{setting: its values} of the settings not in `by` that differ within some group."""
+    found = {}
+    for column in settings:
+        if column in by:
+            continue
+        spread = runs.groupby(by, sort=False, dropna=False)[column].agg(lambda v: v.astype(str).nunique())
+        if (spread > 1).any():
+            found[column] = list(dict.fromkeys(_number(v) for v in runs[column].dropna()))
+    return found
+
+
 def summarise(runs: pd.DataFrame, metrics: list, by: list) -> pd.DataFrame:
     """mean, std and n of each metric per group, groups in first-seen order."""
     grouped = runs.groupby(by, sort=False, dropna=False)
@@ -89,18 +120,25 @@ def summarise(runs: pd.DataFrame, metrics: list, by: list) -> pd.DataFrame:
     return table.reset_index()
 
 
-def best_rows(table: pd.DataFrame, metrics: list) -> dict:
-    """metric -> the index of its best mean (ties: the first)."""
-    best = {}
-    for metric in metrics:
-        means = table[f"{metric}_mean"]
-        if means.notna().any():
-            best[metric] = means.idxmax() if higher_is_better(metric) else means.idxmin()
+def best_rows(table: pd.DataFrame, metrics: list, by: list) -> dict:
+    """metric -> the indices of its best mean (ties: the first) within each block of rows of one task,
+    model and data set."""
+    blocks = [c for c in CONTEXT if c in by]
+    groups = table.groupby(blocks, sort=False, dropna=False).groups.values() if blocks else [table.index]
+    best = {metric: set() for metric in metrics}
+    for index in groups:
+        for metric in metrics:
+            means = table.loc[index, f"{metric}_mean"]
+            if means.notna().any():
+                best[metric].add(means.idxmax() if higher_is_better(metric) else means.idxmin())
     return best
 
 
 def _number(value) -> str:
-    return "—" if pd.isna(value) else f"{value:.4g}"
+    """4 significant digits for numbers (an lr of 1e-4, not 9.999999999999998e-05), — where unset."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _cell(table, row, metric) -> str:
@@ -110,19 +148,19 @@ def _cell(table, row, metric) -> str:
 
 
 def render(table: pd.DataFrame, metrics: list, by: list, fmt: str) -> str:
-    best = best_rows(table, metrics)
+    best = best_rows(table, metrics, by)
     if fmt == "csv":
         out = table.copy()
         for metric in metrics:
-            out[f"{metric}_best"] = [i == best.get(metric) for i in out.index]
+            out[f"{metric}_best"] = [i in best[metric] for i in out.index]
         return out.to_csv(index=False)
     header = [*by, *metrics]
     lines = []
     for row in table.index:
-        cells = [str(table.at[row, key]) for key in by]
+        cells = [_number(table.at[row, key]) for key in by]
         for metric in metrics:
             cell = _cell(table, row, metric)
-            if best.get(metric) == row:
+            if row in best[metric]:
                 cell = f"**{cell}**" if fmt == "markdown" else f"\\textbf{{{cell}}}"
             cells.append(cell)
         lines.append(cells)
@@ -138,22 +176,26 @@ def render(table: pd.DataFrame, metrics: list, by: list, fmt: str) -> str:
                       "\\end{tabular}"]) + "\n"
 
 
-def make_table(paths, metrics=None, at: str = "final", by=None, fmt: str = "markdown") -> str:
+def make_table(paths, metrics=None, at: str = "final", by=None, fmt: str = "markdown") -> tuple:
+    """(the table's text, notes: what was pooled)."""
     if fmt not in FORMATS:
         raise ZoflatError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if at not in ("final", "best") and not str(at).isdigit():
         raise ZoflatError(f"--at must be final, best or a step number, got {at!r}")
-    _command, rows = load_runs(paths)
-    by = list(by or [k for k in DEFAULT_BY if k in rows.columns])
+    _command, rows, settings = load_runs(paths)
+    by = list(by or ["optimizer", *(c for c in differing(rows, settings) if c != "optimizer")])
     unknown = [k for k in by if k not in rows.columns]
     if unknown:
         raise ZoflatError(f"--by {unknown[0]}: not a column of these runs (have: "
                           f"{', '.join(c for c in rows.columns if c != 'folder')})")
-    numeric = [c for c in rows.columns if c not in by and c not in ("run_id", "folder", "step", "seed") and
+    numeric = [c for c in rows.columns if c not in (*settings, "run_id", "folder", "step", "seed") and
                pd.to_numeric(rows[c], errors="coerce").notna().any()]
     metrics = list(metrics or [m for m in ("loss", "test_accuracy", "test_f1", "hessian_trace") if m in rows.columns]
                    or numeric[:3])
     missing = [m for m in metrics if m not in rows.columns]
     if missing:
         raise ZoflatError(f"--metric {missing[0]}: not a column of these runs (have: {', '.join(numeric)})")
-    return render(summarise(run_values(rows, metrics, at), metrics, by), metrics, by, fmt)
+    runs = run_values(rows, metrics, at)
+    notes = [f"pooled within a row: {key} ({', '.join(values)}); add it to --by to keep them apart"
+             for key, values in pooled(runs, by, settings).items()]
+    return render(summarise(runs, metrics, by), metrics, by, fmt), notes
