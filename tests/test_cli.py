@@ -207,3 +207,47 @@ def test_bad_optimizer_flags_are_one_line(tmp_path, args, message):
     result = runner.invoke(app, ["toy", "--steps", "2", "--out", str(tmp_path), *args])
     assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "toy").exists()
+
+
+def on_a_terminal(columns: int, *args) -> tuple:
+    """(exit code, the text shown) of `zoflat args` on a pseudo-terminal `columns` wide."""
+    import fcntl
+    import os
+    import pty
+    import re
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    proc = subprocess.Popen([sys.executable, "-m", "zoflat_cli", *map(str, args)], stdin=slave, stdout=slave,
+                            stderr=slave, env={**env, "TERM": "xterm-256color"}, cwd=REPO)
+    os.close(slave)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 1 << 16)
+        except OSError:  # the command ended and closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(master)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.decode(errors="replace"))
+    return proc.wait(), text.replace("\r", "\n")
+
+
+@pytest.mark.parametrize("columns", [80, 200])
+def test_the_live_view_fits_the_terminal_and_lists_every_run(tmp_path, columns):
+    code, text = on_a_terminal(columns, "toy", "--dim", 5, "--steps", 2000, "--log-every", 100, "--seeds", 2,
+                               "-o", "gd,zo,zo-adam,mezo-svrg", "--lambda", "0.05", "--out", tmp_path)
+    assert code == 0, text
+    lines = [line for line in text.splitlines() if not line.startswith("completed: ")]  # the view's, not the path
+    assert max(map(len, lines)) <= columns and lines[0].startswith("zoflat toy · ")
+    header = [line.split() for line in lines if line.strip().startswith("run ")][-1]
+    assert header[:4] == ["run", "step", "status", "loss"] and ("ETA" in header) == (columns == 200)
+    rows = [line.split() for line in lines if line.strip().startswith(("gd-", "zo-", "mezo-svrg-"))][-8:]
+    assert len({row[0] for row in rows}) == 8 and all(row[1] == "2000/2000" and row[2] == "completed" for row in rows)
+    assert not any("…" in cell for row in rows for cell in row[1:])  # cells are whole numbers, never cut
+    assert any(line.startswith("elapsed ") and " · ETA " in line for line in lines)
