@@ -114,3 +114,69 @@ def test_resume_below_the_steps_done_is_refused_and_keeps_every_row(command, tmp
     result = runner.invoke(app, [command, "--resume", str(folder), "--steps", "20"])
     assert result.exit_code == 2 and "below the 30 steps already done" in result.output
     assert ((folder / "metrics.csv").read_bytes(), (folder / "config.yaml").read_bytes()) == before
+
+
+# ---------------------------------------------------------------- prompt stop, no repeated work
+
+TINY_FINETUNE = ["finetune", "--task", "sst2", "--k", 8, "--log-every", 2, "--eval-every", 2, "--trace", "hutchinson",
+                 "--trace-every", 2, "--trace-probes", 4, "-o", "zo,zo-adam", "--lr", "zo-adam=1e-4", "--quiet"]
+
+
+def count_calls(monkeypatch, cls, name: str, then=None) -> list:
+    """Every call of cls.name (its args); `then(calls)` after each."""
+    original, calls = getattr(cls, name), []
+
+    def counted(self, *args):
+        calls.append(args)
+        result = original(self, *args)
+        if then:
+            then(calls)
+        return result
+
+    monkeypatch.setattr(cls, name, counted)
+    return calls
+
+
+def test_a_stop_during_an_evaluation_acts_at_the_next_micro_batch_and_resumes_before_it(tiny_mlm, tmp_path,
+                                                                                        monkeypatch):
+    from zoflat_cli.problems.pretrained import PretrainedProblem
+
+    args = [*TINY_FINETUNE, "--model", tiny_mlm, "--steps", 6, "--micro-batch", 4]
+    straight = zoflat(*args, "--out", tmp_path / "a")
+    sent, batches = [], []
+
+    def stop_in_the_trace(calls):  # the second HVP of zo's step-4 trace: a Ctrl-C mid-evaluation
+        if len(calls) == 2 * 4 + 2 and not sent:  # steps 0 and 2: 4 probes each
+            sent.append(len(batches))
+            os.kill(os.getpid(), signal.SIGINT)
+
+    count_calls(monkeypatch, PretrainedProblem, "hvp", stop_in_the_trace)
+    original = PretrainedProblem.my_batches
+    monkeypatch.setattr(PretrainedProblem, "my_batches",
+                        lambda self, split: (batches.append(b) or b for b in original(self, split)))
+    stopped = zoflat(*args, "--out", tmp_path / "b", code=130)
+    assert sent and len(batches) == sent[0]  # not one micro-batch more after the signal
+    assert max(int(step) for _, step in table(stopped)) == 2  # step 4's evaluation was discarded
+    assert json.loads((stopped / "summary.json").read_text())["status"] == "interrupted"
+    monkeypatch.undo()
+    zoflat("finetune", "--resume", stopped, "--quiet")
+    assert table(stopped) == table(straight)
+
+
+def test_resume_does_not_evaluate_a_logged_step_again_and_step_0_is_evaluated_once_per_seed(tiny_mlm, tmp_path,
+                                                                                           monkeypatch):
+    from zoflat_cli.problems.pretrained import PretrainedProblem
+
+    args = [*TINY_FINETUNE, "--model", tiny_mlm, "--steps", 6, "--seeds", "0,1"]
+    calls = count_calls(monkeypatch, PretrainedProblem, "metrics")
+    straight = zoflat(*args, "--out", tmp_path / "a")
+    # 4 runs (2 optimizers x 2 seeds) log steps 0, 2, 4, 6; step 0 once per seed
+    assert sorted(calls) == sorted([(0, 0), (1, 0)] + [(s, t) for s in (0, 1) for t in (2, 4, 6)] * 2)
+    calls.clear()
+    sent = interrupt_at(monkeypatch, 4)
+    stopped = zoflat(*args, "--out", tmp_path / "b", code=130)
+    assert sent and calls[-1] == (0, 4)  # the first run stopped after logging step 4
+    calls.clear()
+    zoflat("finetune", "--resume", stopped, "--quiet")
+    assert (0, 4) not in calls[:1] and calls[0] == (0, 6)  # step 4 was logged: not evaluated again
+    assert table(stopped) == table(straight)

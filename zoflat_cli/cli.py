@@ -61,6 +61,12 @@ class OneLineErrors(TyperGroup):
             sys.exit(code or 0)
         return code
 
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:  # not Typer's silent exit 130: the one line below
+            raise typer.Abort() from None
+
 
 def _error(message: str, code: int) -> int:
     with contextlib.suppress(OSError):

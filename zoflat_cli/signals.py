@@ -2,9 +2,12 @@
 
 SIGINT (Ctrl-C), SIGTERM (kill, a scheduler, `timeout`), SIGHUP (a closed terminal, a lost ssh
 session) and SIGQUIT (Ctrl-\\) all mean "stop gracefully":
-  - while a run is being trained (`graceful()`), the first one asks it to stop after the current
-    step: it saves what resuming needs, marks its runs `interrupted`, prints the resume command
-    and exits 130. A second one stops it at once (still marked interrupted, exit 130);
+  - while a run is being trained (`GracefulStop`), the first one asks it to stop after the current
+    step, or at once if the step is being evaluated (a long test evaluation or Hessian trace looks
+    at `stop_requested()` between micro-batches and raises StopRequested: that evaluation is
+    discarded and the run resumes before it); it saves what resuming needs, marks its runs
+    `interrupted`, prints the resume command and exits 130. A second one stops it at once (still
+    marked interrupted, exit 130);
   - anywhere else (start-up, a refusal being printed, the sweep driver), it raises
     KeyboardInterrupt, which the CLI's error boundary turns into one line and exit 130;
   - once the process is on its way out (`ignore()`), further ones are acknowledged and ignored,
@@ -20,6 +23,16 @@ import threading
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
                      if hasattr(signal, name))
 EXIT_INTERRUPTED = 130
+_IN_FORCE = []  # the GracefulStop of the run being trained
+
+
+class StopRequested(Exception):
+    """Raised inside an evaluation once a stop was requested: the evaluation is discarded."""
+
+
+def stop_requested() -> bool:
+    """Whether a stop signal has asked the run being trained to stop."""
+    return any(stop.requested for stop in _IN_FORCE)
 
 
 def _tell(text: str):
@@ -73,14 +86,16 @@ class GracefulStop:
         if self.requested:
             _raise(signum, frame)
         self.requested = True
-        _tell(f"zoflat: {signal.Signals(signum).name} received; stopping after this step "
-              f"(send it again to stop at once)")
+        _tell(f"zoflat: {signal.Signals(signum).name} received; stopping after this step, or now if it is being "
+              f"evaluated (send it again to stop at once)")
 
     def __enter__(self):
         self._previous = _set(self._handle)
+        _IN_FORCE.append(self)
         return self
 
     def __exit__(self, *exc):
+        _IN_FORCE.remove(self)
         restore(self._previous)
         return False
 

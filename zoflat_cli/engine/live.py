@@ -4,7 +4,8 @@ The table fits the terminal: every run (queued ones too) is a row; columns are k
 (run, step, status, the loss, the test metric and the Hessian trace first; then speed, ETA, the
 other metrics) and the lowest go when the width runs out, never a column of `…`. A long run id is
 shortened in its middle. A metric not evaluated at the last logged step shows its last value with
-the step it is from (`0.6931@200`). Under the table: the invocation's elapsed time and its ETA.
+the step it is from (`0.6931@200`). Under the table: the invocation's elapsed time, its ETA and what
+is happening now (`step 200: Hessian trace, probe 3/10: train 2/4`, `checkpointing`, `training`).
 """
 
 import os
@@ -74,6 +75,7 @@ class LiveView:
         self.latest, self.states, self.carried = {}, {}, {}  # carried: run -> metric -> (value, step)
         self.first = {}  # run -> (step, wall_s) first seen in this process: speed counts this process's steps
         self.began = time.monotonic()
+        self.now = None  # what a run's logged step is doing (activity), None: training
         self._live = None
         self._last_plain = -PLAIN_EVERY_S
 
@@ -102,6 +104,10 @@ class LiveView:
         self.states = states
         if self.mode == "plain" and time.monotonic() - self._last_plain >= PLAIN_EVERY_S:
             self._print_plain()
+
+    def activity(self, text):
+        """What is happening now (`step 200: evaluating: test 3/20`; None: training), on the status line."""
+        self.now = text
 
     def _metric_names(self, row):
         return [k for k in row if k not in HIDDEN and k != "step"]
@@ -199,5 +205,6 @@ class LiveView:
         for i in range(len(next(iter(fitted.values()))[0]) if fitted else 0):
             status = fitted["status"][0][i]
             table.add_row(*(cells[i] for cells, _ in fitted.values()), style=STYLES.get(status))
-        line = f"elapsed {duration(time.monotonic() - self.began)} · ETA {duration(self.invocation_eta())}"
+        line = (f"elapsed {duration(time.monotonic() - self.began)} · ETA {duration(self.invocation_eta())} · "
+                f"{self.now or 'training'}")
         return Group(Text(shorten(self.title, width), style="bold"), table, Text(shorten(line, width), style="dim"))

@@ -8,7 +8,9 @@ the run folder holds
                               replaying it on the base weights rebuilds the run bit for bit
     checkpoints/<run_id>.pt   parameters and update-rule state at a step: every --checkpoint-every
                               steps, and when a run that cannot be replayed (gd, sam) is stopped
-`--resume DIR` continues every unfinished run from its checkpoint and log.
+`--resume DIR` continues every unfinished run from its checkpoint and log; a step logged before the
+stop is not evaluated again. The runs of a folder start from the same weights, so the metrics of
+step 0 are computed once per seed (their probes' seed) and shared.
 """
 
 import contextlib
@@ -25,7 +27,9 @@ from zoflat_cli.optim.updates import get_update
 from zoflat_cli.runs.folder import RunFolder, create_run_dir
 from zoflat_cli.runs.identity import check_checkpoint_step, identity
 from zoflat_cli.runs.updatelog import UpdateLog, update_log_path
+from zoflat_cli.signals import StopRequested
 from zoflat_cli.streams import direction_base
+
 
 def checkpoint_name(run_id: str) -> str:
     return f"{run_id}.pt"  # under checkpoints/
@@ -75,9 +79,12 @@ class ModelSubject:
 class ModelRunner:
     """Trains one run on `problem` (whose model holds the base weights) under a typed config."""
 
-    def __init__(self, problem, run, config, folder: RunFolder, state: RunState, on_log):
+    def __init__(self, problem, run, config, folder: RunFolder, state: RunState, on_log, starts: dict = None):
         self.problem, self.run, self.config, self.folder = problem, run, config, folder
         self.state, self.on_log = state, on_log
+        self.starts = {} if starts is None else starts  # seed -> (step-0 metrics, their forward passes)
+        self.logged_at = None  # (step, row): the step a resumed run restarts at, logged before its stop
+        self.evaluating = None  # the step being logged (a stop request during its evaluation resumes there)
         self.directions = ParameterDirections(problem.params, run.directions, problem.model, run.value("rank") or 1,
                                               run.value("period") or 1)
         self.optimizer = InPlaceOptimizer(self.directions, estimator_of(run.optimizer), get_update(run.rule),
@@ -102,7 +109,9 @@ class ModelRunner:
             records = self.updates.read()
             step = self.replay(records, step)
             self.updates.truncate(sum(1 for r in records if r[0] < step))
-        previous = [r for r in logged_rows if int(r["step"]) < step]
+        previous = [r for r in logged_rows if int(r["step"]) <= step]
+        if previous and int(previous[-1]["step"]) == step:
+            self.logged_at = (step, previous[-1])  # logged before the stop: not evaluated again
         if previous:  # carry the counters on, counting the replayed steps' forward passes
             last = previous[-1]
             self.wall_offset = float(last["wall_s"])
@@ -154,9 +163,11 @@ class ModelRunner:
         return until
 
     def checkpoint(self, step: int):
+        self.problem.progress(f"step {step}: checkpointing")
         self.folder.save_checkpoint(checkpoint_name(self.run.run_id), {
             "step": step, "state": {k: v.cpu() for k, v in self.problem.state().items()},
             "optimizer": self.optimizer.state_dict()}, [self.run.run_id])
+        self.problem.progress(None)
 
     # -- the loop
 
@@ -167,8 +178,11 @@ class ModelRunner:
                 self.updates.open()
         try:
             self._began = time.perf_counter()
-            step, stopped = drive(self, start, self.config.steps, self.config.log_every,
-                                  self.config.checkpoint_every, stop)
+            try:
+                step, stopped = drive(self, start, self.config.steps, self.config.log_every,
+                                      self.config.checkpoint_every, stop)
+            except StopRequested:  # during a step's evaluation: discarded, the run resumes at that step
+                step, stopped = self.evaluating, True
             if stopped:
                 self.state.status = "interrupted"
                 if not self.replayable:
@@ -183,9 +197,13 @@ class ModelRunner:
     # -- the Stepper protocol (engine/loop.py)
 
     def log(self, step: int) -> bool:
+        if self.logged_at and self.logged_at[0] == step:  # a resumed run's step, logged before the stop
+            judge(self.state, step, finite(float(self.logged_at[1]["loss"])), self.config.steps)
+            return self.state.status == "running"
+        self.evaluating = step
         row = self.run.columns()
         row.update(step=step, wall_s=None, n_evals=evals_until(self.run, step))
-        row.update(self.problem.metrics(self.run.seed, step))
+        row.update(self.metrics(step))
         row["forward_passes"] = round(self.passes_offset + self.problem.forward_passes, 3)
         row["wall_s"] = round(self.wall_offset + time.perf_counter() - self._began, 3)
         judge(self.state, step, finite(row["loss"]), self.config.steps)
@@ -193,6 +211,19 @@ class ModelRunner:
             measure_if_due(self.folder, self.config, self.run, step, lambda: ModelSubject(self.problem))
         self.on_log(step, [row])
         return self.state.status == "running"
+
+    def metrics(self, step: int) -> dict:
+        """The problem's metrics of this step; step 0's once per seed (every run starts from the same
+        weights), their forward passes counted in each run as if computed again."""
+        if step == 0 and self.run.seed in self.starts:
+            metrics, passes = self.starts[self.run.seed]
+            self.problem.forward_passes += passes
+            return dict(metrics)
+        before = self.problem.forward_passes
+        metrics = self.problem.metrics(self.run.seed, step)
+        if step == 0:
+            self.starts[self.run.seed] = (metrics, self.problem.forward_passes - before)
+        return metrics
 
     def stopped(self, stop) -> bool:
         return self.problem.group.any(stop.requested)  # all data-parallel ranks stop at the same step
@@ -226,6 +257,8 @@ def run_models(config, problem, runs, quiet: bool = False, resume: Path = None, 
         folder.on_log(step, rows, states)
         view.on_log(step, rows, states)
 
+    problem.progress = view.activity
+    starts = {}  # step 0's metrics by seed, shared by the runs
     states.update(carried_over(previous, runs, config.steps, completed=True))  # those are not run again
     plans = [run for run in runs if states[run.run_id].status == "queued"]
     result = {}
@@ -239,13 +272,14 @@ def run_models(config, problem, runs, quiet: bool = False, resume: Path = None, 
             state.status = "running"
             if i > 0:
                 problem.load_base()
-            runner = ModelRunner(problem, run, config, folder, state, on_log)
+            runner = ModelRunner(problem, run, config, folder, state, on_log, starts)
             mine = [r for r in kept_rows if r["run_id"] == run.run_id]
             start = runner.restore(mine)
             if not folder.begun:
                 folder.begin()
             if mine:
-                folder.keep_rows(lambda r, run_id=run.run_id, start=start: r["run_id"] != run_id or int(r["step"]) < start)
+                last = start + (runner.logged_at is not None)  # a step logged before the stop stays
+                folder.keep_rows(lambda r, run_id=run.run_id, last=last: r["run_id"] != run_id or int(r["step"]) < last)
             runner.train(start, stop)
             if problem.group.any(stop.requested):
                 break

@@ -21,6 +21,7 @@ from zoflat_cli.models.loading import from_pretrained
 from zoflat_cli.optim.parameters import ParameterDirections, dot
 from zoflat_cli.process_group import ProcessGroup
 from zoflat_cli.runs.spec import due
+from zoflat_cli.signals import StopRequested, stop_requested
 from zoflat_cli.streams import generator, step_key
 
 def check_max_length(max_length: int, model_config, name: str):
@@ -51,6 +52,12 @@ class PretrainedProblem:
     the input embedding)."""
 
     truncated = {}  # {split: prompts cut to --max-length} (decoders say it before the run)
+    doing = None  # what metrics() is computing now (None: not evaluating)
+
+    @staticmethod
+    def progress(text):
+        """Hears what a logged step's evaluation is doing (`evaluating test 3/20`; None: done); the
+        model runner points it at the live view."""
 
     def read_options(self, config, device, dtype, group):
         """config: finetune's typed config (experiments/finetune.py); group: the data-parallel
@@ -131,12 +138,19 @@ class PretrainedProblem:
         if split in ("train", "batch"):  # forward passes over the training split, in full-batch units
             self.forward_passes += rows / self.splits["train"].size
 
-    def my_batches(self, split: str) -> list:
+    def my_batches(self, split: str):
         """This rank's micro-batches of a split (all of them in a single process), counting the split's
-        forward passes."""
+        forward passes. While a step is evaluated (one process), each is announced to `progress`, and
+        a stop request ends the evaluation here (StopRequested: it is discarded)."""
         for batch in self.splits[split].batches:
             self._count(split, batch.examples)
-        return self.group.mine(self.splits[split].batches)
+        mine = self.group.mine(self.splits[split].batches)
+        for k, batch in enumerate(mine, 1):
+            if self.doing and self.group.world == 1:
+                if stop_requested():
+                    raise StopRequested
+                self.progress(f"{self.doing}: {split} {k}/{len(mine)}")
+            yield batch
 
     def loss_terms(self, split: str = "train"):
         """Per micro-batch of this rank: its share of the split's loss (with autograd if enabled)."""
@@ -201,7 +215,24 @@ class PretrainedProblem:
     def metrics(self, seed: int, step: int) -> dict:
         """Train loss (and accuracy); test and dev metrics (and ‖∇f‖ when λ_max is on) every
         --eval-every steps; λ_max every --eig-every steps; the Hessian trace every --trace-every
-        steps; peak memory."""
+        steps; peak memory. What it is doing goes to `progress`; a stop request ends it (StopRequested)."""
+        self.doing = f"step {step}: evaluating"
+        try:
+            return self._metrics(seed, step)
+        finally:
+            self.doing = None
+            self.progress(None)
+
+    def counted(self, what: str, total: int, function):
+        """function, each call announced as `what k/total` (a trace's probes, λ_max's iterations)."""
+        calls = iter(range(1, total + 1))
+
+        def call(*args):
+            self.doing = f"{what} {next(calls, total)}/{total}"
+            return function(*args)
+        return call
+
+    def _metrics(self, seed: int, step: int) -> dict:
         cfg = self.config
         names = ("f1", "em") if self.metric_name == "f1" else ("accuracy",)
         train = self.evaluate("train", decode=False)
@@ -220,7 +251,8 @@ class PretrainedProblem:
                 row["grad_norm"] = dot(grads, grads) ** 0.5
         if cfg.eig_every and due(step, cfg.eig_every, cfg.steps):
             gen = generator(seed, "probes", self.device, step, 1)  # not the trace probes
-            row["lambda_max"] = top_eigenvalue(self.params, self.hvp, cfg.eig_iters, gen)
+            hvp_ = self.counted(f"step {step}: λ_max, Hessian-vector product", cfg.eig_iters, self.hvp)
+            row["lambda_max"] = top_eigenvalue(self.params, hvp_, cfg.eig_iters, gen)
         if cfg.trace != "none" and due(step, cfg.trace_every, cfg.steps):
             row["hessian_trace"], row["hessian_trace_stderr"] = self.trace(seed, step)
         row["peak_memory_mib"] = round(peak_memory_mib(self.device), 1)
@@ -232,8 +264,11 @@ class PretrainedProblem:
         if cfg.trace == "fd":  # Gaussian probes, whatever law the run draws its directions from
             keys = [(step_key(seed, "probes", step, i), 0) for i in range(cfg.trace_probes)]
             directions = ParameterDirections(self.params, module=self.model)
-            return finite_difference(directions, lambda: self.cross_entropy("train"), keys, cfg.trace_delta)
-        return hutchinson(self.params, self.hvp, cfg.trace_probes, generator(seed, "probes", self.device, step))
+            loss = self.counted(f"step {step}: Hessian trace (fd), loss", 2 * cfg.trace_probes + 1,
+                                lambda: self.cross_entropy("train"))
+            return finite_difference(directions, loss, keys, cfg.trace_delta)
+        hvp_ = self.counted(f"step {step}: Hessian trace, probe", cfg.trace_probes, self.hvp)
+        return hutchinson(self.params, hvp_, cfg.trace_probes, generator(seed, "probes", self.device, step))
 
 
 
