@@ -184,8 +184,6 @@ def run(config, runs, quiet: bool = False, resume: Path = None):
     with distributed.group_for(device) as group:
         distributed.check_same_config(group, config.to_dict())
         with distributed.private_outputs(group, config, resume) as (config, resume):
-            if not quiet and not group.rank:
-                say(f"loading {config.model} and task {config.task} ...", err=True)
             problem = make_problem(config, group.device, dtype, group)  # `previous` holds for a rank's copy too
             cut = {s: n for s, n in problem.truncated.items() if n}
             if cut and not group.rank:  # said once, before the run
