@@ -562,11 +562,17 @@ flatness_command()
 def plot(
     paths: Annotated[List[Path], typer.Argument(help="Run folders, or folders holding run folders.")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Write figures here instead.")] = None,
+    x: Annotated[str, typer.Option("--x", help="The x axis: step, n_evals (oracle calls: the fair axis for ZO "
+                                               "against GD), wall_s or forward_passes (finetune).")] = "step",
+    band: Annotated[str, typer.Option("--band", help="Over seeds: std (mean ± std), ci (95% t interval), minmax or "
+                                                     "none.")] = "std",
+    overlay: Annotated[bool, typer.Option("--overlay", help="One figure of the runs of every folder given (in --out, "
+                                                            "default the current folder).")] = False,
 ):
-    """Paper-style figures (PNG and PDF) of one or more run folders."""
+    """Paper-style figures (PNG and PDF): one per run folder and one per sweep folder at or below the paths."""
     from zoflat_cli.tools.plot import plot_paths
 
-    for written in plot_paths(paths, out):
+    for written in plot_paths(paths, out, x, band, overlay):
         typer.echo(str(written))
 
 

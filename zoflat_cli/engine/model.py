@@ -96,11 +96,13 @@ class ModelRunner:
 
     # -- restoring a run
 
-    def restore(self, logged_rows: list, until: int = None) -> int:
+    def restore(self, logged_rows: list, until: int = None, completed: bool = False) -> int:
         """Bring the model to the latest recoverable step of this run; returns that step. With
         `until` (the flatness measures'), to exactly that step, read-only: a checkpoint past it is
         passed over, the log replayed up to it, and a run that cannot be replayed (gd, sam) is
-        recomputed from there, as it was trained."""
+        recomputed from there, as it was trained. The row of the step it restarts at is kept (not
+        evaluated again) unless the run had `completed` its old --steps: then that row was the last
+        step's, evaluated as the last (--eval-every and the others are due there)."""
         self.logged_rows = logged_rows
         step = self.load_checkpoint(until=until)
         if until is not None:
@@ -109,9 +111,11 @@ class ModelRunner:
             records = self.updates.read()
             step = self.replay(records, step)
             self.updates.truncate(sum(1 for r in records if r[0] < step))
-        previous = [r for r in logged_rows if int(r["step"]) <= step]
-        if previous and int(previous[-1]["step"]) == step:
-            self.logged_at = (step, previous[-1])  # logged before the stop: not evaluated again
+        previous = [r for r in logged_rows if int(r["step"]) < step]
+        at = [r for r in logged_rows if int(r["step"]) == step]
+        if at and not completed:  # logged before the stop: not evaluated again
+            self.logged_at = (step, at[-1])
+            previous.append(at[-1])
         if previous:  # carry the counters on, counting the replayed steps' forward passes
             last = previous[-1]
             self.wall_offset = float(last["wall_s"])
@@ -274,7 +278,7 @@ def run_models(config, problem, runs, quiet: bool = False, resume: Path = None, 
                 problem.load_base()
             runner = ModelRunner(problem, run, config, folder, state, on_log, starts)
             mine = [r for r in kept_rows if r["run_id"] == run.run_id]
-            start = runner.restore(mine)
+            start = runner.restore(mine, completed=previous.get(run.run_id, {}).get("status") == "completed")
             if not folder.begun:
                 folder.begin()
             if mine:

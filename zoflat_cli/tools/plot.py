@@ -67,13 +67,29 @@ def method_label(row) -> str:
     return " ".join(parts)
 
 
-def _wants_log(values: pd.Series, reference=None) -> bool:
-    """Log scale for non-negative metrics spanning more than ~1.3 decades (zeros are masked)."""
+def y_scale(values: pd.Series, reference=None) -> tuple:
+    """("linear" | "log" | "symlog", linthresh): log for metrics whose positive values span more than
+    ~1.3 decades; symlog (linear below the smallest positive value) when zeros or negative estimates
+    are among them, so they are drawn, not dropped."""
     finite = values[pd.notna(values) & (values.abs() != float("inf"))]
     if reference is not None:
         finite = pd.concat([finite, pd.Series([reference])])
     positive = finite[finite > 0]
-    return len(positive) > 0 and (finite >= 0).all() and positive.max() / positive.min() > 20
+    if len(positive) == 0 or positive.max() / positive.min() <= 20:
+        return "linear", None
+    return ("log", None) if (finite > 0).all() else ("symlog", float(positive.min()))
+
+
+def set_scale(ax, values: pd.Series, reference=None) -> str:
+    """Sets the panel's y scale; returns what the title should say of it."""
+    kind, linthresh = y_scale(values, reference)
+    if kind == "symlog":
+        ax.set_yscale("symlog", linthresh=linthresh)
+        if values.min() >= 0:  # zeros, no negatives: the axis starts at 0
+            ax.set_ylim(bottom=0)
+        return f" (symlog: linear below {linthresh:.2g})"
+    ax.set_yscale(kind)
+    return ""
 
 
 def read_frame(folder: Path) -> tuple:
@@ -88,86 +104,171 @@ def read_frame(folder: Path) -> tuple:
     return df, read_summary(folder)
 
 
-def plot_run(folder: Path, out_dir: Path = None, stem: str = None) -> list:
+X_AXES = {"step": "step", "n_evals": "oracle calls (losses, gradients or JVPs)", "wall_s": "wall time (s)",
+          "forward_passes": "forward passes (training-set units)"}
+BANDS = {"std": "mean ± std over seeds (within their range)",
+         "ci": "mean and 95% confidence interval over seeds (t, within their range)",
+         "minmax": "mean, band min–max over seeds", "none": "mean over seeds"}
+SPARSE = 30  # series with fewer points get markers
+
+
+def plot_run(folder: Path, out_dir: Path = None, stem: str = None, x: str = "step", band: str = "std") -> list:
     """The figure of one run folder, as <folder>/figure.* or <out_dir>/<stem>.*."""
     df, summary = read_frame(folder)
-    return plot_frame(df, summary, folder, out_dir, stem)
+    return save_figure(figure(df, summary, run_title(folder, summary), x, band), out_dir or folder,
+                       "figure" if out_dir is None else stem or folder.name)
 
 
-def plot_sweep(folder: Path, out_dir: Path = None, stem: str = None) -> list:
+def plot_sweep(folder: Path, out_dir: Path = None, stem: str = None, x: str = "step", band: str = "std") -> list:
     """One figure of a sweep folder: every job's runs together, as if launched in one invocation."""
     frames = [read_frame(job) for job in find_run_folders([folder / "jobs"])]
     df = pd.concat([f for f, _ in frames], ignore_index=True)
-    return plot_frame(df, frames[0][1], folder, out_dir, stem)
+    summary = frames[0][1]
+    title = f"zoflat sweep of {summary.get('command', '')}: {folder.name}"
+    return save_figure(figure(df, summary, title, x, band), out_dir or folder,
+                       "figure" if out_dir is None else stem or folder.name)
 
 
-def plot_frame(df: pd.DataFrame, summary: dict, folder: Path, out_dir: Path = None, stem: str = None) -> list:
+def plot_overlay(folders: list, out_dir: Path, x: str = "step", band: str = "std") -> list:
+    """One figure of the runs of several folders, each method's label prefixed by its folder's."""
+    frames, commands = [], set()
+    for folder in folders:
+        df, summary = read_frame(folder)
+        df["source"] = folder.name
+        frames.append((df, summary))
+        commands.add(summary.get("command"))
+    if len(commands) > 1:
+        raise ZoflatError(f"--overlay: these folders mix commands ({', '.join(sorted(map(str, commands)))})")
+    df = pd.concat([f for f, _ in frames], ignore_index=True)
+    panels = list(dict.fromkeys(m for _, summary in frames for m in summary.get("panels") or []))
+    summary = {**frames[0][1], "panels": panels or None}
+    title = f"zoflat {summary.get('command', '')}: {len(folders)} run folders overlaid"
+    return save_figure(figure(df, summary, title, x, band), out_dir, "overlay")
+
+
+def run_title(folder: Path, summary: dict) -> str:
+    return f"zoflat {summary.get('command', '')}: {folder.name}"
+
+
+def check_axes(x: str, band: str):
+    if x not in X_AXES:
+        raise ZoflatError(f"--x must be one of {', '.join(X_AXES)}, got {x!r}")
+    if band not in BANDS:
+        raise ZoflatError(f"--band must be one of {', '.join(BANDS)}, got {band!r}")
+
+
+def spread(values, band: str) -> tuple:
+    """(low, high) of the band around the per-step mean, or None; std and ci bands are clipped to the
+    seeds' own range (a loss's mean − std below its smallest value says nothing)."""
+    stats = values.agg(["mean", "std", "count", "min", "max"])
+    if band == "none":
+        return None
+    if band == "minmax":
+        return stats["min"], stats["max"]
+    if band == "std":
+        half = stats["std"]
+    else:
+        from scipy.stats import t
+
+        half = stats["std"] / np.sqrt(stats["count"]) * t.ppf(0.975, np.maximum(stats["count"] - 1, 1))
+    return (stats["mean"] - half).clip(lower=stats["min"]), (stats["mean"] + half).clip(upper=stats["max"])
+
+
+def figure(df: pd.DataFrame, summary: dict, title: str, x: str = "step", band: str = "std"):
+    """The paper-style figure of a frame of runs: a panel per metric against `x`, a line per method
+    (its mean over seeds, with `band`), theory dashed, reference lines dotted, the legend below the
+    panels (outside them) in as many columns as fit."""
+    check_axes(x, band)
+    if x not in df.columns or df[x].isna().all():
+        raise ZoflatError(f"--x {x}: these runs did not log it (have: "
+                          f"{', '.join(a for a in X_AXES if a in df.columns)})")
     metrics = [m for m in summary.get("panels") or df.columns
-               if m in df.columns and m not in NOT_PLOTTED and not m.endswith(("_theory", "_stderr"))]
+               if m in df.columns and m not in NOT_PLOTTED and not m.endswith(("_theory", "_stderr"))
+               and pd.api.types.is_numeric_dtype(df[m])]
     if not metrics:
-        raise ZoflatError(f"{folder / 'metrics.csv'} has no metric columns to plot")
+        raise ZoflatError("no metric columns to plot")
+    df = df.copy()
     df["method"] = df.apply(method_label, axis=1)
+    if "source" in df.columns:
+        df["method"] = df["source"] + ": " + df["method"]
     methods = list(dict.fromkeys(df["method"]))
     colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
     seeds = df.groupby("method")["seed"].nunique()
-
-    n_rows = -(-len(metrics) // PANELS_PER_ROW)
-    n_cols = min(len(metrics), PANELS_PER_ROW)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.4 * n_cols, 3.3 * n_rows + 0.6), squeeze=False)
+    n_rows, n_cols = -(-len(metrics) // PANELS_PER_ROW), min(len(metrics), PANELS_PER_ROW)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.6 * n_cols, 3.4 * n_rows + 1.0), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat[len(metrics):]:
         ax.set_visible(False)
+    drawn = set()
     for ax, metric in zip(axes.flat, metrics):
         for method in methods:
             per_step = df[df["method"] == method].dropna(subset=[metric]).groupby("step")
-            stats = per_step[metric].agg(["mean", "min", "max"])
+            if not len(per_step):
+                continue
+            means, xs = per_step[metric].mean(), per_step[x].mean()
             n_seeds = int(seeds[method])
-            label = f"{method} ({n_seeds} seed{'s' if n_seeds > 1 else ''})"
-            ax.plot(stats.index, stats["mean"], color=colours[method], lw=1.5, label=label,
-                    marker="o" if len(stats) < 30 else None, ms=3)
-            if n_seeds > 1:
-                ax.fill_between(stats.index, stats["min"], stats["max"], color=colours[method], alpha=0.2)
-            elif f"{metric}_stderr" in df.columns:  # an estimate: error bars of ± one standard error
-                err = per_step[f"{metric}_stderr"].mean()
-                ax.errorbar(stats.index, stats["mean"], yerr=err, color=colours[method], fmt="none",
-                            capsize=2, lw=0.8)
+            ax.plot(xs, means, color=colours[method], lw=1.5, marker="o" if len(means) < SPARSE else None, ms=3,
+                    label=f"{method} ({n_seeds} seed{'s' if n_seeds > 1 else ''})")
+            bounds = spread(per_step[metric], band) if n_seeds > 1 else None
+            if bounds is not None:
+                ax.fill_between(xs, bounds[0], bounds[1], color=colours[method], alpha=0.2, lw=0)
+                drawn.add("band")
+            elif f"{metric}_stderr" in df.columns and per_step[f"{metric}_stderr"].mean().notna().any():
+                ax.errorbar(xs, means, yerr=per_step[f"{metric}_stderr"].mean(), color=colours[method],
+                            fmt="none", capsize=2, lw=0.8)  # an estimate: ± one standard error
+                drawn.add("stderr")
             theory = f"{metric}_theory"
             predicted = per_step[theory].mean() if theory in df.columns else None
             if predicted is not None and predicted.notna().any():  # NaN: no theory for this method
-                ax.plot(stats.index, predicted, color=colours[method], ls="--", lw=1, label=f"{method}: theory")
+                ax.plot(xs, predicted, color=colours[method], ls="--", lw=1, label=f"{method}: theory")
         ref = summary.get("references", {}).get(metric)
         if ref:
             ax.axhline(ref["value"], color="0.3", ls=":", lw=1, label=ref["label"])
-        if _wants_log(df[metric], ref["value"] if ref else None):
-            ax.set_yscale("log")
-        ax.set_title(metric.replace("_", " "))
-        ax.set_xlabel("step")
+        scale = set_scale(ax, df[metric], ref["value"] if ref else None)
+        ax.set_title(metric.replace("_", " ") + scale, fontsize=10)
+        ax.set_xlabel(X_AXES[x])
         ax.grid(alpha=0.3)
     handles = {}
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(4, len(handles)),
-               fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.0))
-    fig.suptitle(f"zoflat {summary.get('command', '')}: {folder.name}  (band: min–max over seeds; "
-                 f"bars: ± standard error of an estimate)", fontsize=10)
-    legend_rows = -(-len(handles) // 4)
-    fig.tight_layout(rect=(0, min(0.4, 0.05 * legend_rows / n_rows + 0.02), 1, 1))
+    longest = max(map(len, handles), default=1)
+    columns = max(1, min(len(handles), int(4.6 * n_cols * 13 / (longest + 5))))  # ~13 characters an inch at 8 pt
+    fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=columns, fontsize=8, frameon=False)
+    what = [BANDS[band] if "band" in drawn else "mean over seeds"] + (["bars: ± standard error of an estimate"]
+                                                                        if "stderr" in drawn else [])
+    fig.suptitle(f"{title}\n{'; '.join(what)}", fontsize=10)
+    return fig
 
-    target = out_dir if out_dir is not None else folder
+
+def save_figure(fig, target: Path, stem: str) -> list:
     target.mkdir(parents=True, exist_ok=True)
-    return _save(fig, target, "figure" if out_dir is None else stem or folder.name)
+    return _save(fig, target, stem)
 
 
 def find_sweep_folders(paths) -> list:
-    return [Path(p).resolve() for p in paths if (Path(p) / "sweep.yaml").is_file()]
+    """The sweep folders (with sweep.yaml) at or below the paths."""
+    found = []
+    for path in map(Path, paths):
+        for folder, subfolders, files in os.walk(path, followlinks=True) if path.is_dir() else ():
+            if "sweep.yaml" in files:
+                found.append(Path(folder).resolve())
+                subfolders[:] = []  # its jobs are drawn with it
+            subfolders.sort()
+    return list(dict.fromkeys(found))
 
 
-def plot_paths(paths, out: Path = None) -> list:
-    """A figure per run folder, and one per sweep folder (not one per job)."""
-    written, stems = [], set()
+def plot_paths(paths, out: Path = None, x: str = "step", band: str = "std", overlay: bool = False) -> list:
+    """A figure per run folder and one per sweep folder (not one per job) found at or below the paths;
+    with `overlay`, one figure of every run folder's runs (in --out, default the current folder)."""
+    check_axes(x, band)
     sweeps = find_sweep_folders(paths)
-    others = [p for p in paths if Path(p).resolve() not in sweeps]
-    runs = find_run_folders(others) if others else []
+    runs = [f for f in find_run_folders(paths) if not any(s in f.parents for s in sweeps)] if paths else []
+    if overlay:
+        if sweeps:
+            raise ZoflatError("--overlay draws run folders; give a sweep's jobs/ folder instead of the sweep")
+        return plot_overlay(runs, Path(out) if out else Path.cwd(), x, band)
+    written, stems = [], set()
     for folder in sweeps + runs:
         # same-named folders under different parents: one figure each, never one over another
         base = folder.name if folder.name not in stems else f"{folder.parent.name}-{folder.name}"
@@ -175,7 +276,7 @@ def plot_paths(paths, out: Path = None) -> list:
         while stem in stems:
             stem, n = f"{base}-{n}", n + 1
         stems.add(stem)
-        written.extend((plot_sweep if folder in sweeps else plot_run)(folder, out, stem))
+        written.extend((plot_sweep if folder in sweeps else plot_run)(folder, out, stem, x, band))
         if (folder / "flatness.csv").is_file():
             written.extend(plot_flatness(folder, out, stem))
     return written
@@ -200,15 +301,14 @@ STYLES = ("-", "--", ":", "-.")  # a measure's methods (hutchinson, hutchpp, ...
 
 def _scalar_panel(ax, df: pd.DataFrame, colours: dict, styles: dict):
     """A measure's values against step: a line per run (colour) and method (style); eigenvalues
-    past the first are thinner."""
+    past the first are thinner. Returns what the title says of the y scale."""
     for (label, method, index), part in df.groupby(["label", "method", "index"], sort=False):
         part = part.sort_values("step")
         ax.errorbar(part["step"], part["value"], yerr=part["stderr"].fillna(0), color=colours[label],
                     ls=styles[method], marker="o", ms=3 if index == 0 else 1.5, capsize=2, lw=1.3 if index == 0 else 0.7)
-    if _wants_log(df["value"]):
-        ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
+    return set_scale(ax, df["value"])
 
 
 def plot_flatness(folder: Path, out_dir: Path = None, stem: str = None) -> list:
@@ -237,10 +337,10 @@ def plot_flatness(folder: Path, out_dir: Path = None, stem: str = None) -> list:
             if panel in ("trace", "eigenvalues", "sharpness"):
                 methods = list(dict.fromkeys(part["method"]))
                 styles = {m: STYLES[i % len(STYLES)] for i, m in enumerate(methods)}
-                _scalar_panel(ax, part, colours, styles)
+                scale = _scalar_panel(ax, part, colours, styles)
                 title = {"trace": "Hessian trace (± stderr)", "eigenvalues": "top eigenvalues (thin: #1, #2, ...)",
                          "sharpness": "worst-case loss rise in the ρ-ball"}[panel]
-                ax.set_title(title + ("\n" + ", ".join(f"{m} {styles[m]}" for m in methods) if len(methods) > 1
+                ax.set_title(title + scale + ("\n" + ", ".join(f"{m} {styles[m]}" for m in methods) if len(methods) > 1
                                       else ""), fontsize=9)
             elif panel == "modules":
                 last = part[part["step"] == part.groupby("run_id")["step"].transform("max")]
