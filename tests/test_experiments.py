@@ -40,7 +40,7 @@ def test_every_setting_is_an_option_of_its_command_and_nothing_else_is(name):
     experiment = registry()[name]
     command = typer.main.get_command(app).commands[name]
     options = {p.name.rstrip("_") for p in command.params}
-    invocation = {"config", "pairs", "betas", "resume", "quiet"}
+    invocation = {"config", "pairs", "betas", "resume", "quiet", "print_config", "dry_run"}
     assert options == set(experiment.settings) | invocation
 
 
