@@ -460,7 +460,9 @@ def test_table_follows_symlinked_run_folders(tmp_path):
     result = invoke("table", tmp_path / "both", "--format", "csv")
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(result.stdout.splitlines()))
-    assert len(rows) == 2 and {row["loss_n"] for row in rows} == {"4"}, result.stdout  # 2 seeds x 2 folders
+    assert len(rows) == 2 and {row["loss_n"] for row in rows} == {"2"}, result.stdout  # 2 seeds
+    # both folders were read: the second's runs are the first's (same settings and seeds), counted once
+    assert "note: 4 runs repeat the settings and seed of a run in another folder: counted once" in result.stderr
 
 
 # ---------------------------------------------------------------- memory: seed studies and the suite

@@ -257,9 +257,11 @@ def test_table_keeps_runs_of_different_settings_apart_unless_folded(tmp_path):
         assert runner.invoke(app, [str(a) for a in args]).exit_code == 0
     result = runner.invoke(app, ["table", str(tmp_path), "--format", "csv"])
     table = pd.read_csv(io.StringIO(result.stdout))
-    assert list(table.columns[:3]) == ["optimizer", "directions", "steps"] and "note:" not in result.output
-    # gd at 20 and 40 steps (gd draws no directions: both 20-step folders are its replicates); zo at three settings
-    assert table["loss_n"].tolist() == [4, 2, 2, 2, 2] and len(set(zip(table["optimizer"], table["steps"]))) == 4
+    assert list(table.columns[:3]) == ["optimizer", "directions", "steps"] and "pooled" not in result.output
+    # gd at 20 and 40 steps (gd draws no directions: the two 20-step folders hold the same gd runs, counted
+    # once); zo at three settings
+    assert table["loss_n"].tolist() == [2] * 5 and len(set(zip(table["optimizer"], table["steps"]))) == 4
+    assert "note: 2 runs repeat the settings and seed of a run in another folder" in result.output
     folded = runner.invoke(app, ["table", str(tmp_path), "--by", "optimizer"])
     assert "note: pooled within a row: directions (gaussian, rademacher)" in folded.output
     assert "note: pooled within a row: steps (20, 40)" in folded.output

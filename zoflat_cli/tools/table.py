@@ -196,6 +196,11 @@ def make_table(paths, metrics=None, at: str = "final", by=None, fmt: str = "mark
     if missing:
         raise ZoflatError(f"--metric {missing[0]}: not a column of these runs (have: {', '.join(numeric)})")
     runs = run_values(rows, metrics, at)
-    notes = [f"pooled within a row: {key} ({', '.join(values)}); add it to --by to keep them apart"
-             for key, values in pooled(runs, by, settings).items()]
+    key = [*settings, "seed"]
+    repeated = runs.astype({c: str for c in key}).duplicated(subset=key)  # the same run in two folders
+    notes = [f"{int(repeated.sum())} runs repeat the settings and seed of a run in another folder: counted once"
+             ] if repeated.any() else []
+    runs = runs[~repeated.to_numpy()]
+    notes += [f"pooled within a row: {key} ({', '.join(values)}); add it to --by to keep them apart"
+              for key, values in pooled(runs, by, settings).items()]
     return render(summarise(runs, metrics, by), metrics, by, fmt), notes
