@@ -124,3 +124,19 @@ def test_overlay_draws_several_folders_in_one_figure_and_sweeps_below_a_path_one
     written = zoflat("plot", sweeps).split()
     folders = sorted({Path(w).parent for w in written})  # a figure per sweep folder, none per job
     assert len(written) == 4 and [(f / "sweep.yaml").is_file() for f in folders] == [True, True]
+
+
+@pytest.mark.parametrize("values, expected", [
+    ([1e-3, 1.0, 10.0], "log"),
+    ([0.0, 1e-3, 1.0, 10.0], "symlog"),  # GD's loss reaching exactly 0
+    ([-0.4, 1.0, 12.0, 60.0], "symlog"),  # a negative λ_max estimate beside positive ones
+    ([-8.0, 0.01, 3.0, 9.0], "linear"),  # a signed metric (the toy's balance)
+    ([1.0, 2.0, 3.0], "linear"),  # not spanning decades
+])
+def test_the_y_scale_keeps_zeros_and_negative_estimates(values, expected):
+    from zoflat_cli.tools.plot import y_scale
+
+    kind, linthresh = y_scale(pd.Series(values))
+    assert kind == expected
+    if kind == "symlog":
+        assert linthresh == min(v for v in values if v > 0)

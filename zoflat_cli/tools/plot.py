@@ -69,13 +69,14 @@ def method_label(row) -> str:
 
 def y_scale(values: pd.Series, reference=None) -> tuple:
     """("linear" | "log" | "symlog", linthresh): log for metrics whose positive values span more than
-    ~1.3 decades; symlog (linear below the smallest positive value) when zeros or negative estimates
-    are among them, so they are drawn, not dropped."""
+    ~1.3 decades; symlog (linear below the smallest positive value) when zeros or a few small negative
+    estimates (a λ_max) are among them, so they are drawn, not dropped. A signed metric (negatives
+    beyond a tenth of the largest value: the toy's balance) stays linear."""
     finite = values[pd.notna(values) & (values.abs() != float("inf"))]
     if reference is not None:
         finite = pd.concat([finite, pd.Series([reference])])
     positive = finite[finite > 0]
-    if len(positive) == 0 or positive.max() / positive.min() <= 20:
+    if len(positive) == 0 or positive.max() / positive.min() <= 20 or -finite.min() > 0.1 * positive.max():
         return "linear", None
     return ("log", None) if (finite > 0).all() else ("symlog", float(positive.min()))
 
