@@ -124,7 +124,7 @@ def best_rows(table: pd.DataFrame, metrics: list, by: list) -> dict:
     """metric -> the indices of its best mean (ties: the first) within each block of rows of one task,
     model and data set."""
     blocks = [c for c in CONTEXT if c in by]
-    groups = table.groupby(blocks, sort=False, dropna=False).groups.values() if blocks else [table.index]
+    groups = [part.index for _, part in table.groupby(blocks, sort=False, dropna=False)] if blocks else [table.index]
     best = {metric: set() for metric in metrics}
     for index in groups:
         for metric in metrics:
