@@ -251,3 +251,30 @@ def test_the_live_view_fits_the_terminal_and_lists_every_run(tmp_path, columns):
     assert len({row[0] for row in rows}) == 8 and all(row[1] == "2000/2000" and row[2] == "completed" for row in rows)
     assert not any("…" in cell for row in rows for cell in row[1:])  # cells are whole numbers, never cut
     assert any(line.startswith("elapsed ") and " · ETA " in line for line in lines)
+
+
+def test_the_live_view_lists_every_run_before_the_first_log_and_says_what_is_being_evaluated():
+    import io
+
+    from rich.console import Console
+
+    from zoflat_cli.engine.live import LiveView
+    from zoflat_cli.engine.loop import RunState
+
+    console = Console(width=80, file=io.StringIO(), force_terminal=True, color_system=None)
+    states = {"zo-lam0.002-lr1e-05-s0": RunState("running"), "gd-lr5e-05-s0": RunState("queued")}
+    view = LiveView("zoflat finetune · runs/finetune/x", 1000, console=console, sequential=True, states=states)
+    view.activity("step 0: Hessian trace, probe 3/10: train 2/4")
+    console.print(view)
+    shown = console.file.getvalue().splitlines()
+    rows = [line.split() for line in shown if line.strip().startswith(("zo-", "gd-"))]
+    assert [row[:3] for row in rows] == [["zo-lam0.002-lr1e-05-s0", "0/1000", "running"],
+                                         ["gd-lr5e-05-s0", "0/1000", "queued"]]
+    assert shown[-1].startswith("elapsed 0:00 · ETA ? · step 0: Hessian trace, probe 3/10: train 2/4")
+    row = {"run_id": "zo-lam0.002-lr1e-05-s0", "step": 0, "wall_s": 1.0, "n_evals": 0, "loss": 0.69,
+           "hessian_trace": 790.8}
+    view.on_log(0, [row], states)
+    view.on_log(10, [{**row, "step": 10, "wall_s": 6.0, "hessian_trace": None}], states)
+    assert view._cell("zo-lam0.002-lr1e-05-s0", "hessian_trace") == "790.8@0"  # carried with its step
+    assert view.rate("zo-lam0.002-lr1e-05-s0") == 2.0 and view.eta("zo-lam0.002-lr1e-05-s0") == 495.0
+    assert view.invocation_eta() == 495.0 + 1 * 1000 / 2.0  # the queued run at the same speed

@@ -356,7 +356,7 @@ def run_batched(config, runs, make_problem, quiet: bool = False, resume=None, co
     path = resume or create_run_dir(config.out, config.command, config.name)
     folder = RunFolder(path, config.to_dict(), problem, str(device))
     states = {r.run_id: RunState() for r in runs}
-    view = LiveView(f"zoflat {config.command} · {path}", config.steps, quiet, console)
+    view = LiveView(f"zoflat {config.command} · {path}", config.steps, quiet, console, states=states)
     trainer = Trainer(problem, groups, config.steps, config.log_every, [folder.on_log, view.on_log], states,
                       folder, config.checkpoint_every, config)
     result = {}

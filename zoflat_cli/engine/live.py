@@ -64,15 +64,16 @@ def shorten(text: str, width: int) -> str:
 
 
 class LiveView:
-    """on_log(step, rows, states) after each logged step; `sequential`: runs train one after another
-    (the model runner), else all at once (the batched runner), which decides the invocation's ETA."""
+    """on_log(step, rows, states) after each logged step; `states` ({run_id: RunState}): every run,
+    listed from the start; `sequential`: runs train one after another (the model runner), else all at
+    once (the batched runner), which decides the invocation's ETA."""
 
     def __init__(self, title: str, steps: int, quiet: bool = False, console: Console = None,
-                 sequential: bool = False):
+                 sequential: bool = False, states: dict = None):
         self.console = console or Console(stderr=False)
         self.mode = "quiet" if quiet else ("live" if self.console.is_terminal else "plain")
         self.title, self.steps, self.sequential = title, steps, sequential
-        self.latest, self.states, self.carried = {}, {}, {}  # carried: run -> metric -> (value, step)
+        self.latest, self.states, self.carried = {}, states or {}, {}  # carried: run -> metric -> (value, step)
         self.first = {}  # run -> (step, wall_s) first seen in this process: speed counts this process's steps
         self.began = time.monotonic()
         self.now = None  # what a run's logged step is doing (activity), None: training

@@ -255,7 +255,7 @@ def run_models(config, problem, runs, quiet: bool = False, resume: Path = None, 
     path = Path(resume) if resume else create_run_dir(config.out, config.command, config.name)
     folder = RunFolder(path, config.to_dict(), problem, str(problem.device))
     states = {r.run_id: RunState(status="queued") for r in runs}
-    view = LiveView(f"zoflat {config.command} · {path}", config.steps, quiet, sequential=True)
+    view = LiveView(f"zoflat {config.command} · {path}", config.steps, quiet, sequential=True, states=states)
 
     def on_log(step, rows):
         folder.on_log(step, rows, states)
