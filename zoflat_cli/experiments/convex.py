@@ -27,10 +27,11 @@ SETTINGS = table(
 )
 
 # The paper's Figure 2 setting. Step sizes: ZO as in the paper's public scripts (SVM 1e-4, logistic
-# 0.01); GD/SAM step sizes are ones that converge on both data sets (measured: see README); DD uses ZO's.
+# 0.01); GD/SAM step sizes are ones that converge on both data sets (measured: see README; logistic
+# 0.1, used before, keeps GD in a period-2 cycle: λ_max reaches 2/lr); DD uses ZO's.
 MODEL_DEFAULTS = {
     "svm": {"lambda": 0.005, "lr": default_lrs(gradient=1e-3, zo=1e-4, per_coordinate=1e-3)},
-    "logreg": {"lambda": 0.01, "lr": default_lrs(gradient=0.1, zo=0.01, per_coordinate=1e-3)},
+    "logreg": {"lambda": 0.01, "lr": default_lrs(gradient=0.01, zo=0.01, per_coordinate=1e-3)},
 }
 
 

@@ -236,7 +236,7 @@ def figure(df: pd.DataFrame, summary: dict, title: str, x: str = "step", band: s
     longest = max(map(len, handles), default=1)
     columns = max(1, min(len(handles), int(4.6 * n_cols * 13 / (longest + 5))))  # ~13 characters an inch at 8 pt
     fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=columns, fontsize=8, frameon=False)
-    what = [BANDS[band] if "band" in drawn else "mean over seeds"] + (["bars: ± standard error of an estimate"]
+    what = [BANDS[band] if "band" in drawn else "mean over seeds" if seeds.max() > 1 else "one seed a line"] + (["bars: ± standard error of an estimate"]
                                                                         if "stderr" in drawn else [])
     fig.suptitle(f"{title}\n{'; '.join(what)}", fontsize=10)
     return fig
