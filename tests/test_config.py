@@ -8,6 +8,7 @@ from zoflat_cli.errors import ZoflatError
 from zoflat_cli.experiments import registry
 from zoflat_cli.experiments.settings import load_recipe, parse_flag, parse_seeds, runs_from
 from zoflat_cli.experiments.toy import EXPERIMENT as TOY
+from zoflat_cli.optim.presets import PRESETS
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
 
@@ -24,8 +25,8 @@ def test_flag_forms():
     assert parse_flag("lr", ["gd=0.01", "zo=0.001,0.002"]) == {"gd": 0.01, "zo": [0.001, 0.002]}
     with pytest.raises(ZoflatError, match="not a number"):
         parse_flag("lr", ["fast"])
-    with pytest.raises(ZoflatError, match="not both"):
-        parse_flag("lr", ["0.1", "gd=0.2"])
+    mixed = parse_flag("lr", ["0.1", "gd=0.2"])  # a plain value is every other optimizer's
+    assert mixed["gd"] == 0.2 and mixed["zo"] == mixed["sam"] == 0.1 and set(mixed) == set(PRESETS)
 
 
 def test_optimizers_are_repeatable_or_comma_separated():
