@@ -15,11 +15,11 @@ from typer.core import TyperGroup
 from typing_extensions import Annotated
 
 import zoflat_cli
-from zoflat_cli.engine.live import say
 from zoflat_cli.errors import RunFailed, ZoflatError, one_line
 from zoflat_cli.experiments import registry
 from zoflat_cli.experiments.settings import PER_OPTIMIZER, Setting, field_name, load_recipe, parse_flag
 from zoflat_cli.optim.presets import FLAG_GROUPS, HYPERPARAMETERS, SAMPLES
+from zoflat_cli.output import say
 from zoflat_cli.runs.identity import RESUMABLE
 from zoflat_cli.signals import EXIT_INTERRUPTED
 

@@ -1,3 +1,14 @@
+"""The one-line errors: every problem with the user's input or environment is one `error:` line."""
+
+import difflib
+
+
+def suggestion(name: str, choices) -> str:
+    """' (did you mean 'a'?)' or ' (did you mean 'a' or 'b'?)' for the closest choices, or ''."""
+    close = difflib.get_close_matches(name, choices, n=2)
+    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+
+
 def one_line(text) -> str:
     """A message (or an exception's) on one line: the CLI prints every error as one."""
     return " ".join(str(text).split())

@@ -8,8 +8,6 @@ the step it is from (`0.6931@200`). Under the table: the invocation's elapsed ti
 is happening now (`step 200: Hessian trace, probe 3/10: train 2/4`, `checkpointing`, `training`).
 """
 
-import os
-import sys
 import time
 
 from rich import box
@@ -18,26 +16,13 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from zoflat_cli.output import say
 from zoflat_cli.runs.spec import RUN_COLUMNS
 
 PLAIN_EVERY_S = 10.0  # plain mode prints a block of lines at most this often
 HIDDEN = {*RUN_COLUMNS, "wall_s", "n_evals", "forward_passes"}
 FIRST = ("loss", "test_accuracy", "test_f1", "test_em", "hessian_trace")  # kept longest after run/step/status
 STYLES = {"diverged": "red", "interrupted": "yellow", "completed": "green", "failed": "red", "queued": "dim"}
-
-
-def say(text: str, err: bool = False) -> bool:
-    """Print a line; a closed stdout (`zoflat ... | head -1`) silences further output instead of
-    stopping the run. Returns whether the line went out."""
-    stream = sys.stderr if err else sys.stdout
-    try:
-        print(text, file=stream, flush=True)
-        return True
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)  # so that the interpreter's last flush cannot fail
-        os.dup2(devnull, stream.fileno())
-        os.close(devnull)
-        return False
 
 
 def _fmt(value) -> str:

@@ -17,6 +17,7 @@ from zoflat_cli.errors import ZoflatError
 from zoflat_cli.experiments.experiment import Experiment, table
 from zoflat_cli.experiments.settings import MAX_SEED, MAX_STEPS, SHARED, Setting
 from zoflat_cli.optim.presets import default_lrs, estimator_of
+from zoflat_cli.output import say
 from zoflat_cli.problems.names import DEVICE_MAPS, HEADS, SCORING, TRAINABLE
 
 TRACE_METHODS = ("hutchinson", "fd", "none")
@@ -169,7 +170,6 @@ def run(config, runs, quiet: bool = False, resume: Path = None):
     run (engine/distributed.py). Returns (folder, status)."""
     from zoflat_cli.devices import DTYPES, resolve_device
     from zoflat_cli.engine import distributed
-    from zoflat_cli.engine.live import say
     from zoflat_cli.engine.model import run_models
     from zoflat_cli.models.loading import model_location
     from zoflat_cli.runs.folder import open_for_resume

@@ -13,7 +13,6 @@ command line. The resolved config is saved with the run (config.yaml) and is its
 """
 
 import dataclasses
-import difflib
 import itertools
 import keyword
 import math
@@ -24,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from zoflat_cli.errors import ZoflatError
+from zoflat_cli.errors import ZoflatError, suggestion
 from zoflat_cli.measures.catalog import measure_names
 from zoflat_cli.optim.presets import DIRECTIONS, HYPERPARAMETERS, LAWS, PRESETS, SAMPLES, get_preset, hyper_names
 from zoflat_cli.optim.updates import UPDATES, get_update
@@ -94,12 +93,6 @@ class Setting:
     def checked_alone(self) -> bool:
         """Whether check() types it (the others have their own parsers in validate())."""
         return self.kind in KINDS and not self.per_optimizer
-
-
-def suggestion(name: str, choices) -> str:
-    """' (did you mean 'a'?)' or ' (did you mean 'a' or 'b'?)' for the closest choices, or ''."""
-    close = difflib.get_close_matches(name, choices, n=2)
-    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
 
 
 def per_optimizer(kind: str, help: str, default=None) -> Setting:

@@ -8,7 +8,7 @@ estimators.py).
 
 from typing import NamedTuple
 
-from zoflat_cli.errors import ZoflatError
+from zoflat_cli.errors import ZoflatError, suggestion
 from zoflat_cli.optim.estimators import ESTIMATORS, Estimator, n_evals
 from zoflat_cli.optim.updates import UPDATES
 
@@ -99,7 +99,7 @@ UPDATE_DEFAULTS = {name: HYPERPARAMETERS[name].default for name in ("momentum", 
 
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
-        raise ZoflatError(f"unknown optimizer {name!r}; choose from {', '.join(PRESETS)}")
+        raise ZoflatError(f"unknown optimizer {name!r}{suggestion(str(name), PRESETS)}; choose from {', '.join(PRESETS)}")
     return PRESETS[name]
 
 
