@@ -7,7 +7,7 @@ import inspect
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, get_args
 
 import typer
 import yaml
@@ -174,10 +174,9 @@ def option(key: str, setting: Setting, default=None):
 
 def experiment_command(experiment):
     """`zoflat <experiment>`: its options generated from its settings table and INVOCATION."""
-    def parameter(name, annotation):
-        flag = name in ("quiet", "print_config", "dry_run")
+    def parameter(name, annotation):  # a plain bool (--quiet, --dry-run) is False when not given, the rest None
         return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                                 default=False if flag else None)
+                                 default=False if get_args(annotation)[0] is bool else None)
 
     defaults = experiment.defaults()
     params = []
@@ -507,7 +506,7 @@ def table(
 
 def flatness_command():
     """`zoflat flatness`: the folder, runs, steps and measures, then one option per measure setting
-    (generated from measures/registry.py's Settings)."""
+    (generated from measures/catalog.py's Settings)."""
     import dataclasses
 
     from zoflat_cli.measures.catalog import ABOUT, Settings

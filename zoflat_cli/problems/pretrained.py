@@ -39,7 +39,6 @@ def check_max_length(max_length: int, model_config, name: str):
 # ---------------------------------------------------------------- the shared problem
 
 
-
 class PretrainedProblem:
     """What encoder and decoder problems share; subclasses set `model`, `hf_model`, `params`,
     `encoded` ({split: [example encodings]}) and `splits`, and define `_batches`, `_inputs`,

@@ -116,7 +116,7 @@ SPARSE = 30  # series with fewer points get markers
 def plot_run(folder: Path, out_dir: Path = None, stem: str = None, x: str = "step", band: str = "std") -> list:
     """The figure of one run folder, as <folder>/figure.* or <out_dir>/<stem>.*."""
     df, summary = read_frame(folder)
-    return save_figure(figure(df, summary, run_title(folder, summary), x, band), out_dir or folder,
+    return _save(figure(df, summary, run_title(folder, summary), x, band), out_dir or folder,
                        "figure" if out_dir is None else stem or folder.name)
 
 
@@ -126,7 +126,7 @@ def plot_sweep(folder: Path, out_dir: Path = None, stem: str = None, x: str = "s
     df = pd.concat([f for f, _ in frames], ignore_index=True)
     summary = frames[0][1]
     title = f"zoflat sweep of {summary.get('command', '')}: {folder.name}"
-    return save_figure(figure(df, summary, title, x, band), out_dir or folder,
+    return _save(figure(df, summary, title, x, band), out_dir or folder,
                        "figure" if out_dir is None else stem or folder.name)
 
 
@@ -144,7 +144,7 @@ def plot_overlay(folders: list, out_dir: Path, x: str = "step", band: str = "std
     panels = list(dict.fromkeys(m for _, summary in frames for m in summary.get("panels") or []))
     summary = {**frames[0][1], "panels": panels or None}
     title = f"zoflat {summary.get('command', '')}: {len(folders)} run folders overlaid"
-    return save_figure(figure(df, summary, title, x, band), out_dir, "overlay")
+    return _save(figure(df, summary, title, x, band), out_dir, "overlay")
 
 
 def run_title(folder: Path, summary: dict) -> str:
@@ -161,9 +161,9 @@ def check_axes(x: str, band: str):
 def spread(values, band: str) -> tuple:
     """(low, high) of the band around the per-step mean, or None; std and ci bands are clipped to the
     seeds' own range (a loss's mean − std below its smallest value says nothing)."""
-    stats = values.agg(["mean", "std", "count", "min", "max"])
     if band == "none":
         return None
+    stats = values.agg(["mean", "std", "count", "min", "max"])
     if band == "minmax":
         return stats["min"], stats["max"]
     if band == "std":
@@ -236,15 +236,11 @@ def figure(df: pd.DataFrame, summary: dict, title: str, x: str = "step", band: s
     longest = max(map(len, handles), default=1)
     columns = max(1, min(len(handles), int(4.6 * n_cols * 13 / (longest + 5))))  # ~13 characters an inch at 8 pt
     fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=columns, fontsize=8, frameon=False)
-    what = [BANDS[band] if "band" in drawn else "mean over seeds" if seeds.max() > 1 else "one seed a line"] + (["bars: ± standard error of an estimate"]
-                                                                        if "stderr" in drawn else [])
+    what = [BANDS[band] if "band" in drawn else "mean over seeds" if seeds.max() > 1 else "one seed a line"]
+    if "stderr" in drawn:
+        what.append("bars: ± standard error of an estimate")
     fig.suptitle(f"{title}\n{'; '.join(what)}", fontsize=10)
     return fig
-
-
-def save_figure(fig, target: Path, stem: str) -> list:
-    target.mkdir(parents=True, exist_ok=True)
-    return _save(fig, target, stem)
 
 
 def find_sweep_folders(paths) -> list:
@@ -264,7 +260,7 @@ def plot_paths(paths, out: Path = None, x: str = "step", band: str = "std", over
     with `overlay`, one figure of every run folder's runs (in --out, default the current folder)."""
     check_axes(x, band)
     sweeps = find_sweep_folders(paths)
-    runs = [f for f in find_run_folders(paths) if not any(s in f.parents for s in sweeps)] if paths else []
+    runs = [f for f in find_run_folders(paths) if not any(s in f.parents for s in sweeps)]
     if overlay:
         if sweeps:
             raise ZoflatError("--overlay draws run folders; give a sweep's jobs/ folder instead of the sweep")
@@ -325,7 +321,6 @@ def plot_flatness(folder: Path, out_dir: Path = None, stem: str = None) -> list:
         panels.append("landscape")
     written = []
     target = out_dir if out_dir is not None else folder
-    target.mkdir(parents=True, exist_ok=True)
     name = "flatness" if out_dir is None else f"{stem or folder.name}-flatness"
     if panels:
         n_cols = min(len(panels), PANELS_PER_ROW)
@@ -409,6 +404,7 @@ def plot_flatness(folder: Path, out_dir: Path = None, stem: str = None) -> list:
 
 
 def _save(fig, target: Path, stem: str) -> list:
+    target.mkdir(parents=True, exist_ok=True)
     paths = [target / f"{stem}.{fmt}" for fmt in FORMATS]
     for path in paths:
         fig.savefig(path, dpi=150)

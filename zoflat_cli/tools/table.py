@@ -183,8 +183,7 @@ def make_table(paths, metrics=None, at: str = "final", by=None, fmt: str = "mark
     if at not in ("final", "best") and not str(at).isdigit():
         raise ZoflatError(f"--at must be final, best or a step number, got {at!r}")
     _command, rows, settings = load_runs(paths)
-    by = list(by or ["optimizer", *(c for c in differing(rows, settings) if c != "optimizer")])
-    unknown = [k for k in by if k not in rows.columns]
+    unknown = [k for k in by or [] if k not in rows.columns]
     if unknown:
         raise ZoflatError(f"--by {unknown[0]}: not a column of these runs (have: "
                           f"{', '.join(c for c in rows.columns if c != 'folder')})")
@@ -196,11 +195,12 @@ def make_table(paths, metrics=None, at: str = "final", by=None, fmt: str = "mark
     if missing:
         raise ZoflatError(f"--metric {missing[0]}: not a column of these runs (have: {', '.join(numeric)})")
     runs = run_values(rows, metrics, at)
-    key = [*settings, "seed"]
-    repeated = runs.astype({c: str for c in key}).duplicated(subset=key)  # the same run in two folders
+    identity = [*settings, "seed"]
+    repeated = runs.astype({c: str for c in identity}).duplicated(subset=identity)  # the same run in two folders
     notes = [f"{int(repeated.sum())} runs repeat the settings and seed of a run in another folder: counted once"
              ] if repeated.any() else []
     runs = runs[~repeated.to_numpy()]
+    by = list(by or ["optimizer", *(c for c in differing(runs, settings) if c != "optimizer")])
     notes += [f"pooled within a row: {key} ({', '.join(values)}); add it to --by to keep them apart"
               for key, values in pooled(runs, by, settings).items()]
     return render(summarise(runs, metrics, by), metrics, by, fmt), notes
