@@ -1,28 +1,36 @@
-"""Figure 1 + Figure 4 of the paper, side by side: zoflat's batched runs vs a plain numpy loop.
+"""The toy (Figure 1 of the paper): zoflat's command against a plain numpy loop, side by side in one run.
 
-zoflat: 5 curves (gd, zo λ=0.1, dd, zo λ=0.05, zo λ=0.01) x 5 seeds = 25 runs, through the real
-CLI pipeline (run folder, CSV, summary), logging every 100 steps.
-numpy:  the same 5 curves for ONE seed, one per-step loop per curve, logging every 100 steps;
-        and, for reference, the same loop in the style of the paper's public toy script
-        (metrics recorded every step, numpy's legacy global RNG).
+Every timing is a fresh process, start-up included, as a researcher waits for it:
+  numpy     the paper-style loop (one per-step loop per curve, metrics every 100 steps), for the curves asked;
+  zoflat    `zoflat toy` through the real CLI (run folder, CSV, summary): the batched runner's small-problem
+            fast path (numpy views, engine/batched.py), and the general torch path it replaces (forced by
+            setting the fast path's size limit to 0), with the training time alone (metrics.csv's wall_s).
+Cases: one ZO run (`-o zo --seeds 1`), Figure 1's five curves (gd, zo λ=0.1,0.05,0.01, dd) for one seed, and the
+five curves for 25 seeds (the fast path must not be slower than the general one there).
 
     python benchmarks/toy_batched_vs_numpy.py            # the issue's setting: 100,000 steps
-    python benchmarks/toy_batched_vs_numpy.py --steps 20000 --seeds 5 --repeats 2
+    python benchmarks/toy_batched_vs_numpy.py --steps 20000 --seeds 1,5
 """
 
 import argparse
+import csv
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
-from zoflat_cli.experiments.toy import EXPERIMENT as TOY
+CURVES = {"zo": [("zo", 0.001, 0.1)],
+          "figure1": [("gd", 0.01, None), ("zo", 0.001, 0.1), ("dd", 0.001, None), ("zo", 0.001, 0.05),
+                      ("zo", 0.001, 0.01)]}
+FLAGS = {"zo": ["-o", "zo", "--lambda", "0.1"], "figure1": ["--lambda", "0.1,0.05,0.01"]}
+GENERAL = "import zoflat_cli.engine.batched as b; b.UNIT = 0; "  # the fast path's size limit: none qualifies
 
-CURVES = [("gd", 0.01, None), ("zo", 0.001, 0.1), ("dd", 0.001, None), ("zo", 0.001, 0.05), ("zo", 0.001, 0.01)]
 
-
-def numpy_curve(optimizer, lr, lam, steps, dim=100, log_every=100, seed=13, legacy_rng=False):
-    rng = np.random.RandomState(seed) if legacy_rng else np.random.default_rng(seed)
+def numpy_curve(optimizer, lr, lam, steps, dim=100, log_every=100, seed=13):
+    rng = np.random.default_rng(seed)
     y, z = rng.standard_normal(dim), rng.standard_normal(dim)
     log = []
     for t in range(steps + 1):
@@ -46,42 +54,51 @@ def numpy_curve(optimizer, lr, lam, steps, dim=100, log_every=100, seed=13, lega
     return log
 
 
-def time_numpy(steps, **style):
+def timed(command) -> float:
     start = time.perf_counter()
-    for optimizer, lr, lam in CURVES:
-        numpy_curve(optimizer, lr, lam, steps, **style)
+    subprocess.run(command, check=True, capture_output=True)
     return time.perf_counter() - start
 
 
-def time_zoflat(steps, seeds, out):
-    flags = {"steps": steps, "seeds": seeds, "lambda": [0.1, 0.05, 0.01], "out": out, "name": "bench"}
-    config = TOY.resolve(flags)
-    start = time.perf_counter()
-    _, status = TOY.start(config, quiet=True)
-    assert status == "completed"
-    return time.perf_counter() - start
+def time_numpy(case: str, steps: int) -> float:
+    return timed([sys.executable, __file__, "--numpy-child", case, "--steps", str(steps)])
+
+
+def time_zoflat(case: str, steps: int, seeds: int, general: bool, out: str) -> tuple:
+    """(wall s of the command, training s from metrics.csv)."""
+    name = f"{case}-{seeds}-{'general' if general else 'fast'}"
+    flags = ["toy", *FLAGS[case], "--steps", str(steps), "--seeds", str(seeds), "--out", out, "--name", name]
+    prefix = GENERAL if general else ""
+    wall = timed([sys.executable, "-c", prefix + "import sys; from zoflat_cli.__main__ import main; "
+                  "sys.argv[0] = 'zoflat'; main()", *flags])
+    folder = next(p for p in (Path(out) / "toy").iterdir() if p.name.endswith(name))
+    with open(folder / "metrics.csv") as f:
+        training = max(float(r["wall_s"]) for r in csv.DictReader(f))
+    return wall, training
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100_000)
-    parser.add_argument("--seeds", default="1,5,25", help="zoflat seed counts to time (5 curves each)")
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--seeds", default="1,25", help="seed counts of Figure 1's five curves to time")
+    parser.add_argument("--numpy-child", choices=list(CURVES), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    seed_counts = [int(s) for s in args.seeds.split(",")]
+    if args.numpy_child:
+        for curve in CURVES[args.numpy_child]:
+            numpy_curve(*curve, args.steps)
+        return
+    print(f"{args.steps} steps, logging every 100; fresh processes, start-up included (training alone in brackets)")
     with tempfile.TemporaryDirectory() as out:
-        for rep in range(1, args.repeats + 1):
-            t_numpy = time_numpy(args.steps)
-            print(f"[{rep}] {args.steps} steps, logging every 100 | numpy loop, 5 curves x 1 seed: "
-                  f"{t_numpy:.1f} s ({t_numpy / args.steps * 1e6:.0f} us/step)", flush=True)
-            t_paper = time_numpy(args.steps, log_every=1, legacy_rng=True)
-            print(f"[{rep}]   reference: paper-style numpy loop (metrics every step, legacy RNG), "
-                  f"5 curves x 1 seed: {t_paper:.1f} s", flush=True)
-            for seeds in seed_counts:
-                t = time_zoflat(args.steps, seeds, out)
-                print(f"[{rep}]   zoflat 5 curves x {seeds:>3} seeds ({5 * seeds:>3} runs): {t:6.1f} s"
-                      f" ({t / args.steps * 1e6:.0f} us/step) | ratio to numpy(1 seed) = {t / t_numpy:.2f}"
-                      f" | to numpy x {seeds} seeds (linear) = {t / (t_numpy * seeds):.2f}", flush=True)
+        cases = [("zo", 1)] + [("figure1", int(s)) for s in args.seeds.split(",")]
+        for case, seeds in cases:
+            curves = len(CURVES[case])
+            t_numpy = time_numpy(case, args.steps)
+            fast, fast_train = time_zoflat(case, args.steps, seeds, False, out)
+            general, general_train = time_zoflat(case, args.steps, seeds, True, out)
+            print(f"  {case:8s} {curves} curve(s) x {seeds:>2} seed(s): numpy loop (1 seed) {t_numpy:6.1f} s | "
+                  f"zoflat fast path {fast:6.1f} s ({fast_train:5.1f}) | general path {general:6.1f} s "
+                  f"({general_train:5.1f}) | fast / numpy = {fast / t_numpy:.2f}, per seed {fast / t_numpy / seeds:.2f}"
+                  f" | fast / general = {fast / general:.2f}", flush=True)
 
 
 if __name__ == "__main__":

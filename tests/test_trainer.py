@@ -168,3 +168,37 @@ def test_cuda_starts_where_cpu_does_and_gd_follows_the_same_path():
         on_cpu[0].step(0)
         on_gpu[0].step(0)
     torch.testing.assert_close(on_gpu[0].x.cpu(), on_cpu[0].x)
+
+
+FAST = [("gd", "gaussian"), ("dd", "gaussian"), ("zo", "gaussian"), ("zo", "rademacher"), ("zo", "sphere"),
+        ("zo", "lowrank"), ("zo-one-sided", "gaussian")]
+
+
+@pytest.mark.parametrize("optimizer,law", FAST)
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_the_numpy_fast_path_follows_the_general_path(optimizer, law, dtype, tolerance):
+    """The small-problem fast path (numpy views) and the general path (torch) take the same steps:
+    equal up to the order of the sums, over 500 steps of 4 runs (2 seeds, 2 step sizes)."""
+    problem = ToyProblem(6)
+    hyper = (("lambda", 0.1),) if optimizer.startswith("zo") else ()
+    hyper += (("rank", 1), ("period", 7)) if law == "lowrank" else ()
+    runs = [RunSpec(optimizer, lr, s, 1, hyper, directions=law) for s in (0, 1) for lr in (0.01, 0.02)]
+    fast, general = make_groups(problem, runs, dtype, CPU, 500)[0], make_groups(problem, runs, dtype, CPU, 500)[0]
+    assert fast.numpy is not None
+    general.numpy = None
+    with torch.inference_mode():
+        for step in range(500):
+            fast.step(step)
+            general.step(step)
+    assert not torch.equal(fast.x, general.x.new_zeros(general.x.shape))
+    torch.testing.assert_close(fast.x, general.x, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("optimizer,update,problem", [("zo-adam", None, "toy"), ("zo", "momentum", "toy"),
+                                                      ("hizoo", None, "toy"), ("zest", None, "toy"),
+                                                      ("zo", None, "big toy")])
+def test_the_fast_path_is_left_to_what_it_covers(optimizer, update, problem):
+    """Adaptive rules, stateful or torch-only estimators and problems over UNIT numbers take the general path."""
+    toy = ToyProblem(10_000 if problem == "big toy" else 6)
+    run = RunSpec(optimizer, 0.01, 0, 1, (("lambda", 0.1),), update=update)
+    assert make_groups(toy, [run], torch.float64, CPU, 10)[0].numpy is None

@@ -10,16 +10,17 @@ state at a step) when it stops, when it ends, and every --checkpoint-every steps
 a function of (seed, step, sample), so `--resume` continues bit for bit, also past the old --steps.
 """
 
-import functools
 import time
 
+import numpy as np
 import torch
 
+from zoflat_cli.arrays import addcmul, constant, vecdot
 from zoflat_cli.engine.live import LiveView
 from zoflat_cli.engine.loop import NUMERICAL_ERRORS, RunState, carried_over, drive, judge, measure_if_due, session
 from zoflat_cli.devices import DTYPES, check_memory, resolve_device
 from zoflat_cli.errors import ZoflatError, describe
-from zoflat_cli.optim.directions import DirectionStream, stream_bytes
+from zoflat_cli.optim.directions import UNIT, DirectionStream, stream_bytes
 from zoflat_cli.optim.estimators import (Estimator, ascent_scale, curvature_weights, hessian_informed, mask_thresholds,
                                          sparse_mask)
 from zoflat_cli.optim.presets import HYPERPARAMETERS, STRUCTURED, estimator_of, evals_until
@@ -47,17 +48,13 @@ def directional_derivatives(problem, x, u, use_jvp: bool) -> torch.Tensor:
         with torch.inference_mode(False), torch.autograd.forward_ad.dual_level():  # the trainer's mode has no AD
             dual = torch.autograd.forward_ad.make_dual(x.expand_as(u).clone(), u.clone())
             return torch.autograd.forward_ad.unpack_dual(problem.loss(dual)).tangent
-    return torch.linalg.vecdot(u, problem.grad(x))
-
-
-@functools.lru_cache(maxsize=64)
-def _offsets(offsets: tuple, dtype, device) -> torch.Tensor:
-    return torch.tensor(offsets, dtype=dtype, device=device).view(-1, 1, 1, 1)
+    return vecdot(u, problem.grad(x))
 
 
 def estimate(estimator: Estimator, problem, x, u, hyper) -> torch.Tensor:
     """ĝ at x (runs, dim) for a batched problem (`loss` over any leading shape, `grad`), with
-    directions u (samples, runs, dim) and hyper {name: (runs, 1)}."""
+    directions u (samples, runs, dim) and hyper {name: (runs, 1)}: tensors, or, for an estimator
+    and a problem that take them (their `numpy`), numpy arrays."""
     if estimator.name == "gd":
         return problem.grad(x)
     if estimator.name == "sam":
@@ -72,10 +69,10 @@ def estimate(estimator: Estimator, problem, x, u, hyper) -> torch.Tensor:
 def loss_coefficients(estimator: Estimator, problem, x, u, hyper) -> tuple:
     """(coefficients (samples, runs, 1), loss values (offsets, samples, runs, 1), f(x) or None) of a
     "loss" estimator at x along u."""
-    offsets = _offsets(estimator.offsets, x.dtype, x.device)
-    points = torch.addcmul(x, offsets * hyper["lambda"], u)  # (offsets, samples, runs, dim): one call
-    values = problem.loss(points).unsqueeze(-1)
-    center = problem.loss(x).unsqueeze(-1) if estimator.center else None
+    offsets = constant(estimator.offsets, x, (-1, 1, 1, 1))
+    points = addcmul(x, offsets * hyper["lambda"], u)  # (offsets, samples, runs, dim): one call
+    values = problem.loss(points)[..., None]
+    center = problem.loss(x)[..., None] if estimator.center else None
     return estimator.coefficients(values, center, hyper), values, center
 
 
@@ -168,22 +165,35 @@ class BatchedGroup:
         self.hyper["lr"] = column([r.lr for r in runs])
         decay = any(r.value("weight_decay") for r in runs)
         self.transform = self.rule.build(weight_decay=decay)
-        self.plain_sgd = self.rule.name == "sgd" and not decay  # the fast path: one addcmul
+        self.plain_sgd = self.rule.name == "sgd" and not decay  # one addcmul
         self.state = self.transform.init(self.x)
         self.memory = initial_memory(self.estimator, self.x, self.hyper, list(problem.blocks.values()), first.samples)
         self.dtype, self.device = dtype, device
+        # The small-problem fast path: plain SGD steps of a stateless estimator on numpy views of x,
+        # the directions and the hyperparameters, for problems up to UNIT numbers (whatever the
+        # number of runs, so a run's numbers do not depend on the others beside it).
+        self.numpy = None
+        if (self.plain_sgd and not self.memory and self.estimator.numpy and self.problem.numpy
+                and device.type == "cpu" and dtype in (torch.float32, torch.float64) and problem.n_params <= UNIT):
+            self.numpy = {name: value.numpy() for name, value in self.hyper.items()}
         self.directions, self.steps = None, steps  # directions are drawn up to `steps` (None: on and on)
         # the theory predicts from the initial point (also when the group resumes later on)
         self.initial_metrics = self.problem.metrics(self.x, 0) if self.problem.theory is not None else None
 
     def step(self, step: int):
         """Iteration `step` (from 0); a resumed group's first step starts its directions there."""
-        if self.estimator.uses_directions and self.directions is None:
+        if self.directions is None and self.estimator.uses_directions:
             first = self.runs[0]
             self.directions = DirectionStream([r.seed for r in self.runs], first.samples, self.x.shape[-1], first.directions,
                                               self.dtype, self.device, start_step=step, end_step=self.steps,
-                                              structure=self.structure)
+                                              structure=self.structure, numpy=self.numpy is not None)
         u = self.directions.next() if self.directions else None
+        if self.numpy is not None:
+            if self.numpy.get("x") is not self.x:  # a new tensor (a restored checkpoint)
+                self.numpy.update(x=self.x, view=self.x.numpy())  # the view moves self.x
+            x = self.numpy["view"]
+            x -= self.numpy["lr"] * estimate(self.estimator, self.problem, x, u, self.numpy)
+            return
         if self.memory:
             g, self.memory = stateful_estimate(self.estimator, self.problem, self.x, u, self.hyper, self.memory, step,
                                                self.period)
@@ -258,7 +268,9 @@ class Trainer:
         """Train all groups; returns {run_id: RunState}. With `stop` (a GracefulStop), a request
         ends the loop after the current step and leaves a checkpoint to resume from."""
         self._began = time.perf_counter()
-        with torch.inference_mode():  # skips autograd bookkeeping: ~20% off each small op
+        # inference mode skips autograd bookkeeping (~20% off each small op); numpy, like torch, lets a
+        # diverging run's numbers overflow to Inf and NaN quietly (the next log marks it diverged)
+        with torch.inference_mode(), np.errstate(all="ignore"):
             step, _ = drive(self, start, self.steps, self.log_every, self.checkpoint_every, stop)
         self.checkpoint(step)
         return self.states

@@ -32,8 +32,10 @@ from zoflat_cli.streams import direction_base, mix_array
 
 UNIT = 1 << 14  # vectors up to this length are packed several to a seeding
 CHUNK = 1 << 19  # numbers per seeding of longer ones: 2 MiB of float32 scratch per thread in place
-# Bumped whenever the numbers drawn for a direction change: run folders record it, --resume checks it.
-FORMAT_VERSION = 3
+# Bumped whenever the numbers drawn for a direction, or the arithmetic that applies them, change: run
+# folders record it, --resume checks it. 4: the batched runner's small problems step on numpy (the toy's
+# numbers differ from format 3's in their last bits).
+FORMAT_VERSION = 4
 
 
 def layout(dim: int) -> tuple:
@@ -96,7 +98,7 @@ class DirectionStream:
     directions (common random numbers), whatever else is in the group."""
 
     def __init__(self, seeds, samples: int, dim: int, law: str, dtype, device, start_step: int = 0,
-                 end_step: int = None, structure=None):
+                 end_step: int = None, structure=None, numpy: bool = False):
         self.unique = list(dict.fromkeys(seeds))
         index = {s: i for i, s in enumerate(self.unique)}
         self.rows = torch.tensor([index[s] for s in seeds], device=device)
@@ -111,6 +113,7 @@ class DirectionStream:
         self.units, self.per_unit = layout(self.drawn)
         self.block = block_steps(len(self.unique), samples, dim)
         self.end = end_step  # None: no last step (the stream draws on)
+        self.numpy = numpy  # next() gives numpy views (the batched runner's fast path)
         self.gen = torch.Generator(device=device)
         self.step, self.chunk, self.position = start_step, None, 0
         self.pending = _DRAWER.submit(self._draw, self.step)
@@ -152,7 +155,8 @@ class DirectionStream:
         u = g.to(self.dtype)  # (steps, samples, runs, dim): one contiguous block per step
         if self.law == "sphere":  # √d/‖g‖ per direction, from the float32 draw's norm in float64
             u *= (self.dim / g.double().square().sum(-1, keepdim=True)).sqrt().to(self.dtype)
-        return u if self.shared else u.index_select(2, self.rows)
+        u = u if self.shared else u.index_select(2, self.rows)
+        return u.numpy() if self.numpy else u
 
     def next(self) -> torch.Tensor:
         if self.chunk is None or self.position == self.chunk.shape[0]:

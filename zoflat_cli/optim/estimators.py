@@ -33,6 +33,7 @@ class Estimator(NamedTuple):
     jvp: bool = False  # query "directional": by forward-mode AD instead of the gradient
     scaling: str = None  # None | mask | curvature: the probes move along d ⊙ z
     anchored: bool = False  # MeZO-SVRG's control variate at an anchor point
+    numpy: bool = False  # its rule (and the batched estimate's query) also runs on numpy arrays: the fast path
 
     @property
     def uses_directions(self) -> bool:
@@ -134,15 +135,16 @@ def ascent_scale(grad_norm, rho):
 ESTIMATORS = {
     e.name: e
     for e in (
-        Estimator("gd", "exact gradient", "gradient", (), 0, 1),
+        Estimator("gd", "exact gradient", "gradient", (), 0, 1, numpy=True),
         Estimator("sam", "gradient at the ascent point x + ρ∇f/‖∇f‖ (Foret et al.)", "gradient", ("rho",), 0, 2),
         Estimator("two-point", "two-point ZO, (f(x+λu) - f(x-λu))/(2λ) · u", "loss", ("lambda",), 2,
-                  offsets=(1, -1), coefficients=two_point),
+                  offsets=(1, -1), coefficients=two_point, numpy=True),
         Estimator("one-sided", "forward difference, (f(x+λu) - f(x))/λ · u", "loss", ("lambda",), 1, 1,
-                  offsets=(1,), center=True, coefficients=one_sided),
+                  offsets=(1,), center=True, coefficients=one_sided, numpy=True),
         Estimator("tilted", "ZEST: tilted two-point over n antithetic pairs (--pairs, --tilt)", "loss",
                   ("lambda", "tilt"), 2, offsets=(1, -1), coefficients=tilted),
-        Estimator("directional", "(uᵀ∇f) u from the gradient", "directional", (), 1, coefficients=directional),
+        Estimator("directional", "(uᵀ∇f) u from the gradient", "directional", (), 1, coefficients=directional,
+                  numpy=True),
         Estimator("jvp", "(uᵀ∇f) u by forward-mode AD (a JVP, no backward pass)", "directional", (), 1,
                   coefficients=directional, jvp=True),
         Estimator("normalised", "FZOO: n one-sided probes, step normalised by the spread of their losses", "loss",

@@ -8,11 +8,14 @@ ZO descends the smoothed loss f + λ²(‖y‖² + ‖z‖²)/2 + const, under w
 
 import torch
 
+from zoflat_cli.arrays import concat, vecdot
+
 
 class ToyProblem:
     """A BatchedProblem (protocols.py) that is its own bound problem: every run sees one function."""
 
     best = {"loss": "min", "hessian_trace": "min"}
+    numpy = True  # loss and grad take numpy arrays too (arrays.py): the batched runner's fast path
     references = {"hessian_trace": (2.0, "flat minimum (trace 2)"),
                   "lambda_max": (2.0, "flat minimum (λ_max 2)")}
     panels = None
@@ -38,14 +41,13 @@ class ToyProblem:
     def _split(self, x):
         return x[..., : self.dim], x[..., self.dim :]
 
-    def loss(self, x: torch.Tensor) -> torch.Tensor:
+    def loss(self, x):
         y, z = self._split(x)
-        return 0.5 * (torch.linalg.vecdot(y, z) - 1).square()
+        return 0.5 * (vecdot(y, z) - 1) ** 2
 
-    def grad(self, x: torch.Tensor) -> torch.Tensor:
+    def grad(self, x):
         y, z = self._split(x)
-        residual = torch.linalg.vecdot(y, z) - 1
-        return torch.cat((z, y), dim=-1) * residual.unsqueeze(-1)
+        return concat((z, y)) * (vecdot(y, z) - 1)[..., None]
 
     def hvp(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """∇²f(x) v for v (..., 2d, k): ∇²f = [[zzᵀ, rI + zyᵀ], [rI + yzᵀ, yyᵀ]], r = yᵀz - 1."""
