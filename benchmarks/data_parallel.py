@@ -2,10 +2,14 @@
 
 Runs the same ZO-SGD steps on one model and batch (MiniLM by default, SST-2 K=32: 64 examples in
 micro-batches of --micro-batch) with 1 and with N processes, each process on --threads threads,
-and prints the step time, the speed-up and scaling efficiency (speed-up / N), and the bytes each
-rank all-reduced per step (engine/distributed.ProcessGroup counts the payload).
+for each --samples n. When the step's 2n loss evaluations (two-point) are a multiple of N, the ranks
+split them (each makes 2n/N on the whole batch, drawing only those probes' directions); else the
+micro-batches are dealt to the ranks (each sums its share of every loss). Prints the step time, the speed-up and scaling efficiency (speed-up / N), and per step and
+rank the bytes all-reduced and in how many calls (process_group.ProcessGroup counts them), beside
+the model: 8 bytes per loss value (2n for two-point) plus 8 for the stop check; the batch split
+makes one call per loss, the evaluation split one for all.
 
-    python benchmarks/data_parallel.py [--nproc 2] [--threads 1] [--steps 5] [--model minilm]
+    python benchmarks/data_parallel.py [--nproc 2] [--threads 1] [--steps 5] [--model minilm] [--samples 1,2]
 """
 
 import argparse
@@ -29,17 +33,18 @@ def child(args):
         problem = load(args.model, group.device, micro_batch=args.micro_batch)
         problem.group = group
         opt = zo_optimizer(problem)
-        opt.step(problem, [(1, 0)], 1)  # warm-up
-        group.bytes_sent = 0
+        opt.step(problem, [(i, 0) for i in range(args.samples)], 1)  # warm-up
+        group.bytes_sent = group.collectives = 0
         group.barrier()
         start = time.perf_counter()
         for step in range(args.steps):
-            opt.step(problem, [(1, step + 1)], step + 2)
+            opt.step(problem, [(i, step + 1) for i in range(args.samples)], step + 2)
             group.any(False)  # the loop's per-step stop check
         group.barrier()
         elapsed = (time.perf_counter() - start) / args.steps
         if group.rank == 0:
             print(json.dumps({"step_s": elapsed, "bytes_per_step": group.bytes_sent / args.steps,
+                              "calls_per_step": group.collectives / args.steps,
                               "params": problem.n_params, "examples": problem.splits["train"].size}))
 
 
@@ -47,7 +52,7 @@ def launch(nproc: int, args) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
                __file__, "--child", "--model", args.model, "--steps", str(args.steps), "--device", args.device,
-               "--micro-batch", str(args.micro_batch)]
+               "--micro-batch", str(args.micro_batch), "--samples", str(args.samples)]
     out = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -60,20 +65,27 @@ def main():
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--micro-batch", type=int, default=16)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--samples", default="1,2", help="directions per step to time (comma-separated)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        args.samples = int(args.samples)
         child(args)
         return
-    one, many = launch(1, args), launch(args.nproc, args)
-    speedup = one["step_s"] / many["step_s"]
-    print(f"{args.model}: {one['params'] / 1e6:.1f}M parameters, {one['examples']} examples per step in micro-batches "
-          f"of {args.micro_batch}, {args.threads} thread(s) per process, {args.device}")
-    print(f"  1 process    {one['step_s'] * 1e3:8.1f} ms per ZO step")
-    print(f"  {args.nproc} processes  {many['step_s'] * 1e3:8.1f} ms per ZO step   speed-up {speedup:.2f}x   "
-          f"scaling efficiency {speedup / args.nproc:.0%}")
-    print(f"  all-reduced per step and rank: {many['bytes_per_step']:.0f} bytes (two losses and the stop check, "
-          f"float64)")
+    print(f"{args.model}, {args.threads} thread(s) per process, {args.device}, micro-batches of {args.micro_batch}; "
+          f"target: efficiency >= 90%")
+    for samples in [int(n) for n in args.samples.split(",")]:
+        args.samples = samples
+        one, many = launch(1, args), launch(args.nproc, args)
+        speedup = one["step_s"] / many["step_s"]
+        split = (2 * samples) % args.nproc == 0
+        how = "evaluations split" if split else "micro-batches dealt"
+        model = 16 * samples + 8
+        print(f"  n={samples} ({how}): 1 process {one['step_s'] * 1e3:7.1f} ms | {args.nproc} processes "
+              f"{many['step_s'] * 1e3:7.1f} ms | speed-up {speedup:.2f}x, efficiency {speedup / args.nproc:.0%} | "
+              f"all-reduced per step and rank {many['bytes_per_step']:.0f} B in {many['calls_per_step']:.0f} calls "
+              f"(model {model} B in {1 + (1 if split else 2 * samples)})", flush=True)
+    print(f"  ({one['params'] / 1e6:.1f}M parameters, {one['examples']} examples per step)")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 its share of a split's micro-batches and the sums over all ranks. engine/distributed.py sets the
 group up under torchrun; a plain run is a group of one."""
 
+import contextlib
 import re
 
 import torch
@@ -21,15 +22,32 @@ class ProcessGroup:
 
     def __init__(self, rank: int = 0, world: int = 1, device=torch.device("cpu")):
         self.rank, self.world, self.device = rank, world, device
-        self.bytes_sent = 0  # payload all-reduced so far (the benchmark's figure)
+        self.bytes_sent, self.collectives = 0, 0  # payload all-reduced so far, and in how many calls (the benchmark's)
+        self.by_itself = False  # inside alone()
+
+    @contextlib.contextmanager
+    def alone(self):
+        """Inside, this rank works as a process of its own: every micro-batch is its, and no sum goes
+        over ranks. The ranks make equal shares of a step's evaluations this way, each on the whole
+        batch, so each of its forward passes is counted for all ranks (`counts_for`)."""
+        self.by_itself = True
+        try:
+            yield
+        finally:
+            self.by_itself = False
+
+    @property
+    def counts_for(self) -> int:
+        """How many ranks' forward passes each of this rank's stands for."""
+        return self.world if self.by_itself else 1
 
     def mine(self, items) -> list:
         """This rank's share of a split's micro-batches."""
-        return list(items)[self.rank::self.world]
+        return list(items) if self.by_itself else list(items)[self.rank::self.world]
 
     def sum(self, values) -> list:
         """Σ over ranks of a few numbers, in float64."""
-        if self.world == 1:
+        if self.world == 1 or self.by_itself:
             return list(values)
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         self._all_reduce(t)
@@ -58,6 +76,7 @@ class ProcessGroup:
         import torch.distributed as dist
 
         self.bytes_sent += t.numel() * t.element_size()
+        self.collectives += 1
         try:
             dist.all_reduce(t)
         except RuntimeError as err:

@@ -1,10 +1,14 @@
 """Data-parallel ZO under torchrun (torch.distributed): `torchrun --nproc-per-node N -m zoflat_cli finetune ...`.
 
-Every rank holds the whole model and draws the same directions from the step's seed; a split's
-micro-batches are dealt round-robin to the ranks, and each sum over them (a loss, a metric's
-counts, a gradient or a Hessian-vector product) is all-reduced. A ZO step therefore exchanges
-one float64 per loss query (16 bytes for a two-point step), the ranks apply the same update and
-stay bit-identical, and the metrics equal the single-process run's up to the order of the sums.
+Every rank holds the whole model and draws the same directions from the step's seed. A ZO step's
+loss evaluations (2n for two-point with --samples n) are split among the ranks when they are a
+multiple of the ranks: each rank makes its share on the whole batch, drawing only those probes'
+directions, and one all-reduce gathers them (optim/inplace.py), so the losses are the single
+process's bit for bit. Otherwise, and for everything else (a metric's counts, a gradient, a
+Hessian-vector product), a split's micro-batches are dealt round-robin to the ranks and each sum
+over them is all-reduced. Either way a step exchanges one float64 per loss value (16 bytes for a
+two-point step) and the ranks apply the same update pass and stay bit-identical; the metrics equal
+the single-process run's up to the order of the sums.
 Rank 0 writes the run folder; the other ranks write theirs to a private temporary folder, deleted
 at the end (a resume starts them from a private copy of the resumed folder).
 """
