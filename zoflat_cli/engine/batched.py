@@ -173,7 +173,7 @@ class BatchedGroup:
         # the directions and the hyperparameters, for problems up to UNIT numbers (whatever the
         # number of runs, so a run's numbers do not depend on the others beside it).
         self.numpy = None
-        if (self.plain_sgd and not self.memory and self.estimator.numpy and self.problem.numpy
+        if (self.plain_sgd and not self.memory and self.estimator.numpy and getattr(self.problem, "numpy", False)
                 and device.type == "cpu" and dtype in (torch.float32, torch.float64) and problem.n_params <= UNIT):
             self.numpy = {name: value.numpy() for name, value in self.hyper.items()}
         self.directions, self.steps = None, steps  # directions are drawn up to `steps` (None: on and on)

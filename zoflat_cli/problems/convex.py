@@ -226,7 +226,6 @@ class BoundConvex:
     """The problem for one group of runs: row r of x uses the features of runs[r]'s seed."""
 
     theory = None  # no prediction to draw beside the curves
-    numpy = False  # sparse products: torch only
 
     @staticmethod
     def has_theory(run) -> bool:

@@ -21,8 +21,8 @@ class Described(Protocol):
 class BoundProblem(Protocol):
     """A batched problem as one group of runs sees it (their seeds' data, features, ...)."""
 
-    # loss and grad also take numpy arrays (written with arrays.py's operations): the batched
-    # runner may step its small groups on numpy (engine/batched.py's fast path)
+    # optional, False if absent: loss and grad also take numpy arrays (written with arrays.py's
+    # operations), so the batched runner may step its small groups on numpy (engine/batched.py's fast path)
     numpy: bool
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
