@@ -50,9 +50,11 @@ def load(model: str, device: torch.device, task: str = "rte", dtype: str = "floa
 
 
 def zo_optimizer(problem):
+    """zoflat's in-place two-point ZO-SGD, with the command's default step cache (--probe-cache)."""
     hyper = {"lr": LR, "lambda": LAM, "weight_decay": 0.0}
-    return InPlaceOptimizer(ParameterDirections(problem.params, module=problem.model), ESTIMATORS["two-point"],
-                            UPDATES["sgd"], hyper)
+    directions = ParameterDirections(problem.params, module=problem.model,
+                                     cache_mib=finetune.EXPERIMENT.settings["probe_cache"].default)
+    return InPlaceOptimizer(directions, ESTIMATORS["two-point"], UPDATES["sgd"], hyper)
 
 
 def child(model: str, mode: str, task: str, dtype: str, trainable: str, steps: int, device: torch.device):

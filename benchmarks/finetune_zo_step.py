@@ -2,7 +2,8 @@
 
 For each model (MiniLM, a small random RoBERTa with an MLM head) on the SST-2 K=32 training set
 (64 examples, full batch), prints:
-  time    one forward pass, zoflat's ZO step (two probes formed on the fly + one update pass), a
+  time    one forward pass, zoflat's ZO step (two probes formed on the fly + one update pass; with the
+          command's default step cache, --probe-cache, and without it), a
           MeZO-style step (4 in-place passes, z regenerated with torch.manual_seed + torch.normal per
           tensor), as ratios to the forward pass; one Hutchinson / fd probe in forward equivalents;
           each update rule and direction law
@@ -17,7 +18,7 @@ For each model (MiniLM, a small random RoBERTa with an MLM head) on the SST-2 K=
           (a fresh process each, the first --dtypes and --trainable), and the state it keeps
 
     python benchmarks/finetune_zo_step.py [--repeats 5] [--models minilm,roberta-small] [--device cuda]
-        [--dtypes float32,bfloat16] [--trainable all,lora] [--methods zo,hizoo,lozo,...]
+        [--dtypes float32,bfloat16] [--trainable all,lora] [--methods zo,hizoo,lozo,...] [--micro-batch 16]
 """
 
 import argparse
@@ -46,6 +47,7 @@ from zoflat_cli.models.tiny import save_tiny_roberta
 from zoflat_cli.data.lmbff_tasks import TASKS, kshot
 
 LAM, LR = 1e-3, 1e-6
+CACHE_MIB = finetune.EXPERIMENT.settings["probe_cache"].default  # `zoflat finetune`'s --probe-cache
 
 
 def load(model: str, device: torch.device, dtype: str = "float32", trainable: str = "all", micro_batch: int = 64):
@@ -55,10 +57,11 @@ def load(model: str, device: torch.device, dtype: str = "float32", trainable: st
     return lm.EncoderProblem(config, TASKS["sst2"], {"train": train.examples()}, device, DTYPES[dtype])
 
 
-def zo_optimizer(problem, update="sgd", law="gaussian"):
-    """zoflat's in-place two-point ZO with an update rule and a direction law."""
+def zo_optimizer(problem, update="sgd", law="gaussian", cache_mib=CACHE_MIB):
+    """zoflat's in-place two-point ZO with an update rule and a direction law (and the command's step cache)."""
     hyper = {"lr": LR, "lambda": LAM, "momentum": 0.9, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.0}
-    return InPlaceOptimizer(ParameterDirections(problem.params, law, problem.model), ESTIMATORS["two-point"], UPDATES[update], hyper)
+    return InPlaceOptimizer(ParameterDirections(problem.params, law, problem.model, cache_mib=cache_mib),
+                            ESTIMATORS["two-point"], UPDATES[update], hyper)
 
 
 METHODS = "zo,hizoo,lozo,subzero,sparse-mezo,mezo-svrg,fzoo"
@@ -73,7 +76,7 @@ def preset_optimizer(problem, preset: str):
     p = PRESETS[preset]
     hyper = {"lr": LR, "lambda": LAM, **{h: HYPERPARAMETERS[h].default for h in
                                          ("rank", "period", "sparsity", "hessian_smooth", "weight_decay")}}
-    directions = ParameterDirections(problem.params, p.law, problem.model, hyper["rank"], hyper["period"])
+    directions = ParameterDirections(problem.params, p.law, problem.model, hyper["rank"], hyper["period"], CACHE_MIB)
     return InPlaceOptimizer(directions, ESTIMATORS[p.estimator], UPDATES[p.update], hyper)
 
 
@@ -125,22 +128,30 @@ def peak(model: str, mode: str, device, dtype: str, trainable: str, method: str)
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
 
 
-def measure(model: str, repeats: int, device: torch.device):
-    problem = load(model, device)
-    zo_sgd = zo_optimizer(problem)
-    forward = timed(problem.loss, repeats)
-    zo = timed(lambda: zo_sgd.step(problem, [(1, 0)], 1), repeats)
+def measure(model: str, repeats: int, device: torch.device, micro_batch: int):
+    problem = load(model, device, micro_batch=micro_batch)
+    zo_sgd, uncached = zo_optimizer(problem), zo_optimizer(problem, cache_mib=0)
+    steps = itertools.count(1)  # a new direction each step, as in training
+    forward, zo, zo_uncached = [], [], []
+    for _ in range(repeats):  # interleaved: the forward's time drifts on a busy machine
+        forward.append(timed(problem.loss, 1))
+        zo.append(timed(lambda: zo_sgd.step(problem, [(1, next(steps))], 1), 1))
+        zo_uncached.append(timed(lambda: uncached.step(problem, [(1, next(steps))], 1), 1))
+    forward, zo, zo_uncached = (statistics.median(t) for t in (forward, zo, zo_uncached))
     mezo = timed(lambda: mezo_step(problem.params, problem.loss, 1, LAM, LR), repeats)
     gen = torch.Generator(device).manual_seed(0)
     with problem.double_backward():
         hutch = timed(lambda: hutchinson(problem.params, problem.hvp, 1, gen), max(1, repeats // 2))
     fd = timed(lambda: finite_difference(zo_sgd.directions, problem.loss, [(3, 0)], 1e-3), max(1, repeats // 2))
     print(f"\n{model}: {problem.n_params / 1e6:.1f}M parameters, head {problem.head}, "
-          f"batch {problem.splits['train'].size} examples, "
+          f"batch {problem.splits['train'].size} examples in {len(problem.splits['train'].batches)} micro-batch(es), "
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}")
     print(f"  forward pass              {forward * 1e3:8.1f} ms   1.00x")
-    print(f"  zoflat ZO step            {zo * 1e3:8.1f} ms   {zo / forward:.2f}x forward   (target <= 2.2x; "
-          f"floor: 2 forwards + 3 draws)")
+    cache = min(CACHE_MIB, 4 * problem.n_params / 2**20)
+    print(f"  zoflat ZO step            {zo * 1e3:8.1f} ms   {zo / forward:.2f}x forward   (target <= 2.0x; floor: 2 "
+          f"forwards + 1 draw; step cache {cache:.0f} MiB)")
+    print(f"    --probe-cache 0         {zo_uncached * 1e3:8.1f} ms   {zo_uncached / forward:.2f}x forward   (a draw "
+          f"per probe per micro-batch and one for the update)")
     print(f"  MeZO-style step (4 pass.) {mezo * 1e3:8.1f} ms   {mezo / forward:.2f}x forward   "
           f"(zoflat / MeZO = {zo / mezo:.2f})")
     print(f"  Hutchinson, one probe     {hutch * 1e3:8.1f} ms   {hutch / forward:.1f} forward equivalents")
@@ -233,6 +244,7 @@ def main():
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--trainable", default="all,lora")
     parser.add_argument("--methods", default=METHODS, help="presets for the methods table ('' : none)")
+    parser.add_argument("--micro-batch", type=int, default=64, help="examples per forward call (64: one call)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -247,7 +259,7 @@ def main():
             return
         measured = {}
         for model in models:
-            measure(model, args.repeats, device)
+            measure(model, args.repeats, device, args.micro_batch)
             measured[Path(model).name] = memory(model, device, args.dtypes.split(","), args.trainable.split(","))
             if args.methods:
                 methods(model, args.methods.split(","), args.repeats, device, args.dtypes.split(",")[0],

@@ -395,4 +395,4 @@ def test_finetune_bad_input_is_one_line(tiny_mlm, tmp_path, args, message):
 
 def test_resume_refuses_other_flags(tmp_path):
     result = runner.invoke(app, ["finetune", "--resume", str(tmp_path), "--lr", "0.1"])
-    assert result.exit_code == 2 and "only --steps and --device" in result.output
+    assert result.exit_code == 2 and "only --steps, --device" in result.output

@@ -1,11 +1,13 @@
 """ZO at scale (offline, CPU): probes formed on the fly (no drift in any dtype), half precision,
 PEFT (--trainable), --device-map, and data-parallel runs under torchrun (gloo)."""
 
+import collections
 import csv
 import glob
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,6 +84,34 @@ def test_embedding_rows_cut_by_chunk_edges_are_perturbed_like_the_table(tiny_mlm
         on_the_fly = problem.loss()
     assert on_the_fly == pytest.approx(written_loss(problem, d, [((8, 1), 0.05)]),
                                        rel=1e-10 if dtype == torch.float64 else 0, abs=1e-12)
+
+
+@pytest.mark.parametrize("keep", [4, None])  # 4 of the chunks, or as many as 1 MiB holds: every one
+def test_the_step_cache_draws_each_chunk_once_for_both_probes_and_the_update(tiny_mlm, monkeypatch, keep):
+    """--probe-cache: a chunk within the budget is drawn once a step, for x + λz and x − λz (over all their
+    micro-batches) and the update pass; the others as before; the coefficient and the weights are bit for
+    bit those without a cache."""
+    monkeypatch.setattr("zoflat_cli.optim.directions.UNIT", 500)
+    monkeypatch.setattr("zoflat_cli.optim.directions.CHUNK", 1000)  # 17 chunks
+    problem = make_problem(tiny_mlm, micro_batch=4)  # 16 examples: 4 forward calls per probe
+    results, draws = [], []
+    for mib in (0, 1):
+        problem.load_base()
+        d = ParameterDirections(problem.params, module=problem.model, cache_mib=mib)
+        if mib and keep:
+            d.keep = keep
+        drawn = []
+        monkeypatch.setattr(d, "chunk", lambda key, index, out=None, d=d, drawn=drawn: (
+            drawn.append(index), ParameterDirections.chunk(d, key, index, out))[1])
+        opt = InPlaceOptimizer(d, ESTIMATORS["two-point"], UPDATES["sgd"], {"lr": 0.1, "lambda": 1e-2})
+        coefs, _ = opt.step(problem, [(8, 1)], 1)
+        results.append((coefs, flat(problem.params).clone()))
+        draws.append(collections.Counter(drawn))
+    chunks = len(d.chunks)
+    kept = keep or chunks
+    assert chunks > 4 and results[0][0] == results[1][0] and torch.equal(results[0][1], results[1][1])
+    assert all(draws[0][i] >= 2 * 4 + 1 for i in range(chunks))  # each micro-batch of each probe, and the update
+    assert all(draws[1][i] == (1 if i < kept else draws[0][i]) for i in range(chunks))
 
 
 def test_a_probe_that_fails_leaves_the_module_as_it_was(tiny_mlm):
@@ -258,3 +288,18 @@ def test_two_gloo_processes_match_the_single_process_run_and_resume(tmp_path, ti
             if a[key]:
                 assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-5, abs=1e-6), (key, a["step"])
     assert not glob.glob("/tmp/zoflat-rank1-*")  # the other rank's private folder is gone
+
+
+def test_two_gloo_processes_split_the_evaluations_and_match_the_single_process_bit_for_bit(tmp_path, tiny_causal):
+    """--samples 2 on 2 ranks: each makes two of the step's four loss evaluations on the whole batch; the
+    losses, so the update log's coefficients, are the single process's bit for bit, and the forward
+    passes are counted for both ranks."""
+    common = ["--model", tiny_causal("opt"), "--task", "rte", "--optimizer", "zo", "--samples", "2", "--num-train",
+              "24", "--num-dev", "8", "--num-eval", "8", "--batch-size", "12", "--micro-batch", "4", "--lr", "1e-3",
+              "--steps", "4", "--log-every", "2", "--eval-every", "4", "--device", "cpu"]
+    folders = [_torchrun(n, [*common, "--out", str(tmp_path / str(n))], tmp_path)[0] for n in (1, 2)]
+    logs = [next(Path(folder, "updates").iterdir()).read_bytes() for folder in folders]
+    assert len(logs[0]) > 40 + 4 * 8 and logs[0][40:] == logs[1][40:]  # past the header: every record
+    rows = [list(csv.DictReader(open(os.path.join(folder, "metrics.csv")))) for folder in folders]
+    assert [r["forward_passes"] for r in rows[0]] == [r["forward_passes"] for r in rows[1]]
+    assert [float(r["loss"]) for r in rows[1]] == pytest.approx([float(r["loss"]) for r in rows[0]], rel=1e-6)

@@ -20,7 +20,7 @@ from zoflat_cli.experiments import registry
 from zoflat_cli.experiments.settings import PER_OPTIMIZER, Setting, field_name, load_recipe, parse_flag
 from zoflat_cli.optim.presets import FLAG_GROUPS, HYPERPARAMETERS, SAMPLES
 from zoflat_cli.output import say
-from zoflat_cli.runs.identity import RESUMABLE
+from zoflat_cli.runs.identity import RESUMABLE, RESUMABLE_FLAGS
 from zoflat_cli.signals import EXIT_INTERRUPTED
 
 try:  # Typer vendors click from 0.2x on
@@ -122,7 +122,7 @@ INVOCATION = {
 OPTION_TYPES = {"int": int, "number": float, "text": str, "name": str, "path": Path, "flag": bool, "seeds": str}
 # --help's panels, in this order; every setting and invocation option is in one (a test checks)
 PANELS = {
-    "Model": ("model", "head", "max_length", "micro_batch", "trainable", "lora_rank", "lora_alpha", "prefix_tokens",
+    "Model": ("model", "head", "max_length", "micro_batch", "probe_cache", "trainable", "lora_rank", "lora_alpha", "prefix_tokens",
               "device_map", "dtype", "dim", "features", "dense"),
     "Data and evaluation": ("dataset", "data_file", "test_file", "train_size", "split_seed", "task", "k", "test_mode",
                             "num_train", "num_dev", "num_eval", "train_set_seed", "train_pool", "demos", "scoring",
@@ -253,8 +253,8 @@ def resolve_invocation(experiment, options: dict) -> tuple:
     if resume is not None:
         others = sorted(set(flags) - set(RESUMABLE)) + (["--config"] if recipe else [])
         if others:
-            raise ZoflatError(f"--resume continues the saved config; only --steps and --device may "
-                              f"change it (got {', '.join(others)})")
+            raise ZoflatError(f"--resume continues the saved config; only {RESUMABLE_FLAGS} may change it (got "
+                              f"{', '.join(others)})")
         if not (resume / "config.yaml").is_file():
             raise ZoflatError(f"--resume {resume}: not a run folder (no config.yaml)")
         recipe = resume / "config.yaml"

@@ -86,7 +86,7 @@ class ModelRunner:
         self.logged_at = None  # (step, row): the step a resumed run restarts at, logged before its stop
         self.evaluating = None  # the step being logged (a stop request during its evaluation resumes there)
         self.directions = ParameterDirections(problem.params, run.directions, problem.model, run.value("rank") or 1,
-                                              run.value("period") or 1)
+                                              run.value("period") or 1, config.probe_cache)
         self.optimizer = InPlaceOptimizer(self.directions, estimator_of(run.optimizer), get_update(run.rule),
                                           run_hyper(run))
         self.replayable = get_preset(run.optimizer).uses_directions  # its steps are a few logged numbers

@@ -132,10 +132,21 @@ class InPlaceOptimizer:
         return [a - b for a, b in zip(c, c_anchor)] + self.anchor_coefs
 
     def _values(self, model, keys, offsets, split: str = "batch", base=None) -> list:
-        """The losses at x + o·λ·z(key) (or at base + ...), [offsets][keys]."""
-        lam = self.hyper["lambda"]
-        at = [[self._loss_at(model, [(key, o * lam)], split, base) for o in offsets] for key in keys]
-        return [list(v) for v in zip(*at)]
+        """The losses at x + o·λ·z(key) (or at base + ...), [offsets][keys]. Data-parallel with a whole
+        number of these evaluations per rank (`model.group`: process_group.py), each rank makes its share
+        of them on the whole batch and one sum gathers them: the values are the single process's bit for
+        bit, a rank draws a direction only for its own probes, and a step makes one collective."""
+        lam, group = self.hyper["lambda"], getattr(model, "group", None)
+        wanted = [(key, o * lam) for key in keys for o in offsets]  # in the order a single process takes them
+        if group is None or group.world == 1 or len(wanted) % group.world:
+            flat = [self._loss_at(model, [term], split, base) for term in wanted]
+        else:  # consecutive shares: a rank's probes of one direction follow each other (the step cache's)
+            share = len(wanted) // group.world
+            with group.alone():
+                own = {j: self._loss_at(model, [wanted[j]], split, base)
+                       for j in range(group.rank * share, (group.rank + 1) * share)}
+            flat = group.sum([own.get(j, 0.0) for j in range(len(wanted))])
+        return [flat[k::len(offsets)] for k in range(len(offsets))]
 
     def _loss_at(self, model, terms, split: str = "batch", base=None) -> float:
         with self.directions.perturbed(terms, base):
@@ -180,13 +191,13 @@ class InPlaceOptimizer:
                 g = torch.cat([t.to(device, self.work_dtype) for t in directions.views(grads, index)])
             elif self.curvature is not None:  # HiZOO: D and the step together, from the drawn z
                 g, self.curvature[index] = hessian_informed(
-                    self.curvature[index], (directions.chunk(k, index).to(self.work_dtype) * directions.scale(k)
+                    self.curvature[index], (directions.drawn(k, index).to(self.work_dtype) * directions.scale(k)
                                             for k, _ in terms), [c for _, c in terms], self._weights,
                     self.hyper["hessian_smooth"])
             else:
                 g = torch.zeros_like(x)
                 for key, c in scaled:
-                    g.add_(directions.chunk(key, index), alpha=c)
+                    g.add_(directions.drawn(key, index), alpha=c)
                 if directions.multiplier is not None:
                     g *= directions.multiplier(index, 0, len(g))
             x, new_state = apply(self.transform, x, g, self.state[index], self.hyper, count)

@@ -26,7 +26,7 @@ class ParameterDirections:
     A chunk spans many small tensors (biases, norms), so one draw and one fused multi-tensor add
     serve them all: on a GPU the pass costs a few kernel launches per chunk, not per tensor."""
 
-    def __init__(self, params, law: str = "gaussian", module=None, rank: int = 1, period: int = 1):
+    def __init__(self, params, law: str = "gaussian", module=None, rank: int = 1, period: int = 1, cache_mib: int = 0):
         self.params = list(params)
         self.law = check_law(law)
         # lowrank, subspace: each matrix's numbers assembled from its factors (structured.py), kept per key
@@ -69,6 +69,11 @@ class ParameterDirections:
         self._local = threading.local()
         self._scales = {}  # the sphere's √d/‖g‖ per key, computed once
         self.layout = layout(self.numel)
+        # The step's cache: the first `keep` chunks of one direction (cache_mib MiB of float32 numbers), drawn
+        # once for a step's probes (x + λz, x − λz: the same z) and its update pass instead of once for each
+        # and, in a probe, for each micro-batch. Each kept chunk has its own buffer, reused by the next direction.
+        self.keep = (cache_mib << 20) // (4 * (laws.CHUNK if self.numel > laws.UNIT else laws.UNIT))
+        self._cache_key, self._cached, self._cache_buffers = None, {}, {}
         self.probes = None if module is None else ForwardProbes(self, module)
 
     def views(self, tensors, index: int) -> list:
@@ -109,6 +114,22 @@ class ParameterDirections:
         gen.manual_seed(mix(base, step * units + index))
         return fill(buffer[: self.chunks[index][-1][3]], self.law, gen)
 
+    def cache_for(self, key: tuple):
+        """Make the cache z(key)'s (before a pass draws from it: on the calling thread, not the pool's)."""
+        if self.keep and key != self._cache_key:
+            self._cache_key, self._cached = key, {}
+
+    def drawn(self, key: tuple, index: int, out: torch.Tensor = None) -> torch.Tensor:
+        """chunk(key, index, out), from the cache when it is z(key)'s and index < keep (drawn into it the
+        first time). Callers only read it."""
+        if key != self._cache_key or index >= self.keep:
+            return self.chunk(key, index, out)
+        if index not in self._cached:  # a pass draws each chunk on one thread
+            if index not in self._cache_buffers:
+                self._cache_buffers[index] = self._buffer(self.chunk_devices[index])
+            self._cached[index] = self.chunk(key, index, self._cache_buffers[index])
+        return self._cached[index]
+
     def scale(self, key: tuple) -> float:
         """The factor that turns the drawn numbers into z(key): 1, or √d/‖g‖ for the sphere."""
         if self.law != "sphere":
@@ -140,7 +161,7 @@ class ParameterDirections:
             multiplier = None if self.multiplier is None else self.multiplier(  # of the weights before the move
                 index, 0, self.chunks[index][-1][3])
             for key, alpha in terms:
-                z = self.chunk(key, index)
+                z = self.drawn(key, index)
                 if multiplier is not None:
                     z = z.to(multiplier.dtype) * multiplier
                 torch._foreach_add_(sums, self.pieces(z, index, targets), alpha=alpha)

@@ -104,12 +104,14 @@ class ForwardProbes:
 
     def _drawn_chunk(self, key: tuple, index: int) -> torch.Tensor:
         """Chunk `index` of z(key), drawn with the next workers - 1 chunks on the pool's threads (the forward
-        goes through the parameters in about their order) and kept while the forward uses them."""
+        goes through the parameters in about their order) and kept while the forward uses them (or from the
+        step's cache: ParameterDirections.drawn)."""
         if (key, index) not in self._drawn:
+            self.directions.cache_for(key)
             wanted = range(index, min(index + self.directions.workers, len(self.chunks)))
             free = [buffer for _, buffer in self._drawn.values()]
             free += [self.directions._buffer(self.directions.chunk_devices[i]) for i in wanted[len(free):]]
-            drawn = self.directions.map_chunks(lambda i: self.directions.chunk(key, i, free[i - index]), wanted)
+            drawn = self.directions.map_chunks(lambda i: self.directions.drawn(key, i, free[i - index]), wanted)
             self._drawn = {(key, i): (z, free[i - index]) for i, z in zip(wanted, drawn)}
         return self._drawn[(key, index)][0]
 

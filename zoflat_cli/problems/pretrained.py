@@ -135,7 +135,7 @@ class PretrainedProblem:
 
     def _count(self, split: str, rows: int):
         if split in ("train", "batch"):  # forward passes over the training split, in full-batch units
-            self.forward_passes += rows / self.splits["train"].size
+            self.forward_passes += rows / self.splits["train"].size * self.group.counts_for
 
     def my_batches(self, split: str):
         """This rank's micro-batches of a split (all of them in a single process), counting the split's

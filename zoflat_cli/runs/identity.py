@@ -15,7 +15,8 @@ from zoflat_cli.errors import ZoflatError
 from zoflat_cli.optim.presets import HYPERPARAMETERS
 from zoflat_cli.runs.spec import due
 
-RESUMABLE = ("steps", "device")  # what --resume may change in a run folder's config
+RESUMABLE = ("steps", "device", "probe_cache")  # what --resume may change in a run folder's config
+RESUMABLE_FLAGS = ", ".join("--" + name.replace("_", "-") for name in RESUMABLE)
 # nor where the folder is, nor which flatness measures are logged (they never move the weights; folders
 # written before --measure-every have no such keys)
 NOT_IDENTITY = (*RESUMABLE, "out", "measures", "measure_every")
@@ -84,8 +85,8 @@ def check_unchanged(folder: Path, summary: dict, config: dict):
     if summary.get("fingerprint") is None:
         return
     if fingerprint(config) != summary["fingerprint"]:
-        raise ZoflatError(f"{folder / 'config.yaml'} was changed after its runs started (only --steps and --device "
-                          f"may change on resume); restore it, or start a new run folder with the new config")
+        raise ZoflatError(f"{folder / 'config.yaml'} was changed after its runs started (only {RESUMABLE_FLAGS} may "
+                          f"change on resume); restore it, or start a new run folder with the new config")
     now = data_hashes(config)
     for key, digest in summary.get("data", {}).items():
         if now.get(key) != digest:
