@@ -262,7 +262,7 @@ class PretrainedProblem:
         cfg = self.config
         if cfg.trace == "fd":  # Gaussian probes, whatever law the run draws its directions from
             keys = [(step_key(seed, "probes", step, i), 0) for i in range(cfg.trace_probes)]
-            directions = ParameterDirections(self.params, module=self.model)
+            directions = ParameterDirections(self.params, module=self.model, cache_mib=cfg.probe_cache)
             loss = self.counted(f"step {step}: Hessian trace (fd), loss", 2 * cfg.trace_probes + 1,
                                 lambda: self.cross_entropy("train"))
             return finite_difference(directions, loss, keys, cfg.trace_delta)
