@@ -7,7 +7,9 @@ split them (each makes 2n/N on the whole batch, drawing only those probes' direc
 micro-batches are dealt to the ranks (each sums its share of every loss). Prints the step time, the speed-up and scaling efficiency (speed-up / N), and per step and
 rank the bytes all-reduced and in how many calls (process_group.ProcessGroup counts them), beside
 the model: 8 bytes per loss value (2n for two-point) plus 8 for the stop check; the batch split
-makes one call per loss, the evaluation split one for all.
+makes one call per loss, the evaluation split one for all. Last, N independent single-process runs
+at once: their speed against one alone is the machine's ceiling for N processes (memory bandwidth,
+shared caches, other load), which no exchange between ranks can beat.
 
     python benchmarks/data_parallel.py [--nproc 2] [--threads 1] [--steps 5] [--model minilm] [--samples 1,2]
 """
@@ -48,13 +50,23 @@ def child(args):
                               "params": problem.n_params, "examples": problem.splits["train"].size}))
 
 
-def launch(nproc: int, args) -> dict:
+def launch(nproc: int, args, copies: int = 1) -> dict:
+    """A torchrun of nproc ranks; with copies > 1, that many independent ones at once (the machine's
+    own slow-down when its cores all work: no rank waits on another there). Their mean step time."""
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
                __file__, "--child", "--model", args.model, "--steps", str(args.steps), "--device", args.device,
                "--micro-batch", str(args.micro_batch), "--samples", str(args.samples)]
-    out = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    # --standalone: each on a free port of its own
+    running = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+               for _ in range(copies)]
+    results = []
+    for proc in running:
+        out, err = proc.communicate()
+        if proc.returncode:
+            raise SystemExit(err[-2000:])
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return {**results[0], "step_s": sum(r["step_s"] for r in results) / copies}
 
 
 def main():
@@ -77,6 +89,7 @@ def main():
     for samples in [int(n) for n in args.samples.split(",")]:
         args.samples = samples
         one, many = launch(1, args), launch(args.nproc, args)
+        ceiling = one["step_s"] / launch(1, args, copies=args.nproc)["step_s"]
         speedup = one["step_s"] / many["step_s"]
         split = (2 * samples) % args.nproc == 0
         how = "evaluations split" if split else "micro-batches dealt"
@@ -84,7 +97,8 @@ def main():
         print(f"  n={samples} ({how}): 1 process {one['step_s'] * 1e3:7.1f} ms | {args.nproc} processes "
               f"{many['step_s'] * 1e3:7.1f} ms | speed-up {speedup:.2f}x, efficiency {speedup / args.nproc:.0%} | "
               f"all-reduced per step and rank {many['bytes_per_step']:.0f} B in {many['calls_per_step']:.0f} calls "
-              f"(model {model} B in {1 + (1 if split else 2 * samples)})", flush=True)
+              f"(model {model} B in {1 + (1 if split else 2 * samples)}) | {args.nproc} independent single processes at "
+              f"once: {ceiling:.0%} of one's speed each (the machine's ceiling)", flush=True)
     print(f"  ({one['params'] / 1e6:.1f}M parameters, {one['examples']} examples per step)")
 
 
