@@ -66,8 +66,9 @@ SETTINGS = table(
         "micro_batch": Setting("int", 1, 10**6, default=16,
                                help="Examples per forward pass (memory; the loss is the same)."),
         "probe_cache": Setting("int", 0, 10**7, default=256,
-                               help="MiB of a probe's direction kept across its micro-batches instead of drawn "
-                                    "again for each (0: inference-level memory; the numbers are the same)."),
+                               help="MiB of the step's direction drawn once for both probes, all their "
+                                    "micro-batches and the update (0: drawn for each, inference-level memory; "
+                                    "the numbers are the same)."),
         "batch_size": Setting("int", 0, 10**9, default=0,  # the whole K-shot training set, as in the paper
                               help="Examples per step; 0 = the whole training set."),
         "eval_every": Setting("int", 1, MAX_STEPS, default=1000, help="Test metrics every N steps."),
