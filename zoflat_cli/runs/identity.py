@@ -117,8 +117,11 @@ def check_rows(folder: Path, rows: list, summary: dict, run_ids):
 
 def check_checkpoint_step(path: Path, step, rows: list, run_ids, log_every: int, steps: int):
     """A checkpoint's step is one the rows reach: every logged step before it is in metrics.csv."""
-    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= steps:
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ZoflatError(f"{path} is damaged (step {step!r}); delete it to start its runs over")
+    if step > steps:  # stopped between two logged steps, past the --steps now asked for
+        raise ZoflatError(f"--resume: the checkpoint is at step {step}, past --steps {steps}; give --steps {step} or "
+                          f"more")
     expected = sum(1 for s in range(step) if due(s, log_every, steps))  # rows are unique and rising (check_rows)
     counts = dict.fromkeys(run_ids, 0)
     for row in rows:
