@@ -172,7 +172,7 @@ class BatchedGroup:
         # The small-problem fast path: plain SGD steps of a stateless estimator on numpy views of x,
         # the directions and the hyperparameters, for problems up to UNIT numbers (whatever the
         # number of runs, so a run's numbers do not depend on the others beside it).
-        self.numpy = None
+        self.numpy, self._view = None, (None, None)  # the hyperparameters' views; (x, its view)
         if (self.plain_sgd and not self.memory and self.estimator.numpy and getattr(self.problem, "numpy", False)
                 and device.type == "cpu" and dtype in (torch.float32, torch.float64) and problem.n_params <= UNIT):
             self.numpy = {name: value.numpy() for name, value in self.hyper.items()}
@@ -189,9 +189,9 @@ class BatchedGroup:
                                               structure=self.structure, numpy=self.numpy is not None)
         u = self.directions.next() if self.directions else None
         if self.numpy is not None:
-            if self.numpy.get("x") is not self.x:  # a new tensor (a restored checkpoint)
-                self.numpy.update(x=self.x, view=self.x.numpy())  # the view moves self.x
-            x = self.numpy["view"]
+            if self._view[0] is not self.x:  # a new tensor (a restored checkpoint)
+                self._view = (self.x, self.x.numpy())  # the view moves self.x
+            x = self._view[1]
             x -= self.numpy["lr"] * estimate(self.estimator, self.problem, x, u, self.numpy)
             return
         if self.memory:
